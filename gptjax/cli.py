@@ -1,0 +1,163 @@
+"""The `gptjax` command: a thin shell over library calls.
+
+Exit codes: 0 success, 2 bad input (one line on stderr, nothing written), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+from gptjax import config as C
+from gptjax.cli_options import add_config_flags, apply_overrides, explicit_overrides
+from gptjax.errors import GptjaxError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line, with exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="gptjax", description="Build, train and sample GPTs in JAX.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    tr = sub.add_parser("train", help="train a GPT (resumes when --out is an existing run)",
+                        description="Train a GPT. With no arguments: a 0.8M-parameter model on "
+                        "the Python reference docs from the standard library, char tokenizer.",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    tr.add_argument("--out", help="run directory (default: runs/<date-time>); an existing run "
+                    "is resumed with its saved config")
+    tr.add_argument("--preset", choices=list(C.PRESETS), help="model preset (default: baby; "
+                    "explicit model flags override it)")
+    tr.add_argument("--stop-at", type=int, metavar="STEP", help="stop (with a checkpoint) at this "
+                    "step without changing the schedule; rerun to continue")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_config_flags(tr)
+
+    pr = sub.add_parser("prepare", help="tokenize text/JSONL files into train/val token files")
+    pr.add_argument("inputs", nargs="+", metavar="INPUT", help="text files, folders, JSONL files")
+    pr.add_argument("--out", required=True, help="new output folder")
+    pr.add_argument("--tokenizer", default="gpt2", choices=["gpt2", "char", "byte"],
+                    help="tokenizer (default: gpt2)")
+    pr.add_argument("--val-fraction", type=float, default=0.1,
+                    help="last share of tokens held out for validation (default: 0.1)")
+    pr.add_argument("--text-field", default="text", help="JSONL field with the text (default: text)")
+    pr.add_argument("--gpt2-ranks", help="local GPT-2 ranks file (else $GPTJAX_GPT2_RANKS)")
+    pr.add_argument("--workers", type=int, help="tokenizer threads (default: all cores)")
+    pr.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    ge = sub.add_parser("generate", help="sample text from a trained run")
+    ge.add_argument("--run", required=True, help="run directory")
+    ge.add_argument("--prompt", default="", help="prompt text (empty: start of a document)")
+    ge.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default: 200)")
+    ge.add_argument("--temperature", type=float, default=0.8,
+                    help="softmax temperature; 0 = greedy (default: 0.8)")
+    ge.add_argument("--top-k", type=int, help="sample among the k most likely ids (default: all)")
+    ge.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    ge.add_argument("--checkpoint", default="latest", help="latest, best or a step (default: latest)")
+    ge.add_argument("--gpt2-ranks", help="local GPT-2 ranks file (else $GPTJAX_GPT2_RANKS)")
+
+    ev = sub.add_parser("eval", help="validation loss and perplexity of a run")
+    ev.add_argument("--run", required=True, help="run directory")
+    ev.add_argument("--data", help="prepared data to evaluate on (default: the run's own)")
+    ev.add_argument("--checkpoint", default="latest", help="latest, best or a step (default: latest)")
+    ev.add_argument("--batches", type=int, help="validation batches (default: the run's eval_batches)")
+    ev.add_argument("--gpt2-ranks", help="local GPT-2 ranks file (else $GPTJAX_GPT2_RANKS)")
+    return p
+
+
+def _train(args) -> int:
+    from gptjax import run
+    from gptjax.train import train
+
+    out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+    overrides = explicit_overrides(args)
+    if run.is_run(out):
+        base = C.load(out / "config.json")
+        if args.preset:
+            overrides["model"] = {**C.PRESETS[args.preset], **overrides.get("model", {})}
+    else:
+        base = C.RunConfig(model=C.preset(args.preset or "baby"))
+    cfg = apply_overrides(base, overrides)
+    train(cfg, out, stop_at=args.stop_at, progress=not args.no_progress)
+    return 0
+
+
+def _prepare(args) -> int:
+    from gptjax.prepare import prepare
+
+    meta = prepare(args.inputs, args.out, args.tokenizer, val_fraction=args.val_fraction,
+                   gpt2_ranks=args.gpt2_ranks, text_field=args.text_field, workers=args.workers,
+                   progress=not args.no_progress)
+    print(f"{args.out}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens "
+          f"({meta['tokenizer']['kind']}, vocabulary {meta['vocab_size']:,}, {meta['dtype']}); "
+          f"{len(meta['sources'])} file(s), {meta['replaced_invalid_utf8_bytes']} invalid UTF-8 "
+          "byte(s) replaced")
+    return 0
+
+
+def _generate(args) -> int:
+    from gptjax import generate, run
+
+    generate.check_sampling(args.temperature, args.top_k, args.max_new_tokens)
+    loaded = run.load(args.run, args.checkpoint, args.gpt2_ranks)
+    tok = loaded.tokenizer
+    ids = generate.generate(loaded.params, loaded.config.model, tok.encode(args.prompt),
+                            args.max_new_tokens, seed=args.seed, temperature=args.temperature,
+                            top_k=args.top_k, valid_vocab=tok.vocab_size, eot_id=tok.eot_id)
+    print(args.prompt + tok.decode(ids))
+    return 0
+
+
+def _eval(args) -> int:
+    import jax
+
+    from gptjax import run
+    from gptjax.data import eval_batches, load_prepared
+    from gptjax.train_step import make_eval_step
+
+    if args.batches is not None and args.batches < 1:
+        raise GptjaxError(f"--batches must be positive, got {args.batches}")
+    loaded = run.load(args.run, args.checkpoint, args.gpt2_ranks)
+    cfg = loaded.config
+    data = load_prepared(args.data or cfg.data.data or loaded.path / run.EMBEDDED_DATA)
+    run.resolve(cfg, data)  # same tokenizer, vocabulary fits
+    try:
+        batches = eval_batches(data.val, cfg.model.context_length, cfg.train.batch_size,
+                               args.batches or cfg.train.eval_batches)
+    except GptjaxError as e:
+        raise GptjaxError(f"validation split of {data.path}: {e}") from None
+    step = jax.jit(make_eval_step(cfg.model))
+    total = count = 0.0
+    for b in batches:
+        s, c = jax.device_get(step(loaded.params, b))
+        total, count = total + float(s), count + float(c)
+    loss = total / count
+    print(f"step {loaded.step}: val loss {loss:.4f}, perplexity {math.exp(min(loss, 50)):.3f} "
+          f"({int(count):,} tokens of {data.path})")
+    return 0
+
+
+COMMANDS = {"train": _train, "prepare": _prepare, "generate": _generate, "eval": _eval}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except GptjaxError as e:
+        print(f"gptjax: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gptjax: interrupted (a checkpoint was saved; rerun to resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

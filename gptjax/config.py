@@ -1,0 +1,206 @@
+"""Frozen configuration dataclasses, named model presets and validation.
+
+Every field carries a one-line `help` in its metadata so the CLI can expose it with
+its default. Fields marked `resume_safe` may change when a run is resumed because
+they do not affect the sequence of parameter updates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gptjax.errors import GptjaxError
+
+
+def _f(default, help: str, *, choices=None, resume_safe: bool = False):
+    meta = {"help": help, "resume_safe": resume_safe}
+    if choices:
+        meta["choices"] = tuple(choices)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of the GPT. vocab_size 0 means 'the tokenizer's'."""
+
+    vocab_size: int = _f(0, "vocabulary rows; 0 = the tokenizer's size (larger pads it)")
+    context_length: int = _f(64, "maximum sequence length (learned position embeddings)")
+    n_layer: int = _f(4, "number of transformer blocks")
+    n_head: int = _f(4, "attention heads per block")
+    d_model: int = _f(128, "residual stream width")
+    mlp_ratio: int = _f(4, "MLP hidden width as a multiple of d_model")
+    dropout: float = _f(0.0, "dropout on embeddings and residual branches")
+    bias: bool = _f(True, "biases in linear layers and LayerNorms (GPT-2 has them)")
+    layer_norm_eps: float = _f(1e-5, "LayerNorm epsilon")
+    dtype: str = _f("float32", "activation/compute dtype", choices=("float32", "bfloat16", "float16"))
+    param_dtype: str = _f("float32", "parameter storage dtype", choices=("float32", "bfloat16"))
+    scan_unroll: int = _f(1, "layers unrolled per scan iteration (n_layer = fully unrolled)")
+    attention_impl: str = _f(
+        "xla", "jax.nn.dot_product_attention implementation", choices=("xla", "cudnn", "auto")
+    )
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def d_mlp(self) -> int:
+        return self.mlp_ratio * self.d_model
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, schedule, batching, evaluation and checkpointing."""
+
+    seed: int = _f(0, "seed for parameters, dropout and batch sampling")
+    batch_size: int = _f(12, "global batch: sequences per optimizer step")
+    grad_accum: int = _f(1, "micro-batches per step (the global batch stays batch_size)")
+    max_steps: int = _f(2000, "optimizer steps in the whole run")
+    lr: float = _f(1e-3, "peak learning rate")
+    min_lr: float = _f(1e-4, "learning rate at the end of the cosine decay")
+    warmup_steps: int = _f(100, "linear warm-up steps from 0 to lr")
+    weight_decay: float = _f(0.1, "AdamW decoupled weight decay (kernels only)")
+    beta1: float = _f(0.9, "Adam beta1")
+    beta2: float = _f(0.99, "Adam beta2")
+    eps: float = _f(1e-8, "Adam epsilon")
+    grad_clip: float = _f(1.0, "clip gradients to this global norm; 0 disables")
+    sampler: str = _f("random", "training windows: random offsets or a shuffled sliding window",
+                      choices=("random", "sliding"))
+    stride: int = _f(0, "sliding-window stride in tokens; 0 = context_length")
+    log_every: int = _f(50, "steps between console/JSONL training records", resume_safe=True)
+    eval_every: int = _f(250, "steps between validation runs and checkpoints", resume_safe=True)
+    eval_batches: int = _f(20, "validation batches per evaluation", resume_safe=True)
+    keep_checkpoints: int = _f(3, "most recent checkpoints kept (the best is kept too)",
+                               resume_safe=True)
+    sample_tokens: int = _f(200, "tokens generated as a sample at the end", resume_safe=True)
+    peak_flops: float = _f(0.0, "peak FLOP/s for MFU; 0 = table for accelerators, "
+                                "measured float32 matmul rate on CPU", resume_safe=True)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where training tokens come from."""
+
+    data: str = _f("", "prepared data directory (gptjax prepare); empty = embedded corpus")
+    tokenizer: str = _f("", "char, byte or gpt2; empty = char for the embedded corpus, else the "
+                            "prepared data's (a different one is an error)",
+                        choices=("char", "byte", "gpt2"))
+    val_fraction: float = _f(0.1, "share of the embedded corpus held out for validation")
+    gpt2_ranks: str = _f("", "local GPT-2 BPE ranks file (else $GPTJAX_GPT2_RANKS, else download)",
+                         resume_safe=True)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}
+
+# Model presets. The GPT-2 shapes are OpenAI's; "baby" is nanoGPT's CPU example and
+# "mini" the ~10M config the throughput issue measures. Small presets unroll the layer
+# scan fully: on a 2-core CPU that measured ~20% faster for "baby" (benchmarks/NOTES.md).
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(n_layer=2, n_head=2, d_model=32, context_length=32, scan_unroll=2),
+    "baby": dict(n_layer=4, n_head=4, d_model=128, context_length=64, scan_unroll=4),
+    "mini": dict(n_layer=6, n_head=6, d_model=384, context_length=256, scan_unroll=6),
+    "gpt2": dict(n_layer=12, n_head=12, d_model=768, context_length=1024, vocab_size=50257),
+    "gpt2-medium": dict(n_layer=24, n_head=16, d_model=1024, context_length=1024, vocab_size=50257),
+    "gpt2-large": dict(n_layer=36, n_head=20, d_model=1280, context_length=1024, vocab_size=50257),
+    "gpt2-xl": dict(n_layer=48, n_head=25, d_model=1600, context_length=1024, vocab_size=50257),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """A ModelConfig from a named preset with optional field overrides."""
+    if name not in PRESETS:
+        raise GptjaxError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return dataclasses.replace(ModelConfig(), **{**PRESETS[name], **overrides})
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Raise GptjaxError for the first inconsistent or out-of-range field."""
+    m, t, d = cfg.model, cfg.train, cfg.data
+    for name in ("context_length", "n_layer", "n_head", "d_model", "mlp_ratio", "scan_unroll"):
+        _positive(f"model.{name}", getattr(m, name))
+    if m.vocab_size < 0:
+        raise GptjaxError(f"model.vocab_size must be >= 0, got {m.vocab_size}")
+    if m.d_model % m.n_head:
+        raise GptjaxError(f"model.d_model ({m.d_model}) must be divisible by model.n_head ({m.n_head})")
+    if not 0.0 <= m.dropout < 1.0:
+        raise GptjaxError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    for name in ("batch_size", "grad_accum", "max_steps", "log_every", "eval_every",
+                 "eval_batches", "keep_checkpoints"):
+        _positive(f"train.{name}", getattr(t, name))
+    for name in ("lr", "beta2", "eps"):
+        _positive(f"train.{name}", getattr(t, name))
+    for name in ("min_lr", "warmup_steps", "weight_decay", "grad_clip", "stride",
+                 "sample_tokens", "peak_flops", "beta1"):
+        if not getattr(t, name) >= 0:
+            raise GptjaxError(f"train.{name} must be >= 0, got {getattr(t, name)}")
+    if t.batch_size % t.grad_accum:
+        raise GptjaxError(f"train.batch_size ({t.batch_size}) must be divisible by "
+                          f"train.grad_accum ({t.grad_accum})")
+    if t.warmup_steps > t.max_steps:
+        raise GptjaxError(f"train.warmup_steps ({t.warmup_steps}) exceeds train.max_steps ({t.max_steps})")
+    if not (t.beta1 < 1 and t.beta2 < 1):
+        raise GptjaxError("train.beta1 and train.beta2 must be below 1")
+    if d.tokenizer not in ("", "char", "byte", "gpt2"):
+        raise GptjaxError(f"unknown tokenizer {d.tokenizer!r}; choose one of gpt2, char, byte")
+    if not 0.0 < d.val_fraction < 1.0:
+        raise GptjaxError(f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
+    return cfg
+
+
+def _positive(name: str, value) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise GptjaxError(f"{name} must be positive, got {value}")
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(raw: dict) -> RunConfig:
+    """Rebuild a RunConfig from to_dict() output, rejecting unknown fields."""
+    sections = {}
+    for section, cls in SECTIONS.items():
+        values = dict(raw.get(section, {}))
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise GptjaxError(f"unknown {section} config field(s): {', '.join(unknown)}")
+        sections[section] = cls(**values)
+    return RunConfig(**sections)
+
+
+def save(cfg: RunConfig, path: Path) -> None:
+    path.write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+
+
+def load(path: Path) -> RunConfig:
+    try:
+        return from_dict(json.loads(Path(path).read_text()))
+    except (OSError, json.JSONDecodeError) as e:
+        raise GptjaxError(f"cannot read config {path}: {e}") from None
+
+
+def training_differences(saved: RunConfig, given: RunConfig) -> list[str]:
+    """Fields that differ between two configs and would change the training trajectory."""
+    diffs = []
+    for section, cls in SECTIONS.items():
+        a, b = getattr(saved, section), getattr(given, section)
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("resume_safe"):
+                continue
+            if getattr(a, f.name) != getattr(b, f.name):
+                diffs.append(f"{section}.{f.name} (run has {getattr(a, f.name)!r}, "
+                             f"given {getattr(b, f.name)!r})")
+    return diffs

@@ -1,0 +1,156 @@
+"""Prepared token data and window sampling as pure functions of (seed, step).
+
+A batch is fully determined by the sampler settings and the step, so a resumed run sees
+exactly the batches an uninterrupted one would, and each host of a multi-host job can
+build just its rows of the global batch. Offsets are Python/numpy 64-bit integers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gptjax import tokenizer as tok
+from gptjax.errors import GptjaxError
+
+SCAN_TOKENS = 1 << 24
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    path: Path
+    meta: dict
+    train: np.ndarray  # memmap, uint16/uint32
+    val: np.ndarray
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.meta["vocab_size"])
+
+    def tokenizer(self, gpt2_ranks: str | None = None) -> tok.Tokenizer:
+        return tok.from_spec(self.meta["tokenizer"], gpt2_ranks)
+
+
+def load_prepared(path: str | Path, check_ids: bool = True) -> PreparedData:
+    """Open a `gptjax prepare` folder; token ids are checked against the vocabulary."""
+    path = Path(path)
+    meta_path = path / "meta.json"
+    if not meta_path.is_file():
+        raise GptjaxError(f"{path} is not prepared data (no meta.json); run `gptjax prepare` first")
+    try:
+        meta = json.loads(meta_path.read_text())
+        dtype = np.dtype(meta["dtype"])
+        splits = {name: _open_tokens(path / f"{name}.bin", dtype, meta[f"{name}_tokens"])
+                  for name in ("train", "val")}
+    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
+        raise GptjaxError(f"{meta_path} is malformed: {e}") from None
+    data = PreparedData(path, meta, splits["train"], splits["val"])
+    if check_ids:
+        for name, tokens in splits.items():
+            _check_ids(tokens, data.vocab_size, path / f"{name}.bin")
+    return data
+
+
+def _open_tokens(file: Path, dtype: np.dtype, expected: int) -> np.ndarray:
+    if not file.is_file():
+        raise GptjaxError(f"missing token file {file}")
+    n = file.stat().st_size // dtype.itemsize
+    if n != expected or file.stat().st_size % dtype.itemsize:
+        raise GptjaxError(f"{file} holds {n} tokens but meta.json says {expected}")
+    if n == 0:
+        return np.zeros(0, dtype)
+    return np.memmap(file, dtype=dtype, mode="r")
+
+
+def _check_ids(tokens: np.ndarray, vocab_size: int, file: Path) -> None:
+    # An id >= vocab would make the embedding lookup return NaN silently inside jit.
+    for start in range(0, len(tokens), SCAN_TOKENS):
+        top = int(tokens[start:start + SCAN_TOKENS].max())
+        if top >= vocab_size:
+            raise GptjaxError(f"{file} contains token id {top}, outside the vocabulary of {vocab_size}")
+
+
+@dataclass(frozen=True)
+class WindowSampler:
+    """Windows of `context` inputs and next-token targets from one token array.
+
+    kind="random": nanoGPT-style uniform offsets drawn from a generator seeded by
+    (seed, step). kind="sliding": the book's windows at 0, stride, 2*stride, ...; the
+    stream of windows is cut into batches and, with shuffle, each epoch visits them in a
+    seeded affine permutation (i -> a*i + c mod n), which needs no memory per window.
+    """
+
+    n_tokens: int
+    context: int
+    batch_size: int
+    kind: str = "random"
+    stride: int = 0
+    seed: int = 0
+    shuffle: bool = True
+
+    def __post_init__(self):
+        if self.n_tokens < self.context + 1:
+            raise GptjaxError(f"{self.n_tokens} tokens are fewer than one window of "
+                              f"context_length + 1 = {self.context + 1}")
+        if self.kind not in ("random", "sliding"):
+            raise GptjaxError(f"unknown sampler {self.kind!r}; choose random or sliding")
+
+    @property
+    def step_stride(self) -> int:
+        return self.stride or self.context
+
+    @property
+    def n_windows(self) -> int:
+        """Sliding windows whose target still fits: starts 0, s, 2s, ... < n_tokens - context."""
+        return (self.n_tokens - self.context - 1) // self.step_stride + 1
+
+    def starts(self, step: int) -> np.ndarray:
+        """Start offsets (int64) of the batch_size windows used at `step`."""
+        if self.kind == "random":
+            rng = np.random.default_rng([self.seed, step])
+            return rng.integers(0, self.n_tokens - self.context, size=self.batch_size, dtype=np.int64)
+        n = self.n_windows
+        first = step * self.batch_size
+        idx = [self._window_index(g, n) for g in range(first, first + self.batch_size)]
+        return np.array(idx, dtype=np.int64) * self.step_stride
+
+    def _window_index(self, g: int, n: int) -> int:
+        epoch, i = divmod(g, n)
+        if not self.shuffle or n == 1:
+            return i
+        rng = np.random.default_rng([self.seed, epoch, 1])
+        a = int(rng.integers(1, n))
+        while math.gcd(a, n) != 1:
+            a = int(rng.integers(1, n))
+        return (a * i + int(rng.integers(0, n))) % n
+
+
+def gather(tokens: np.ndarray, starts: np.ndarray, context: int) -> dict[str, np.ndarray]:
+    """Inputs tokens[s:s+T] and targets tokens[s+1:s+T+1] for each start, as int32."""
+    rows = np.stack([np.asarray(tokens[s:s + context + 1]) for s in starts]).astype(np.int32)
+    return {"inputs": rows[:, :-1], "targets": rows[:, 1:]}
+
+
+def eval_batches(tokens: np.ndarray, context: int, batch_size: int, max_batches: int) -> list[dict]:
+    """Fixed validation batches of consecutive non-overlapping windows.
+
+    The last batch is padded with zero-weight rows so every batch has the same shape.
+    """
+    sampler = WindowSampler(len(tokens), context, batch_size, "sliding", shuffle=False)
+    n_rows = min(max_batches * batch_size, sampler.n_windows)
+    starts = np.arange(n_rows, dtype=np.int64) * context
+    batches = []
+    for lo in range(0, n_rows, batch_size):
+        chunk = starts[lo:lo + batch_size]
+        real = len(chunk)
+        chunk = np.concatenate([chunk, np.zeros(batch_size - real, np.int64)])
+        batch = gather(tokens, chunk, context)
+        weights = np.zeros((batch_size, context), np.float32)
+        weights[:real] = 1.0
+        batch["weights"] = weights
+        batches.append(batch)
+    return batches

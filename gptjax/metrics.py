@@ -1,0 +1,91 @@
+"""FLOPs and MFU accounting, the JSONL metrics log, and the loss-curve plot."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from gptjax.config import ModelConfig
+
+MFU_FORMULA = "PaLM: 6N + 12*L*d*T FLOPs per token (N excludes position embeddings)"
+
+# Dense bf16 peaks per chip from vendor data sheets, matched by device_kind substring.
+PEAK_BF16 = {
+    "H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12,
+    "TPU v6": 918e12, "TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
+    "TPU v4": 275e12,
+}
+
+
+def flops_per_token(cfg: ModelConfig, n_params_no_pos: int) -> float:
+    """Training FLOPs per token, forward and backward, by the PaLM appendix-B formula."""
+    return 6.0 * n_params_no_pos + 12.0 * cfg.n_layer * cfg.d_model * cfg.context_length
+
+
+def measure_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
+    """Float32 matmul FLOP/s of the default device, best of `repeats` (for CPU MFU)."""
+    a = jnp.ones((n, n), jnp.float32)
+    mm = jax.jit(lambda x: x @ x)
+    mm(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        mm(a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n ** 3 / best
+
+
+def peak_flops(configured: float = 0.0) -> tuple[float, str]:
+    """(peak FLOP/s, where it came from) for MFU."""
+    if configured > 0:
+        return configured, "configured"
+    kind = jax.devices()[0].device_kind
+    for name, peak in PEAK_BF16.items():
+        if name.lower() in kind.lower():
+            return peak * jax.device_count(), f"{kind} bf16 data sheet x{jax.device_count()}"
+    return measure_matmul_flops() * jax.device_count(), f"measured f32 matmul on {kind}"
+
+
+class JsonlLog:
+    """Append-only JSONL writer (one record per line, flushed so a crash loses nothing)."""
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def plot_losses(records: list[dict], path: Path) -> Path:
+    """Train and validation loss against step, saved as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train"]
+    val = [(r["step"], r["val_loss"]) for r in records if r.get("kind") == "eval"]
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    if train:
+        ax.plot(*zip(*train), label="train loss", lw=1.2)
+    if val:
+        ax.plot(*zip(*val), "o-", label="val loss", lw=1.5, ms=4)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

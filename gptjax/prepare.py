@@ -1,0 +1,133 @@
+"""`gptjax prepare`: stream a corpus into train/val token files plus meta.json.
+
+Memory stays bounded: text is read in pieces, encoded by a thread pool (tiktoken releases
+the GIL, and the char/byte encoders are numpy), and tokens are appended to one file that
+is split at the end (the last `val_fraction` of tokens become validation, as in nanoGPT).
+Everything is written into a temporary sibling folder that is renamed into place only
+when complete, so a failed prepare leaves nothing behind and overwrites nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from gptjax import tokenizer as tok
+from gptjax.corpus import Corpus, EmbeddedCorpus, resolve_inputs
+from gptjax.errors import GptjaxError
+
+FORMAT_VERSION = 1
+COPY_TOKENS = 1 << 24
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+def prepare(inputs: list[str] | None, out_dir: str | os.PathLike, tokenizer: str = "char", *,
+            val_fraction: float = 0.1, gpt2_ranks: str | None = None, text_field: str = "text",
+            workers: int | None = None, progress: bool = True) -> dict:
+    """Tokenize `inputs` (None = the embedded corpus) into `out_dir`; returns meta."""
+    out = Path(out_dir)
+    if tokenizer not in tok.KINDS:
+        raise GptjaxError(f"unknown tokenizer {tokenizer!r}; choose one of {', '.join(tok.KINDS)}")
+    if not 0.0 < val_fraction < 1.0:
+        raise GptjaxError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise GptjaxError(f"output {out} already exists and is not an empty folder")
+    corpus = EmbeddedCorpus() if inputs is None else Corpus(resolve_inputs(inputs), text_field)
+    total = None if inputs is None else sum(p.stat().st_size for p in corpus.files)
+
+    if tokenizer == "char":
+        chars = set()
+        for piece, _ in tqdm(corpus.pieces(), desc="vocabulary", unit=" pieces", disable=not progress):
+            chars.update(piece)
+        _check_not_blank("".join(chars), corpus)
+        enc = tok.CharTokenizer("".join(chars))
+    else:
+        enc = tok.from_spec({"kind": tokenizer}, gpt2_ranks)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        dtype = token_dtype(enc.vocab_size)
+        n_tokens, saw_text = _encode_stream(corpus, enc, tmp / "all.bin", dtype,
+                                            workers or os.cpu_count() or 1, total, progress)
+        if not saw_text:
+            _check_not_blank("", corpus)
+        n_val = max(1, int(round(n_tokens * val_fraction)))
+        _split_tail(tmp / "all.bin", tmp / "train.bin", tmp / "val.bin", n_tokens - n_val, dtype)
+        meta = {
+            "format": FORMAT_VERSION,
+            "tokenizer": enc.spec(),
+            "vocab_size": enc.vocab_size,
+            "eot_id": enc.eot_id,
+            "dtype": dtype.name,
+            "train_tokens": n_tokens - n_val,
+            "val_tokens": n_val,
+            "val_fraction": val_fraction,
+            "replaced_invalid_utf8_bytes": corpus.replaced_bytes,
+            "sources": [vars(s) for s in corpus.sources],
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
+        if out.exists():
+            out.rmdir()  # checked empty above
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return meta
+
+
+def _check_not_blank(text: str, corpus: Corpus) -> None:
+    if not text.strip():
+        names = ", ".join(s.path for s in corpus.sources) or "the corpus"
+        raise GptjaxError(f"corpus is empty or whitespace only: {names}")
+
+
+def _encode_stream(corpus, enc, path: Path, dtype, workers: int, total, progress) -> tuple[int, bool]:
+    """Encode pieces in parallel (order kept) and append them, EOT after each document."""
+    n_tokens, saw_text = 0, False
+    eot = np.array([enc.eot_id], dtype=dtype)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=not progress)
+    pending: deque = deque()
+
+    def drain(fh, keep: int):
+        nonlocal n_tokens
+        while len(pending) > keep:
+            future, ends_doc, nbytes = pending.popleft()
+            ids = future.result().astype(dtype, copy=False)
+            fh.write(ids.tobytes())
+            n_tokens += len(ids)
+            if ends_doc:
+                fh.write(eot.tobytes())
+                n_tokens += 1
+            bar.update(nbytes)
+
+    with open(path, "wb") as fh, ThreadPoolExecutor(workers) as pool:
+        for piece, ends_doc in corpus.pieces():
+            saw_text = saw_text or bool(piece.strip())
+            pending.append((pool.submit(enc.encode_array, piece), ends_doc, len(piece.encode())))
+            drain(fh, 2 * workers)
+        drain(fh, 0)
+    bar.close()
+    return n_tokens, saw_text
+
+
+def _split_tail(all_path: Path, train_path: Path, val_path: Path, n_train: int, dtype) -> None:
+    """Copy tokens[n_train:] to val_path in chunks, then truncate the rest into train_path."""
+    itemsize = np.dtype(dtype).itemsize
+    with open(all_path, "rb") as src, open(val_path, "wb") as dst:
+        src.seek(n_train * itemsize)
+        while block := src.read(COPY_TOKENS * itemsize):
+            dst.write(block)
+    os.truncate(all_path, n_train * itemsize)
+    os.replace(all_path, train_path)

@@ -1,0 +1,57 @@
+"""Shared fixtures: a small prepared corpus, the GPT-2 ranks file, and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from gptjax.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_RANKS = REPO.parent / "shared" / "data" / "gpt2.tiktoken"
+
+STORY = (
+    "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins "
+    "with a single step. She sells sea shells by the sea shore; the shells she sells are "
+    "sea shells, I'm sure. Peter Piper picked a peck of pickled peppers!\n"
+)
+
+
+@pytest.fixture(scope="session")
+def gpt2_ranks() -> str | None:
+    """Local GPT-2 ranks (env or ../shared/data); None lets tiktoken download them."""
+    path = os.environ.get("GPTJAX_GPT2_RANKS") or (str(SHARED_RANKS) if SHARED_RANKS.exists() else None)
+    return path
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "story.txt"
+    path.write_text(STORY * 40)
+    return path
+
+
+@pytest.fixture(scope="session")
+def char_data(tmp_path_factory, corpus_file) -> Path:
+    """A prepared char-level dataset (~8K train tokens)."""
+    out = tmp_path_factory.mktemp("prepared") / "char"
+    assert main(["prepare", str(corpus_file), "--out", str(out), "--tokenizer", "char",
+                 "--no-progress"]) == 0
+    return out
+
+
+TINY_RUN = ["--preset", "tiny", "--batch-size", "4", "--warmup-steps", "2", "--log-every", "1",
+            "--eval-every", "3", "--eval-batches", "2", "--sample-tokens", "8", "--no-progress"]
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `gptjax argv...` run in-process."""
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse usage errors
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -1,0 +1,79 @@
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptjax import model
+from gptjax.config import preset
+
+CFG = preset("tiny", vocab_size=97)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return model.init(CFG, jax.random.PRNGKey(0))
+
+
+def test_shapes_and_dtype(params):
+    tokens = jnp.zeros((3, CFG.context_length), jnp.int32)
+    logits = model.apply(params, tokens, CFG)
+    assert logits.shape == (3, CFG.context_length, 97) and logits.dtype == jnp.float32
+    assert model.apply(params, tokens[:, :5], CFG).shape == (3, 5, 97)
+    assert params["blocks"]["attn"]["qkv"]["kernel"].shape == (2, 32, 3, 2, 16)
+
+
+def test_causality(params):
+    key = jax.random.PRNGKey(1)
+    tokens = jax.random.randint(key, (2, CFG.context_length), 0, 97)
+    t = 11
+    changed = tokens.at[:, t + 1:].set((tokens[:, t + 1:] + 7) % 97)
+    a, b = model.apply(params, tokens, CFG), model.apply(params, changed, CFG)
+    np.testing.assert_array_equal(a[:, :t + 1], b[:, :t + 1])
+    assert not np.allclose(a[:, t + 1:], b[:, t + 1:])
+
+
+def test_initial_loss_is_close_to_uniform(params):
+    tokens = jax.random.randint(jax.random.PRNGKey(2), (8, CFG.context_length + 1), 0, 97)
+    loss = model.loss(params, {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}, CFG)
+    assert abs(float(loss) - math.log(97)) < 0.05
+
+
+def test_weighted_loss_ignores_zero_weight_tokens(params):
+    tokens = jax.random.randint(jax.random.PRNGKey(3), (2, 9), 0, 97)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+    weights = jnp.zeros((2, 8)).at[0].set(1.0)
+    weighted = model.loss(params, {**batch, "weights": weights}, CFG)
+    first_row = model.loss(params, {k: v[:1] for k, v in batch.items()}, CFG)
+    np.testing.assert_allclose(weighted, first_row, rtol=1e-6)
+
+
+def test_dropout_is_active_only_when_asked(params):
+    cfg = dataclasses.replace(CFG, dropout=0.5)
+    tokens = jnp.ones((1, 8), jnp.int32)
+    base = model.apply(params, tokens, cfg)
+    np.testing.assert_array_equal(base, model.apply(params, tokens, CFG))
+    dropped = model.apply(params, tokens, cfg, deterministic=False, rng=jax.random.PRNGKey(0))
+    assert not np.allclose(base, dropped)
+
+
+def test_unrolled_scan_has_the_same_parameters_and_outputs(params):
+    unrolled = dataclasses.replace(CFG, scan_unroll=1)
+    tokens = jnp.arange(16)[None] % 97
+    np.testing.assert_allclose(model.apply(params, tokens, unrolled), model.apply(params, tokens, CFG),
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("name,count", [
+    ("gpt2", 124_439_808), ("gpt2-medium", 354_823_168),
+    ("gpt2-large", 774_030_080), ("gpt2-xl", 1_557_611_200),
+])
+def test_gpt2_parameter_counts_are_exact(name, count):
+    assert model.param_count(preset(name)) == count
+
+
+def test_param_count_matches_the_arrays(params):
+    assert model.param_count(CFG) == sum(x.size for x in jax.tree.leaves(params))
+    assert model.param_count(CFG, exclude_position=True) == model.param_count(CFG) - 32 * 32

@@ -1,0 +1,77 @@
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptjax import optim
+from gptjax.config import TrainConfig, preset
+from gptjax.train_step import init_state, make_train_step
+
+CFG = preset("tiny", vocab_size=50)
+
+
+def batch_of(seed, rows=8):
+    tokens = jax.random.randint(jax.random.PRNGKey(seed), (rows, CFG.context_length + 1), 0, 50)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+
+
+def test_a_tiny_model_overfits_one_batch():
+    t = TrainConfig(lr=3e-3, min_lr=3e-3, warmup_steps=0, max_steps=150, weight_decay=0.0,
+                    batch_size=8)
+    step = jax.jit(make_train_step(CFG, t))
+    state, batch = init_state(CFG, t), batch_of(0)
+    losses = []
+    for _ in range(t.max_steps):
+        state, m = step(state, batch)
+        losses.append(m["loss"])
+    losses = jax.device_get(losses)
+    assert losses[0] > 3.5 and losses[-1] < 0.2
+    assert int(state.step) == 150
+
+
+def test_gradient_accumulation_keeps_the_global_batch_exact():
+    one = TrainConfig(batch_size=8, grad_accum=1)
+    four = dataclasses.replace(one, grad_accum=4)
+    batch = batch_of(1)
+    s1, m1 = jax.jit(make_train_step(CFG, one))(init_state(CFG, one), batch)
+    s4, m4 = jax.jit(make_train_step(CFG, four))(init_state(CFG, four), batch)
+    np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m1["grad_norm"], m4["grad_norm"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s4.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_schedule_warmup_peak_and_end():
+    t = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=100, max_steps=2000)
+    lr = optim.schedule(t)
+    assert float(lr(0)) == 0.0
+    assert float(lr(50)) == pytest.approx(5e-4)
+    assert float(lr(100)) == pytest.approx(1e-3)
+    assert float(lr(1050)) == pytest.approx((1e-3 + 1e-4) / 2, rel=1e-4)  # cosine midpoint
+    assert float(lr(2000)) == pytest.approx(1e-4)
+
+
+def test_weight_decay_only_on_kernels():
+    state = init_state(CFG, TrainConfig())
+    mask = optim.decay_mask(state.params)
+    flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(mask)}
+    assert flat["['blocks']['mlp']['fc']['kernel']"] is True
+    assert flat["['blocks']['attn']['qkv']['kernel']"] is True
+    assert not any(v for k, v in flat.items() if "kernel" not in k)
+    # Non-decayed leaves really are untouched by decay when their gradient is zero.
+    t = TrainConfig(weight_decay=0.5, warmup_steps=0, lr=1e-2, min_lr=1e-2, batch_size=8)
+    zero_grads = jax.tree.map(jnp.zeros_like, state.params)
+    tx = optim.optimizer(t)
+    updates, _ = jax.jit(tx.update)(zero_grads, tx.init(state.params), state.params)
+    assert float(jnp.abs(updates["wte"]["embedding"]).max()) == 0.0
+    assert float(jnp.abs(updates["blocks"]["ln1"]["scale"]).max()) == 0.0
+    assert float(jnp.abs(updates["blocks"]["mlp"]["fc"]["kernel"]).max()) > 0.0
+
+
+def test_train_step_metrics():
+    t = TrainConfig(batch_size=8, lr=1e-3, warmup_steps=10, max_steps=100)
+    state, m = jax.jit(make_train_step(CFG, t))(init_state(CFG, t), batch_of(2))
+    assert set(m) == {"loss", "grad_norm", "lr"}
+    assert float(m["lr"]) == 0.0 and float(m["grad_norm"]) > 0
