@@ -103,14 +103,15 @@ def _prepare(args) -> int:
 
 
 def _generate(args) -> int:
-    from gptjax import generate, run
+    from gptjax import run
+    from gptjax.generate import check_sampling, generate
 
-    generate.check_sampling(args.temperature, args.top_k, args.max_new_tokens)
+    check_sampling(args.temperature, args.top_k, args.max_new_tokens)
     loaded = run.load(args.run, args.checkpoint, args.gpt2_ranks)
     tok = loaded.tokenizer
-    ids = generate.generate(loaded.params, loaded.config.model, tok.encode(args.prompt),
-                            args.max_new_tokens, seed=args.seed, temperature=args.temperature,
-                            top_k=args.top_k, valid_vocab=tok.vocab_size, eot_id=tok.eot_id)
+    ids = generate(loaded.params, loaded.config.model, tok.encode(args.prompt), args.max_new_tokens,
+                   seed=args.seed, temperature=args.temperature, top_k=args.top_k,
+                   valid_vocab=tok.vocab_size, eot_id=tok.eot_id)
     print(args.prompt + tok.decode(ids))
     return 0
 

@@ -148,8 +148,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     if t.batch_size % t.grad_accum:
         raise GptjaxError(f"train.batch_size ({t.batch_size}) must be divisible by "
                           f"train.grad_accum ({t.grad_accum})")
-    if t.warmup_steps > t.max_steps:
-        raise GptjaxError(f"train.warmup_steps ({t.warmup_steps}) exceeds train.max_steps ({t.max_steps})")
+    if t.warmup_steps >= t.max_steps:
+        raise GptjaxError(f"train.warmup_steps ({t.warmup_steps}) must be less than "
+                          f"train.max_steps ({t.max_steps})")
     if not (t.beta1 < 1 and t.beta2 < 1):
         raise GptjaxError("train.beta1 and train.beta2 must be below 1")
     if d.tokenizer not in ("", "char", "byte", "gpt2"):

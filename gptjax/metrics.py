@@ -26,7 +26,7 @@ def flops_per_token(cfg: ModelConfig, n_params_no_pos: int) -> float:
     return 6.0 * n_params_no_pos + 12.0 * cfg.n_layer * cfg.d_model * cfg.context_length
 
 
-def measure_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
+def measure_matmul_flops(n: int = 1024, repeats: int = 10) -> float:
     """Float32 matmul FLOP/s of the default device, best of `repeats` (for CPU MFU)."""
     a = jnp.ones((n, n), jnp.float32)
     mm = jax.jit(lambda x: x @ x)

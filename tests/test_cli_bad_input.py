@@ -1,0 +1,143 @@
+"""Every bad input gets one line on stderr, exit code 2, and nothing written or damaged."""
+
+import numpy as np
+import pytest
+
+from conftest import TINY_RUN, run_cli
+from gptjax.cli import main
+
+
+def fails_cleanly(capsys, *argv, match: str):
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2, err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1 and "error" in lines[0], err
+    assert match in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def byte_data(tmp_path_factory, corpus_file):
+    out = tmp_path_factory.mktemp("prepared") / "byte"
+    assert main(["prepare", str(corpus_file), "--out", str(out), "--tokenizer", "byte",
+                 "--no-progress"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def char_run(tmp_path_factory, char_data):
+    out = tmp_path_factory.mktemp("runs") / "char"
+    assert main(["train", "--data", str(char_data), "--out", str(out), *TINY_RUN,
+                 "--max-steps", "3", "--sample-tokens", "0"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("content", ["", "  \n\t\n  "])
+def test_empty_or_whitespace_corpus(tmp_path, capsys, content):
+    (tmp_path / "c.txt").write_text(content)
+    fails_cleanly(capsys, "prepare", tmp_path / "c.txt", "--out", tmp_path / "out",
+                  "--tokenizer", "char", "--no-progress", match="empty or whitespace")
+    assert not (tmp_path / "out").exists()
+
+
+def test_corpus_shorter_than_one_window(tmp_path, capsys):
+    (tmp_path / "c.txt").write_text("just a few words, not enough for a window")
+    assert main(["prepare", str(tmp_path / "c.txt"), "--out", str(tmp_path / "d"),
+                 "--tokenizer", "byte", "--no-progress"]) == 0
+    fails_cleanly(capsys, "train", "--data", tmp_path / "d", "--out", tmp_path / "run", *TINY_RUN,
+                  match="fewer than one window")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["prepare", "MISSING/x.txt", "--out", "OUT"], "input not found"),
+    (["train", "--data", "MISSING", "--out", "OUT"], "not prepared data"),
+    (["generate", "--run", "MISSING"], "not a gptjax run"),
+    (["eval", "--run", "MISSING"], "not a gptjax run"),
+])
+def test_missing_paths(tmp_path, capsys, argv, match):
+    argv = [a.replace("MISSING", str(tmp_path / "missing")).replace("OUT", str(tmp_path / "out"))
+            for a in argv]
+    fails_cleanly(capsys, *argv, match=match)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["prepare", "IN", "--out", "OUT", "--tokenizer", "sentencepiece"], "invalid choice"),
+    (["train", "--out", "OUT", "--tokenizer", "wordpiece"], "invalid choice"),
+    (["train", "--out", "OUT", "--preset", "gpt5"], "invalid choice"),
+    (["train", "--out", "OUT", "--n-layers", "3"], "unrecognized arguments"),
+    (["train", "--out", "OUT", "--batch-size", "many"], "invalid int value"),
+])
+def test_unknown_choices_and_fields(tmp_path, capsys, corpus_file, argv, match):
+    argv = [a.replace("IN", str(corpus_file)).replace("OUT", str(tmp_path / "out")) for a in argv]
+    fails_cleanly(capsys, *argv, match=match)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--d-model", "30", "--n-head", "4"], "divisible by model.n_head"),
+    (["--batch-size", "0"], "train.batch_size must be positive"),
+    (["--batch-size=-4"], "train.batch_size must be positive"),
+    (["--max-steps", "0"], "train.max_steps must be positive"),
+    (["--max-steps", "50", "--warmup-steps", "50"], "must be less than train.max_steps"),
+    (["--lr", "0"], "train.lr must be positive"),
+    (["--lr=-1e-3"], "train.lr must be positive"),
+    (["--lr", "nan"], "train.lr must be positive"),
+    (["--batch-size", "6", "--grad-accum", "4"], "divisible by train.grad_accum"),
+])
+def test_invalid_config_values(tmp_path, capsys, char_data, flags, match):
+    fails_cleanly(capsys, "train", "--data", char_data, "--out", tmp_path / "out", *flags,
+                  match=match)
+    assert not (tmp_path / "out").exists()
+
+
+def test_token_ids_outside_the_vocabulary(tmp_path, capsys, char_data):
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(char_data, bad)
+    ids = np.fromfile(bad / "val.bin", dtype=np.uint16)
+    ids[-1] = 60000
+    ids.tofile(bad / "val.bin")
+    fails_cleanly(capsys, "train", "--data", bad, "--out", tmp_path / "out", *TINY_RUN,
+                  match="outside the vocabulary")
+    assert not (tmp_path / "out").exists()
+
+
+def test_data_with_a_different_tokenizer(tmp_path, capsys, char_data, byte_data, char_run):
+    fails_cleanly(capsys, "train", "--data", char_data, "--tokenizer", "byte",
+                  "--out", tmp_path / "out", match="uses the char tokenizer")
+    assert not (tmp_path / "out").exists()
+    fails_cleanly(capsys, "eval", "--run", char_run, "--data", byte_data,
+                  match="uses the byte tokenizer")
+
+
+def test_a_failing_resume_leaves_the_run_untouched(tmp_path, capsys, byte_data, char_run):
+    before = {p: p.read_bytes() for p in char_run.rglob("*") if p.is_file()}
+    fails_cleanly(capsys, "train", "--out", char_run, "--data", byte_data, "--no-progress",
+                  match="uses the byte tokenizer")
+    fails_cleanly(capsys, "train", "--out", char_run, "--n-layer", "3", "--no-progress",
+                  match="model.n_layer")
+    after = {p: p.read_bytes() for p in char_run.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_out_dir_that_is_not_a_run(tmp_path, capsys, char_data):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    fails_cleanly(capsys, "train", "--data", char_data, "--out", tmp_path / "mine", *TINY_RUN,
+                  match="not a gptjax run")
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--temperature=-1"], "temperature must be"),
+    (["--temperature", "nan"], "temperature must be"),
+    (["--top-k", "0"], "top_k must be >= 1"),
+    (["--max-new-tokens=-5"], "max_new_tokens must be >= 0"),
+])
+def test_bad_sampling_settings(capsys, char_run, flags, match):
+    fails_cleanly(capsys, "generate", "--run", char_run, *flags, match=match)
+
+
+def test_prompt_with_characters_outside_a_char_vocabulary(capsys, char_run):
+    fails_cleanly(capsys, "generate", "--run", char_run, "--prompt", "Zebra ∑", match="not in the vocabulary")

@@ -1,0 +1,111 @@
+"""End-to-end through the CLI: train, bitwise resume, checkpoints, generate, eval."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import TINY_RUN, run_cli
+from gptjax import run
+
+
+def train_losses(run_dir) -> list[tuple[int, float]]:
+    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in records if r["kind"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, char_data):
+    out = tmp_path_factory.mktemp("runs") / "full"
+    from gptjax.cli import main  # capsys is function-scoped, so call main directly here
+    assert main(["train", "--data", str(char_data), "--out", str(out), *TINY_RUN,
+                 "--max-steps", "6"]) == 0
+    return out
+
+
+def test_run_directory_has_everything(full_run):
+    for name in ("config.json", "tokenizer.json", "metrics.jsonl", "loss.png", "sample.txt"):
+        assert (full_run / name).is_file(), name
+    cfg = json.loads((full_run / "config.json").read_text())
+    assert cfg["model"]["n_layer"] == 2 and cfg["data"]["tokenizer"] == "char"
+    assert cfg["model"]["vocab_size"] > 0
+    assert [s for s, _ in train_losses(full_run)] == [1, 2, 3, 4, 5, 6]
+    evals = [json.loads(l) for l in (full_run / "metrics.jsonl").read_text().splitlines()
+             if '"eval"' in l]
+    assert [e["step"] for e in evals] == [3, 6] and all(np.isfinite(e["val_loss"]) for e in evals)
+
+
+def test_resumed_run_is_bitwise_equal_to_an_uninterrupted_one(tmp_path, char_data, full_run, capsys):
+    out = tmp_path / "resumed"
+    code, _, err = run_cli(capsys, "train", "--data", char_data, "--out", out, *TINY_RUN,
+                           "--max-steps", "6", "--stop-at", "3")
+    assert code == 0, err
+    assert [s for s, _ in train_losses(out)] == [1, 2, 3]
+    code, stdout, err = run_cli(capsys, "train", "--out", out, "--no-progress")
+    assert code == 0, err
+    assert "resuming" in stdout and "from step 3" in stdout
+    assert train_losses(out) == train_losses(full_run)  # exact float equality
+    a, b = run.load(full_run), run.load(out)
+    assert a.step == b.step == 6
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_resume_with_a_different_training_config_is_refused(full_run, capsys):
+    before = (full_run / "metrics.jsonl").read_text()
+    code, _, err = run_cli(capsys, "train", "--out", full_run, "--lr", "0.5", "--no-progress")
+    assert code == 2 and "train.lr" in err and len(err.strip().splitlines()) == 1
+    assert (full_run / "metrics.jsonl").read_text() == before
+
+
+def test_finished_run_is_not_trained_further(full_run, capsys):
+    code, stdout, err = run_cli(capsys, "train", "--out", full_run, "--no-progress",
+                                "--log-every", "2")  # resume-safe field may change
+    assert code == 0, err
+    assert train_losses(full_run)[-1][0] == 6
+
+
+def test_generate_is_seeded_and_greedy_is_deterministic(full_run, capsys):
+    outs = [run_cli(capsys, "generate", "--run", full_run, "--prompt", "The quick",
+                    "--max-new-tokens", "12", *flags)
+            for flags in (["--temperature", "0"], ["--temperature", "0"],
+                          ["--seed", "1", "--top-k", "5"], ["--seed", "1", "--top-k", "5"])]
+    assert all(code == 0 for code, _, _ in outs)
+    texts = [o.rstrip("\n") for _, o, _ in outs]
+    assert texts[0] == texts[1] and texts[2] == texts[3]
+    assert all(t.startswith("The quick") and len(t) == len("The quick") + 12 for t in texts)
+
+
+def test_eval_prints_loss_and_perplexity(full_run, char_data, capsys):
+    code, out, err = run_cli(capsys, "eval", "--run", full_run, "--data", char_data)
+    assert code == 0, err
+    loss = float(out.split("val loss ")[1].split(",")[0])
+    ppl = float(out.split("perplexity ")[1].split()[0])
+    assert ppl == pytest.approx(np.exp(loss), rel=1e-3)
+    best = json.loads((full_run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert loss == pytest.approx(best["val_loss"], abs=1e-4)
+
+
+def test_checkpoints_keep_latest_and_best(tmp_path, char_data, capsys):
+    out = tmp_path / "keep"
+    code, _, err = run_cli(capsys, "train", "--data", char_data, "--out", out, *TINY_RUN,
+                           "--max-steps", "12", "--eval-every", "2", "--keep-checkpoints", "2",
+                           "--sample-tokens", "0")
+    assert code == 0, err
+    steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+    evals = {json.loads(l)["step"]: json.loads(l)["val_loss"]
+             for l in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in l}
+    best = min(evals, key=evals.get)
+    assert steps == sorted({10, 12, best})
+
+
+def test_python_dash_m_and_help_list_every_field():
+    res = subprocess.run([sys.executable, "-m", "gptjax", "train", "--help"],
+                         capture_output=True, text=True, check=True)
+    for flag in ("--n-layer", "--context-length", "--batch-size", "--grad-accum", "--lr",
+                 "--warmup-steps", "--sampler", "--tokenizer", "--gpt2-ranks", "--keep-checkpoints"):
+        assert flag in res.stdout
+    assert "(default: 0.001)" in res.stdout
