@@ -29,8 +29,9 @@ def _parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="train a GPT (resumes when --out is an existing run)",
                         description="Train a GPT. With no arguments: a 0.8M-parameter model on "
-                        "the Python reference docs from the standard library, char tokenizer.",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        "the Python reference docs from the standard library, char tokenizer. "
+                        "Every config field below is a flag; unset flags keep the preset's "
+                        "value (new run) or the saved value (resumed run).")
     tr.add_argument("--out", help="run directory (default: runs/<date-time>); an existing run "
                     "is resumed with its saved config")
     tr.add_argument("--preset", choices=list(C.PRESETS), help="model preset (default: baby; "
@@ -76,6 +77,8 @@ def _train(args) -> int:
     from gptjax import run
     from gptjax.train import train
 
+    if args.stop_at is not None and args.stop_at < 1:
+        raise GptjaxError(f"--stop-at must be a positive step, got {args.stop_at}")
     out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     overrides = explicit_overrides(args)
     if run.is_run(out):
@@ -83,7 +86,7 @@ def _train(args) -> int:
         if args.preset:
             overrides["model"] = {**C.PRESETS[args.preset], **overrides.get("model", {})}
     else:
-        base = C.RunConfig(model=C.preset(args.preset or "baby"))
+        base = C.RunConfig(model=C.preset(args.preset or C.DEFAULT_PRESET))
     cfg = apply_overrides(base, overrides)
     train(cfg, out, stop_at=args.stop_at, progress=not args.no_progress)
     return 0
@@ -128,7 +131,8 @@ def _eval(args) -> int:
     loaded = run.load(args.run, args.checkpoint, args.gpt2_ranks)
     cfg = loaded.config
     data = load_prepared(args.data or cfg.data.data or loaded.path / run.EMBEDDED_DATA)
-    run.resolve(cfg, data)  # same tokenizer, vocabulary fits
+    run.resolve(cfg, data)  # same tokenizer kind, vocabulary fits
+    run.check_tokenizer(loaded.path, data)
     try:
         batches = eval_batches(data.val, cfg.model.context_length, cfg.train.batch_size,
                                args.batches or cfg.train.eval_batches)

@@ -17,18 +17,20 @@ def flag(name: str) -> str:
 
 
 def add_config_flags(parser: argparse.ArgumentParser, sections=("model", "train", "data")) -> None:
+    shown = C.RunConfig(model=C.preset(C.DEFAULT_PRESET))  # what a new run gets
     for section in sections:
         cls = C.SECTIONS[section]
-        group = parser.add_argument_group(f"{section} config ({cls.__doc__.strip()})")
+        group = parser.add_argument_group(f"{section} config", cls.__doc__.strip())
         for f in dataclasses.fields(cls):
-            help_text = f"{f.metadata['help']} (default: {f.default!r})"
+            help_text = f"{f.metadata['help']} (default: {getattr(getattr(shown, section), f.name)!r})"
             kwargs = dict(dest=f"{section}.{f.name}", default=None, help=help_text)
             if f.type in ("bool", bool):
                 group.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
                 continue
             kind = {"int": int, "float": float, "str": str}.get(str(f.type), type(f.default))
-            group.add_argument(flag(f.name), type=kind, choices=f.metadata.get("choices"),
-                               metavar=kind.__name__.upper(), **kwargs)
+            choices = f.metadata.get("choices")
+            group.add_argument(flag(f.name), type=kind, choices=choices,
+                               metavar=None if choices else kind.__name__.upper(), **kwargs)
 
 
 def explicit_overrides(args: argparse.Namespace) -> dict[str, dict]:

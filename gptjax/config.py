@@ -118,6 +118,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+DEFAULT_PRESET = "baby"
+
+
 def preset(name: str, **overrides) -> ModelConfig:
     """A ModelConfig from a named preset with optional field overrides."""
     if name not in PRESETS:

@@ -62,6 +62,15 @@ class JsonlLog:
             with open(self.path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
 
+    def truncate_after(self, step: int) -> None:
+        """Drop records of steps after `step` (atomically, via a renamed temporary file)."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [r for r in self.read() if r.get("step", 0) <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.replace(self.path)
+
     def read(self) -> list[dict]:
         if not self.path.exists():
             return []

@@ -58,9 +58,15 @@ def check_resume(out: Path, cfg: C.RunConfig, data: PreparedData) -> None:
     if diffs:
         raise GptjaxError(f"{out} was created with a different config: {'; '.join(diffs)}; "
                           "use a new --out for a new run")
-    saved_spec = json.loads((out / "tokenizer.json").read_text())
-    if saved_spec != data.meta["tokenizer"]:
-        raise GptjaxError(f"prepared data {data.path} uses a different tokenizer than run {out}")
+    check_tokenizer(out, data)
+
+
+def check_tokenizer(run_dir: Path, data: PreparedData) -> None:
+    """Same kind is not enough: two char vocabularies map the same id to different text."""
+    saved = json.loads((Path(run_dir) / "tokenizer.json").read_text())
+    if saved != data.meta["tokenizer"]:
+        raise GptjaxError(f"prepared data {data.path} uses a different {data.meta['tokenizer']['kind']} "
+                          f"tokenizer than run {run_dir} ({saved['kind']})")
 
 
 def data_fingerprint(data: PreparedData) -> dict:

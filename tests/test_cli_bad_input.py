@@ -141,3 +141,11 @@ def test_bad_sampling_settings(capsys, char_run, flags, match):
 
 def test_prompt_with_characters_outside_a_char_vocabulary(capsys, char_run):
     fails_cleanly(capsys, "generate", "--run", char_run, "--prompt", "Zebra ∑", match="not in the vocabulary")
+
+
+def test_char_data_with_another_vocabulary(tmp_path, capsys, char_run):
+    (tmp_path / "other.txt").write_text("completely different letters: qxzj QXZJ 0123456789 " * 200)
+    assert main(["prepare", str(tmp_path / "other.txt"), "--out", str(tmp_path / "d"),
+                 "--tokenizer", "char", "--no-progress"]) == 0
+    fails_cleanly(capsys, "eval", "--run", char_run, "--data", tmp_path / "d",
+                  match="different char tokenizer")

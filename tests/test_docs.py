@@ -1,0 +1,21 @@
+"""The README's two set-up commands are the ones users and CI run."""
+
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def readme_commands() -> list[str]:
+    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    return [line for b in blocks for line in b.splitlines() if line.startswith("pip install")]
+
+
+def test_readme_has_exactly_two_setup_commands():
+    assert readme_commands() == ["pip install -e . && gptjax train",
+                                 "pip install -e '.[test]' && pytest -q"]
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    ci_lines = (REPO / ".ci" / "run").read_text().splitlines()
+    assert readme_commands()[1] in ci_lines
