@@ -6,23 +6,38 @@ The public surface is plain functions of pytrees and frozen config dataclasses:
     params = gptjax.init(cfg, jax.random.PRNGKey(0))
     logits = gptjax.apply(params, tokens, cfg)
     step = jax.jit(gptjax.make_train_step(cfg, gptjax.TrainConfig()))
+
+Names are imported on first use, so `import gptjax.tokenizer` (or a tokenizer worker
+process) does not pay for importing JAX.
 """
 
-from gptjax.config import DataConfig, ModelConfig, RunConfig, TrainConfig, preset
-from gptjax.data import WindowSampler, gather, load_prepared
-from gptjax.errors import GptjaxError
-from gptjax.generate import generate
-from gptjax.model import apply, init, loss, param_count
-from gptjax.optim import optimizer, schedule
-from gptjax.prepare import prepare
-from gptjax.tokenizer import ByteTokenizer, CharTokenizer, GPT2Tokenizer
-from gptjax.train import train
-from gptjax.train_step import TrainState, init_state, make_eval_step, make_train_step
+import importlib
 
-__all__ = [
-    "ByteTokenizer", "CharTokenizer", "DataConfig", "GPT2Tokenizer", "GptjaxError",
-    "ModelConfig", "RunConfig", "TrainConfig", "TrainState", "WindowSampler", "apply",
-    "gather", "generate", "init", "init_state", "load_prepared", "loss", "make_eval_step",
-    "make_train_step", "optimizer", "param_count", "prepare", "preset", "schedule", "train",
-]
+_EXPORTS = {
+    "gptjax.config": ["DataConfig", "ModelConfig", "RunConfig", "TrainConfig", "preset"],
+    "gptjax.data": ["WindowSampler", "gather", "load_prepared"],
+    "gptjax.errors": ["GptjaxError"],
+    "gptjax.generate": ["generate"],
+    "gptjax.model": ["apply", "init", "loss", "param_count"],
+    "gptjax.optim": ["optimizer", "schedule"],
+    "gptjax.prepare": ["prepare"],
+    "gptjax.tokenizer": ["ByteTokenizer", "CharTokenizer", "GPT2Tokenizer"],
+    "gptjax.train": ["train"],
+    "gptjax.train_step": ["TrainState", "init_state", "make_eval_step", "make_train_step"],
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_WHERE)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'gptjax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name]), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

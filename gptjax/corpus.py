@@ -22,6 +22,7 @@ from gptjax.errors import GptjaxError
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".rst"}
 JSONL_SUFFIXES = {".jsonl", ".ndjson"}
 READ_BYTES = 1 << 20
+PIECE_CHARS = 1 << 20  # text handed to the tokenizer at once (about 1M characters)
 
 _replaced = [0]
 
@@ -72,10 +73,10 @@ def resolve_inputs(inputs: list[str]) -> list[Path]:
 class Corpus:
     """Iterates (text_piece, ends_document) over its inputs and records their sources."""
 
-    def __init__(self, files: list[Path], text_field: str = "text", piece_chars: int = 1 << 20):
+    def __init__(self, files: list[Path], text_field: str = "text", piece_chars: int | None = None):
         self.files = files
         self.text_field = text_field
-        self.piece_chars = piece_chars
+        self.piece_chars = piece_chars or PIECE_CHARS
         self.sources: list[Source] = []
         self.replaced_bytes = 0
 

@@ -1,8 +1,10 @@
 """`gptjax prepare`: stream a corpus into train/val token files plus meta.json.
 
-Memory stays bounded: text is read in pieces, encoded by a thread pool (tiktoken releases
-the GIL, and the char/byte encoders are numpy), and tokens are appended to one file that
-is split at the end (the last `val_fraction` of tokens become validation, as in nanoGPT).
+Memory stays bounded: text is read in pieces of about 1M characters, encoded in order by
+a pool of worker processes (tiktoken holds the GIL on a standard CPython, so threads do not
+scale), and tokens are appended to one file that is split at the end (the last
+`val_fraction` of tokens become validation, as in nanoGPT). Small corpora are encoded in
+this process, where starting workers would cost more than it saves.
 Everything is written into a temporary sibling folder that is renamed into place only
 when complete, so a failed prepare leaves nothing behind and overwrites nothing.
 """
@@ -10,10 +12,12 @@ when complete, so a failed prepare leaves nothing behind and overwrites nothing.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +29,7 @@ from gptjax.errors import GptjaxError
 
 FORMAT_VERSION = 1
 COPY_TOKENS = 1 << 24
+PARALLEL_MIN_BYTES = 4 << 20
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -60,8 +65,11 @@ def prepare(inputs: list[str] | None, out_dir: str | os.PathLike, tokenizer: str
     tmp.mkdir()
     try:
         dtype = token_dtype(enc.vocab_size)
-        n_tokens, saw_text = _encode_stream(corpus, enc, tmp / "all.bin", dtype,
-                                            workers or os.cpu_count() or 1, total, progress)
+        workers = workers or os.cpu_count() or 1
+        pool = (_worker_pool(enc, gpt2_ranks, workers)
+                if workers > 1 and (total or 0) >= PARALLEL_MIN_BYTES else None)
+        n_tokens, saw_text = _encode_stream(corpus, enc, tmp / "all.bin", dtype, pool, workers,
+                                            total, progress)
         if not saw_text:
             _check_not_blank("", corpus)
         n_val = max(1, int(round(n_tokens * val_fraction)))
@@ -93,8 +101,33 @@ def _check_not_blank(text: str, corpus: Corpus) -> None:
         raise GptjaxError(f"corpus is empty or whitespace only: {names}")
 
 
-def _encode_stream(corpus, enc, path: Path, dtype, workers: int, total, progress) -> tuple[int, bool]:
-    """Encode pieces in parallel (order kept) and append them, EOT after each document."""
+_worker_tokenizer = None
+
+
+def _init_worker(spec: dict, gpt2_ranks) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = tok.from_spec(spec, gpt2_ranks)
+
+
+def _encode_in_worker(text: str) -> np.ndarray:
+    return _worker_tokenizer.encode_array(text)
+
+
+def _worker_pool(enc, gpt2_ranks, workers: int) -> ProcessPoolExecutor:
+    # spawn, not fork: the parent may already run JAX's threads, which fork would break.
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_init_worker, initargs=(enc.spec(), gpt2_ranks))
+
+
+def _done(value) -> Future:
+    future = Future()
+    future.set_result(value)
+    return future
+
+
+def _encode_stream(corpus, enc, path: Path, dtype, pool, workers: int, total,
+                   progress) -> tuple[int, bool]:
+    """Encode pieces (in `pool` when given, order kept) and append them, EOT after each document."""
     n_tokens, saw_text = 0, False
     eot = np.array([enc.eot_id], dtype=dtype)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=not progress)
@@ -112,10 +145,11 @@ def _encode_stream(corpus, enc, path: Path, dtype, workers: int, total, progress
                 n_tokens += 1
             bar.update(nbytes)
 
-    with open(path, "wb") as fh, ThreadPoolExecutor(workers) as pool:
+    with open(path, "wb") as fh, pool or nullcontext():
         for piece, ends_doc in corpus.pieces():
             saw_text = saw_text or bool(piece.strip())
-            pending.append((pool.submit(enc.encode_array, piece), ends_doc, len(piece.encode())))
+            future = pool.submit(_encode_in_worker, piece) if pool else _done(enc.encode_array(piece))
+            pending.append((future, ends_doc, len(piece.encode())))
             drain(fh, 2 * workers)
         drain(fh, 0)
     bar.close()

@@ -103,3 +103,18 @@ def test_out_of_vocabulary_ids_are_caught_when_loading(tmp_path, corpus_file):
     ids.tofile(tmp_path / "out" / "train.bin")
     with pytest.raises(GptjaxError, match="token id 500, outside the vocabulary"):
         load_prepared(tmp_path / "out")
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "char"])
+def test_worker_processes_give_the_same_tokens(tmp_path, monkeypatch, gpt2_ranks, kind):
+    import gptjax.prepare as prep
+    text = "Worker processes keep the order of pieces. 😀 Ünïcödé\n" * 4000
+    (tmp_path / "t.txt").write_text(text)
+    inline = prepare([str(tmp_path / "t.txt")], tmp_path / "one", kind, gpt2_ranks=gpt2_ranks,
+                     workers=1, progress=False)
+    monkeypatch.setattr(prep, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr("gptjax.corpus.PIECE_CHARS", 20_000)  # many pieces: order matters
+    pooled = prepare([str(tmp_path / "t.txt")], tmp_path / "two", kind, gpt2_ranks=gpt2_ranks,
+                     workers=2, progress=False)
+    assert all_tokens(tmp_path / "one") == all_tokens(tmp_path / "two")
+    assert inline["train_tokens"] == pooled["train_tokens"]
