@@ -1,11 +1,13 @@
 """Checkpoints through orbax's CheckpointManager.
 
-Each checkpoint holds two items: "state" (the TrainState pytree: params, optimizer state,
-step, RNG key) and "extra" (JSON: the run config, the data position and the validation
-loss). Orbax writes into a temporary folder and renames it when complete, so an
-interrupted save never leaves a half-written checkpoint; `close()` waits for pending
-asynchronous saves, which a normal exit must not skip. The most recent `keep`
-checkpoints are preserved, plus the one with the lowest validation loss.
+Each checkpoint holds three items: "params" (the model parameters), "train" (optimizer
+state, step and RNG key) and "extra" (JSON: the run config, the data position and the
+validation loss). Parameters are their own item so inference and fine-tuning can restore
+them without the optimizer state, which is twice their size. Orbax writes into a temporary
+folder and renames it when complete, so an interrupted save never leaves a half-written
+checkpoint; `close()` waits for pending asynchronous saves, which a normal exit must not
+skip. The most recent `keep` checkpoints are preserved, plus the one with the lowest
+validation loss.
 """
 
 from __future__ import annotations
@@ -19,15 +21,21 @@ from orbax.checkpoint import checkpoint_managers as policies
 from gptjax.errors import GptjaxError
 from gptjax.train_step import TrainState
 
+ITEMS = ("params", "train", "extra")
+
 
 def _val_loss(metrics) -> float:
     return metrics["val_loss"]
 
 
+def _abstract(tree):
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
 class Checkpoints:
-    def __init__(self, directory: Path, keep: int = 3, read_only: bool = False):
+    def __init__(self, directory: Path, keep: int = 3, create: bool = True):
         options = ocp.CheckpointManagerOptions(
-            best_fn=_val_loss, best_mode="min", create=not read_only,
+            best_fn=_val_loss, best_mode="min", create=create,
             preservation_policy=policies.AnyPreservationPolicy([
                 policies.LatestN(n=keep),
                 policies.BestN(get_metric_fn=_val_loss, reverse=True, n=1,
@@ -35,8 +43,7 @@ class Checkpoints:
             ]),
         )
         self.directory = Path(directory).absolute()
-        self._mgr = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=("state", "extra"))
+        self._mgr = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
     def latest_step(self) -> int | None:
         return self._mgr.latest_step()
@@ -44,24 +51,38 @@ class Checkpoints:
     def best_step(self) -> int | None:
         return self._mgr.best_step()
 
-    def save(self, state: TrainState, extra: dict, val_loss: float) -> None:
-        step = int(state.step)
-        self._mgr.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state._asdict()), extra=ocp.args.JsonSave(extra)),
-            metrics={"val_loss": float(val_loss)}, force=True)
+    def all_steps(self) -> list[int]:
+        return sorted(self._mgr.all_steps())
 
-    def restore(self, abstract_state: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
-        """Restore `step` (default: latest) into the structure/shardings of abstract_state."""
+    def save(self, state: TrainState, extra: dict, val_loss: float) -> None:
+        train = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
+        self._mgr.save(int(state.step), args=ocp.args.Composite(
+            params=ocp.args.StandardSave(state.params), train=ocp.args.StandardSave(train),
+            extra=ocp.args.JsonSave(extra)), metrics={"val_loss": float(val_loss)}, force=True)
+
+    def _step(self, step: int | None) -> int:
         step = self.latest_step() if step is None else step
         if step is None or step not in self._mgr.all_steps():
-            raise GptjaxError(f"no checkpoint {'' if step is None else step} in {self.directory}")
-        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state._asdict())
-        out = self._mgr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), extra=ocp.args.JsonRestore()))
-        return TrainState(**out["state"]), out["extra"]
+            raise GptjaxError(f"no checkpoint{'' if step is None else f' {step}'} in {self.directory}")
+        return step
 
-    def read_extra(self, step: int) -> dict:
-        return self._mgr.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))["extra"]
+    def restore(self, abstract_state: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
+        """The whole TrainState at `step` (default: latest), shaped and sharded like the target."""
+        step = self._step(step)
+        train = {"step": abstract_state.step, "opt_state": abstract_state.opt_state,
+                 "rng": abstract_state.rng}
+        out = self._mgr.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(_abstract(abstract_state.params)),
+            train=ocp.args.StandardRestore(_abstract(train)), extra=ocp.args.JsonRestore()))
+        t = out["train"]
+        return TrainState(t["step"], out["params"], t["opt_state"], t["rng"]), out["extra"]
+
+    def restore_params(self, abstract_params, step: int | None = None) -> tuple[dict, int]:
+        """Only the parameters (no optimizer state is read): for inference and fine-tuning."""
+        step = self._step(step)
+        out = self._mgr.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(_abstract(abstract_params))))
+        return out["params"], step
 
     def close(self) -> None:
         self._mgr.wait_until_finished()

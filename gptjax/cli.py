@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -50,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="last share of tokens held out for validation (default: 0.1)")
     pr.add_argument("--text-field", default="text", help="JSONL field with the text (default: text)")
     pr.add_argument("--gpt2-ranks", help="local GPT-2 ranks file (else $GPTJAX_GPT2_RANKS)")
-    pr.add_argument("--workers", type=int, help="tokenizer threads (default: all cores)")
+    pr.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                    help="tokenizer processes for corpora over 4 MiB (default: all cores)")
     pr.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     ge = sub.add_parser("generate", help="sample text from a trained run")
@@ -110,6 +112,10 @@ def _generate(args) -> int:
     from gptjax.generate import check_sampling, generate
 
     check_sampling(args.temperature, args.top_k, args.max_new_tokens)
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise GptjaxError("the prompt is not valid UTF-8") from None
     loaded = run.load(args.run, args.checkpoint, args.gpt2_ranks)
     tok = loaded.tokenizer
     ids = generate(loaded.params, loaded.config.model, tok.encode(args.prompt), args.max_new_tokens,
@@ -123,29 +129,24 @@ def _eval(args) -> int:
     import jax
 
     from gptjax import run
-    from gptjax.data import eval_batches, load_prepared
-    from gptjax.train_step import make_eval_step
+    from gptjax.data import eval_batches
+    from gptjax.train_step import make_eval_step, mean_loss
 
     if args.batches is not None and args.batches < 1:
         raise GptjaxError(f"--batches must be positive, got {args.batches}")
     loaded = run.load(args.run, args.checkpoint, args.gpt2_ranks)
-    cfg = loaded.config
-    data = load_prepared(args.data or cfg.data.data or loaded.path / run.EMBEDDED_DATA)
-    run.resolve(cfg, data)  # same tokenizer kind, vocabulary fits
-    run.check_tokenizer(loaded.path, data)
+    data = run.run_data(loaded, args.data)
+    m, t = loaded.config.model, loaded.config.train
+    rows = t.batch_size // t.grad_accum  # the micro-batch: what training fitted in memory
     try:
-        batches = eval_batches(data.val, cfg.model.context_length, cfg.train.batch_size,
-                               args.batches or cfg.train.eval_batches)
+        batches = eval_batches(data.val, m.context_length, rows,
+                               (args.batches or t.eval_batches) * t.grad_accum)
     except GptjaxError as e:
         raise GptjaxError(f"validation split of {data.path}: {e}") from None
-    step = jax.jit(make_eval_step(cfg.model))
-    total = count = 0.0
-    for b in batches:
-        s, c = jax.device_get(step(loaded.params, b))
-        total, count = total + float(s), count + float(c)
-    loss = total / count
+    loss = mean_loss(jax.jit(make_eval_step(m)), loaded.params, batches)
+    tokens = int(sum(b["weights"].sum() for b in batches))
     print(f"step {loaded.step}: val loss {loss:.4f}, perplexity {math.exp(min(loss, 50)):.3f} "
-          f"({int(count):,} tokens of {data.path})")
+          f"({tokens:,} tokens of {data.path})")
     return 0
 
 
@@ -159,8 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     except GptjaxError as e:
         print(f"gptjax: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # unwritable or impossible paths, full disks: say so in one line
+        print(f"gptjax: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("gptjax: interrupted (a checkpoint was saved; rerun to resume)", file=sys.stderr)
+        saved = " (checkpoint saved; rerun the same command to resume)" if args.command == "train" else ""
+        print(f"gptjax: interrupted{saved}", file=sys.stderr)
         return 130
 
 

@@ -139,6 +139,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise GptjaxError(f"model.d_model ({m.d_model}) must be divisible by model.n_head ({m.n_head})")
     if not 0.0 <= m.dropout < 1.0:
         raise GptjaxError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    if not 0 <= t.seed < 2**31:
+        raise GptjaxError(f"train.seed must be in [0, 2**31), got {t.seed}")
     for name in ("batch_size", "grad_accum", "max_steps", "log_every", "eval_every",
                  "eval_batches", "keep_checkpoints"):
         _positive(f"train.{name}", getattr(t, name))

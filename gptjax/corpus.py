@@ -12,6 +12,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,7 +118,7 @@ class Corpus:
                     raise GptjaxError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
                 if not isinstance(record, dict) or not isinstance(record.get(self.text_field), str):
                     raise GptjaxError(f"{path}:{lineno}: no string field {self.text_field!r}")
-                yield iter([record[self.text_field]])
+                yield iter([_without_lone_surrogates(record[self.text_field])])
 
 
 class EmbeddedCorpus(Corpus):
@@ -143,6 +144,17 @@ class EmbeddedCorpus(Corpus):
                                size, len(names))]
 
 
+def _without_lone_surrogates(text: str) -> str:
+    """JSON may escape unpaired UTF-16 surrogates ("\\ud800"), which no encoder accepts."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        fixed = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        _replaced[0] += fixed.count("\ufffd") - text.count("\ufffd")
+        return fixed
+
+
 def _with_document_end(pieces: Iterator[str]) -> Iterator[tuple[str, bool]]:
     """Mark the last piece of a document; an empty document yields one empty end marker."""
     prev = None
@@ -166,17 +178,26 @@ def _safe_pieces(chunks: Iterator[str], piece_chars: int) -> Iterator[str]:
         yield buf
 
 
-def _safe_cut(text: str, target: int) -> int:
-    """Index near `target` just before a space that sits between two non-space characters.
+_SAFE_CUT = re.compile(r"(?<=\S)[ \n](?=\S)")
 
-    GPT-2's pre-tokenizer starts a new piece at such a space whatever comes around it,
-    so cutting there keeps BPE ids identical. With no such place (a huge run without
-    spaces) we cut at `target`, which also keeps tiktoken away from pathological inputs.
+
+def _safe_cut(text: str, target: int) -> int:
+    """Index in [target/2, 2*target) just before a lone space or newline between non-spaces.
+
+    GPT-2's pre-tokenizer starts a new piece at such a character whatever surrounds it,
+    so cutting there keeps BPE ids identical. With no such place (over a million
+    characters without a lone space or newline) we cut at `target`; ids near that one
+    cut may then differ from whole-text encoding, and tiktoken is spared a pathological
+    input.
     """
-    lo = target // 2
-    i = text.rfind(" ", lo, 2 * target)
-    while i > lo:
-        if not text[i - 1].isspace() and i + 1 < len(text) and not text[i + 1].isspace():
-            return i
-        i = text.rfind(" ", lo, i)
-    return target
+    lo, hi, width = target // 2, min(len(text), 2 * target), 4096
+    while True:  # look in growing windows from the end: usually a few KiB suffice
+        start = max(lo, hi - width)
+        last = None
+        for last in _SAFE_CUT.finditer(text, start, hi):
+            pass
+        if last:
+            return last.start()
+        if start == lo:
+            return target
+        width *= 16

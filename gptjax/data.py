@@ -8,7 +8,6 @@ build just its rows of the global batch. Offsets are Python/numpy 64-bit integer
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,7 +80,7 @@ class WindowSampler:
     kind="random": nanoGPT-style uniform offsets drawn from a generator seeded by
     (seed, step). kind="sliding": the book's windows at 0, stride, 2*stride, ...; the
     stream of windows is cut into batches and, with shuffle, each epoch visits them in a
-    seeded affine permutation (i -> a*i + c mod n), which needs no memory per window.
+    seeded pseudo-random permutation (a Feistel network: no memory per window).
     """
 
     n_tokens: int
@@ -93,9 +92,7 @@ class WindowSampler:
     shuffle: bool = True
 
     def __post_init__(self):
-        if self.n_tokens < self.context + 1:
-            raise GptjaxError(f"{self.n_tokens} tokens are fewer than one window of "
-                              f"context_length + 1 = {self.context + 1}")
+        check_window(self.n_tokens, self.context)
         if self.kind not in ("random", "sliding"):
             raise GptjaxError(f"unknown sampler {self.kind!r}; choose random or sliding")
 
@@ -114,19 +111,45 @@ class WindowSampler:
             rng = np.random.default_rng([self.seed, step])
             return rng.integers(0, self.n_tokens - self.context, size=self.batch_size, dtype=np.int64)
         n = self.n_windows
-        first = step * self.batch_size
-        idx = [self._window_index(g, n) for g in range(first, first + self.batch_size)]
-        return np.array(idx, dtype=np.int64) * self.step_stride
+        g = step * self.batch_size + np.arange(self.batch_size, dtype=np.int64)
+        epoch, index = np.divmod(g, n)
+        if self.shuffle:
+            for e in np.unique(epoch):
+                rows = epoch == e
+                index[rows] = permute(index[rows], n, (self.seed, int(e)))
+        return index * self.step_stride
 
-    def _window_index(self, g: int, n: int) -> int:
-        epoch, i = divmod(g, n)
-        if not self.shuffle or n == 1:
-            return i
-        rng = np.random.default_rng([self.seed, epoch, 1])
-        a = int(rng.integers(1, n))
-        while math.gcd(a, n) != 1:
-            a = int(rng.integers(1, n))
-        return (a * i + int(rng.integers(0, n))) % n
+
+def check_window(n_tokens: int, context: int) -> None:
+    if n_tokens < context + 1:
+        raise GptjaxError(f"{n_tokens} tokens are fewer than one window of "
+                          f"context_length + 1 = {context + 1}")
+
+
+def permute(index: np.ndarray, n: int, key: tuple[int, ...]) -> np.ndarray:
+    """A seeded pseudo-random permutation of range(n), applied to `index`.
+
+    Four Feistel rounds over the smallest even number of bits covering n form a
+    permutation of that power-of-two domain; values that land at or beyond n are sent
+    through again ("cycle walking"), which keeps the result a permutation of range(n).
+    """
+    bits = max(2, (n - 1).bit_length())
+    half = (bits + 1) // 2
+    mask = np.uint64((1 << half) - 1)
+    keys = np.random.default_rng([*key, 0x5EED]).integers(0, 2**half, size=4, dtype=np.uint64)
+
+    def rounds(x):
+        left, right = x >> np.uint64(half), x & mask
+        for k in keys:
+            h = (right ^ k) * np.uint64(0x9E3779B97F4A7C15)
+            h ^= h >> np.uint64(29)
+            left, right = right, left ^ (h & mask)
+        return (left << np.uint64(half)) | right
+
+    out = rounds(index.astype(np.uint64))
+    while (far := out >= n).any():
+        out[far] = rounds(out[far])
+    return out.astype(np.int64)
 
 
 def gather(tokens: np.ndarray, starts: np.ndarray, context: int) -> dict[str, np.ndarray]:
@@ -140,17 +163,15 @@ def eval_batches(tokens: np.ndarray, context: int, batch_size: int, max_batches:
 
     The last batch is padded with zero-weight rows so every batch has the same shape.
     """
-    sampler = WindowSampler(len(tokens), context, batch_size, "sliding", shuffle=False)
-    n_rows = min(max_batches * batch_size, sampler.n_windows)
+    check_window(len(tokens), context)
+    n_rows = min(max_batches * batch_size, (len(tokens) - context - 1) // context + 1)
     starts = np.arange(n_rows, dtype=np.int64) * context
     batches = []
     for lo in range(0, n_rows, batch_size):
         chunk = starts[lo:lo + batch_size]
         real = len(chunk)
-        chunk = np.concatenate([chunk, np.zeros(batch_size - real, np.int64)])
-        batch = gather(tokens, chunk, context)
-        weights = np.zeros((batch_size, context), np.float32)
-        weights[:real] = 1.0
-        batch["weights"] = weights
+        batch = gather(tokens, np.concatenate([chunk, np.zeros(batch_size - real, np.int64)]), context)
+        batch["weights"] = np.zeros((batch_size, context), np.float32)
+        batch["weights"][:real] = 1.0
         batches.append(batch)
     return batches

@@ -82,6 +82,8 @@ class GPT(nn.Module):
         c = self.cfg
         if c.vocab_size <= 0:
             raise ValueError("ModelConfig.vocab_size must be set (resolve it from the tokenizer)")
+        if tokens_bt.shape[1] > c.context_length:  # position lookup would silently give NaN
+            raise ValueError(f"{tokens_bt.shape[1]} tokens exceed context_length {c.context_length}")
         embed = partial(nn.Embed, features=c.d_model, dtype=c.dtype, param_dtype=c.param_dtype,
                         embedding_init=nn.initializers.normal(INIT_STD))
         wte = embed(c.vocab_size, name="wte")

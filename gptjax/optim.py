@@ -27,8 +27,9 @@ def decay_mask(params):
 
 
 def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    # Always a two-stage chain, so the optimizer-state structure (and thus checkpoints)
+    # does not depend on whether clipping is on.
+    clip = optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity()
     adamw = optax.adamw(schedule(cfg), b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps,
                         weight_decay=cfg.weight_decay, mask=decay_mask)
-    if cfg.grad_clip > 0:
-        return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
-    return adamw
+    return optax.chain(clip, adamw)

@@ -17,6 +17,7 @@ import os
 import shutil
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -36,10 +37,15 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
-def prepare(inputs: list[str] | None, out_dir: str | os.PathLike, tokenizer: str = "char", *,
+def prepare(inputs: list[str] | None, out_dir: str | os.PathLike, tokenizer: str = "gpt2", *,
             val_fraction: float = 0.1, gpt2_ranks: str | None = None, text_field: str = "text",
-            workers: int | None = None, progress: bool = True) -> dict:
-    """Tokenize `inputs` (None = the embedded corpus) into `out_dir`; returns meta."""
+            workers: int = 1, progress: bool = True) -> dict:
+    """Tokenize `inputs` (None = the embedded corpus) into `out_dir`; returns meta.
+
+    workers > 1 encodes corpora over 4 MiB in that many spawned processes; as with any
+    multiprocessing, a script that calls this must guard its entry point with
+    `if __name__ == "__main__":`.
+    """
     out = Path(out_dir)
     if tokenizer not in tok.KINDS:
         raise GptjaxError(f"unknown tokenizer {tokenizer!r}; choose one of {', '.join(tok.KINDS)}")
@@ -59,13 +65,14 @@ def prepare(inputs: list[str] | None, out_dir: str | os.PathLike, tokenizer: str
     else:
         enc = tok.from_spec({"kind": tokenizer}, gpt2_ranks)
 
+    made = _first_missing(out.parent)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    done = False
     try:
         dtype = token_dtype(enc.vocab_size)
-        workers = workers or os.cpu_count() or 1
         pool = (_worker_pool(enc, gpt2_ranks, workers)
                 if workers > 1 and (total or 0) >= PARALLEL_MIN_BYTES else None)
         n_tokens, saw_text = _encode_stream(corpus, enc, tmp / "all.bin", dtype, pool, workers,
@@ -90,9 +97,24 @@ def prepare(inputs: list[str] | None, out_dir: str | os.PathLike, tokenizer: str
         if out.exists():
             out.rmdir()  # checked empty above
         os.replace(tmp, out)
+        done = True
+    except BrokenProcessPool as e:
+        raise GptjaxError(f"a tokenizer worker process failed ({e})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if made is not None and not done:
+            shutil.rmtree(made, ignore_errors=True)  # folders we created for the output
     return meta
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost ancestor-or-self of `path` that does not exist yet."""
+    missing = None
+    for p in [path, *path.parents]:
+        if p.exists():
+            break
+        missing = p
+    return missing
 
 
 def _check_not_blank(text: str, corpus: Corpus) -> None:

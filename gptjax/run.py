@@ -2,12 +2,15 @@
 
 A run directory holds config.json (the resolved config), tokenizer.json, checkpoints/,
 metrics.jsonl, loss.png and sample.txt, plus data/ when it trains on the embedded corpus.
+A run directory with no checkpoint yet holds no training, so it may be started over.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,19 +21,25 @@ from gptjax import tokenizer as tok
 from gptjax.checkpoint import Checkpoints
 from gptjax.data import PreparedData, load_prepared
 from gptjax.errors import GptjaxError
-from gptjax.train_step import init_state
+from gptjax.model import init as init_params
 
 EMBEDDED_DATA = "data"
+RUN_FILES = ("config.json", "tokenizer.json", "metrics.jsonl", "loss.png", "sample.txt")
 
 
 def is_run(path: Path) -> bool:
     return (Path(path) / "config.json").is_file()
 
 
+def has_checkpoint(path: Path) -> bool:
+    ckpt = Path(path) / "checkpoints"
+    return ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())
+
+
 def check_out_dir(out: Path) -> bool:
-    """True when `out` is an existing run to resume; error if it is something else."""
+    """True when `out` is a run with a checkpoint to resume; error if it is something else."""
     if is_run(out):
-        return True
+        return has_checkpoint(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise GptjaxError(f"{out} exists and is not a gptjax run; choose another --out")
     return False
@@ -46,15 +55,15 @@ def resolve(cfg: C.RunConfig, data: PreparedData) -> C.RunConfig:
     if vocab < data.vocab_size:
         raise GptjaxError(f"model.vocab_size {vocab} is smaller than the data's vocabulary "
                           f"({data.vocab_size})")
+    path = str(Path(cfg.data.data).resolve()) if cfg.data.data else ""
     return dataclasses.replace(
         cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab),
-        data=dataclasses.replace(cfg.data, tokenizer=kind))
+        data=dataclasses.replace(cfg.data, tokenizer=kind, data=path))
 
 
 def check_resume(out: Path, cfg: C.RunConfig, data: PreparedData) -> None:
     """A resumed run must train on the same trajectory and the same tokens."""
-    saved = C.load(out / "config.json")
-    diffs = C.training_differences(saved, cfg)
+    diffs = C.training_differences(C.load(out / "config.json"), cfg)
     if diffs:
         raise GptjaxError(f"{out} was created with a different config: {'; '.join(diffs)}; "
                           "use a new --out for a new run")
@@ -70,14 +79,37 @@ def check_tokenizer(run_dir: Path, data: PreparedData) -> None:
 
 
 def data_fingerprint(data: PreparedData) -> dict:
-    return {"path": str(data.path), "train_tokens": int(data.meta["train_tokens"]),
-            "val_tokens": int(data.meta["val_tokens"]), "tokenizer": data.meta["tokenizer"]["kind"]}
+    """What identifies the training tokens, independent of where the folder lives."""
+    meta = data.meta
+    return {"train_tokens": int(meta["train_tokens"]), "val_tokens": int(meta["val_tokens"]),
+            "tokenizer": meta["tokenizer"]["kind"],
+            "sources_sha256": [s["sha256"] for s in meta["sources"]]}
 
 
-def create(out: Path, cfg: C.RunConfig, data: PreparedData) -> None:
+def start_over(out: Path) -> None:
+    """Remove what an unstarted run (no checkpoint) wrote, so it can be created anew."""
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    for name in (EMBEDDED_DATA, "checkpoints"):
+        shutil.rmtree(out / name, ignore_errors=True)
+
+
+def create(out: Path, cfg: C.RunConfig, data: PreparedData) -> PreparedData:
+    """Write the run's files; an embedded corpus prepared aside moves into the run."""
     out.mkdir(parents=True, exist_ok=True)
+    if not cfg.data.data:
+        os.replace(data.path, out / EMBEDDED_DATA)
+        data = load_prepared(out / EMBEDDED_DATA, check_ids=False)
     (out / "tokenizer.json").write_text(json.dumps(data.meta["tokenizer"], ensure_ascii=False) + "\n")
     C.save(cfg, out / "config.json")
+    return data
+
+
+def prepare_embedded(cfg: C.RunConfig, scratch: Path, progress: bool) -> PreparedData:
+    from gptjax.prepare import prepare
+    prepare(None, scratch, cfg.data.tokenizer or "char", val_fraction=cfg.data.val_fraction,
+            gpt2_ranks=cfg.data.gpt2_ranks or None, progress=progress)
+    return load_prepared(scratch)
 
 
 @dataclass
@@ -89,36 +121,36 @@ class LoadedRun:
     step: int
 
 
-def load(run_dir: str | Path, which: str = "latest", gpt2_ranks: str | None = None) -> LoadedRun:
+def parse_checkpoint(which: str) -> str | int:
+    if which in ("latest", "best"):
+        return which
+    if which.isdigit():
+        return int(which)
+    raise GptjaxError(f"--checkpoint must be latest, best or a step number, got {which!r}")
+
+
+def load(run_dir: str | Path, which: str | int = "latest", gpt2_ranks: str | None = None) -> LoadedRun:
     """Parameters and tokenizer of a run's checkpoint: "latest", "best" or a step number."""
     path = Path(run_dir)
     if not is_run(path):
         raise GptjaxError(f"{path} is not a gptjax run (no config.json)")
+    which = parse_checkpoint(str(which))
     cfg = C.load(path / "config.json")
     tokenizer = tok.from_spec(json.loads((path / "tokenizer.json").read_text()),
                               gpt2_ranks or cfg.data.gpt2_ranks or None)
-    ckpts = Checkpoints(path / "checkpoints", read_only=True)
+    ckpts = Checkpoints(path / "checkpoints", create=False)
     try:
-        if which == "latest":
-            step = ckpts.latest_step()
-        elif which == "best":
-            step = ckpts.best_step()
-        else:
-            step = int(which)
-        abstract = jax.eval_shape(lambda: init_state(cfg.model, cfg.train))
-        state, _ = ckpts.restore(abstract, step)
+        step = {"latest": ckpts.latest_step, "best": ckpts.best_step}.get(which, lambda: which)()
+        abstract = jax.eval_shape(lambda: init_params(cfg.model, jax.random.PRNGKey(0)))
+        params, step = ckpts.restore_params(abstract, step)
     finally:
         ckpts.close()
-    return LoadedRun(path, cfg, tokenizer, state.params, int(state.step))
+    return LoadedRun(path, cfg, tokenizer, params, step)
 
 
-def training_data(cfg: C.RunConfig, out: Path, resuming: bool, progress: bool) -> PreparedData:
-    """The run's prepared data: --data, or the embedded corpus prepared inside the run."""
-    if cfg.data.data:
-        return load_prepared(cfg.data.data)
-    embedded = out / EMBEDDED_DATA
-    if not resuming:
-        from gptjax.prepare import prepare
-        prepare(None, embedded, cfg.data.tokenizer or "char", val_fraction=cfg.data.val_fraction,
-                gpt2_ranks=cfg.data.gpt2_ranks or None, progress=progress)
-    return load_prepared(embedded)
+def run_data(run: LoadedRun, data_dir: str | None = None) -> PreparedData:
+    """The run's own prepared data, or `data_dir` checked against the run's tokenizer."""
+    data = load_prepared(data_dir or run.config.data.data or run.path / EMBEDDED_DATA)
+    resolve(run.config, data)  # same tokenizer kind, vocabulary fits
+    check_tokenizer(run.path, data)
+    return data

@@ -7,7 +7,7 @@ metrics stay on the device until a log interval, when they are fetched together.
 from __future__ import annotations
 
 import math
-import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +20,11 @@ from tqdm import tqdm
 from gptjax import config as C
 from gptjax import model, optim, run
 from gptjax.checkpoint import Checkpoints
-from gptjax.data import PreparedData, WindowSampler, eval_batches, gather
+from gptjax.data import PreparedData, WindowSampler, eval_batches, gather, load_prepared
 from gptjax.errors import GptjaxError
 from gptjax.generate import generate
 from gptjax.metrics import MFU_FORMULA, JsonlLog, flops_per_token, peak_flops, plot_losses
-from gptjax.train_step import TrainState, init_state, make_eval_step, make_train_step
+from gptjax.train_step import TrainState, init_state, make_eval_step, make_train_step, mean_loss
 
 
 @dataclass
@@ -40,51 +40,53 @@ def train(cfg: C.RunConfig, out_dir: str | Path, *, stop_at: int | None = None,
           progress: bool = True, echo=print) -> TrainResult:
     """Train (or resume) the run in `out_dir` until max_steps, or until step `stop_at`."""
     out = Path(out_dir)
-    cfg, data, sampler, resuming = _setup(cfg, out, progress)
+    cfg, data, sampler, steps, resuming = _setup(cfg, out, progress)
     m, t = cfg.model, cfg.train
-    tx = optim.optimizer(t)
     log = JsonlLog(out / "metrics.jsonl")
     ckpts = Checkpoints(out / "checkpoints", keep=t.keep_checkpoints)
     try:
-        if resuming and ckpts.latest_step() is not None:
-            state, extra = ckpts.restore(jax.eval_shape(lambda: init_state(m, t, tx)))
+        if resuming:
+            state, extra = ckpts.restore(steps.abstract_state)
             _check_data_position(extra, data, int(state.step))
+            log.truncate_after(int(state.step))  # records past the checkpoint get redone
             echo(f"resuming {out} from step {int(state.step)}")
         else:
-            state = init_state(m, t, tx)
-        if resuming:
-            log.truncate_after(int(state.step))  # records past the checkpoint get redone
+            state = init_state(m, t, steps.tx)
         echo(f"model: {model.param_count(m):,} parameters | data: {data.meta['train_tokens']:,} "
              f"train / {data.meta['val_tokens']:,} val tokens ({cfg.data.tokenizer}) | run: {out}")
         end = min(t.max_steps, stop_at or t.max_steps)
         val_loss = None
         if int(state.step) < end:
-            loop = _Loop(cfg, data, sampler, tx, ckpts, log, progress, echo)
-            val_loss = loop.run(state, end)
+            val_loss = _Loop(cfg, data, sampler, steps, ckpts, log, progress, echo).run(state, end)
     finally:
         ckpts.close()  # waits for asynchronous saves: never exit with one half-written
     return _finish(out, cfg, val_loss, log, echo)
 
 
 def _setup(cfg: C.RunConfig, out: Path, progress: bool):
-    """Validate everything and open the data; creates `out` only for a new run."""
+    """Validate, open the data and compile; only then write anything into `out`."""
     C.validate(cfg)
     resuming = run.check_out_dir(out)
-    created = not out.exists()
-    try:
-        data = run.training_data(cfg, out, resuming, progress)
+    with tempfile.TemporaryDirectory(prefix="gptjax-") as scratch:
+        if cfg.data.data:
+            data = load_prepared(cfg.data.data)
+        elif resuming:
+            data = load_prepared(out / run.EMBEDDED_DATA)
+        else:
+            data = run.prepare_embedded(cfg, Path(scratch) / "data", progress)
         cfg = run.resolve(cfg, data)
         if resuming:
             run.check_resume(out, cfg, data)
         sampler = _sampler(data.train, cfg, f"training split of {data.path}")
         _sampler(data.val, cfg, f"validation split of {data.path}")
-        if not resuming:
-            run.create(out, cfg, data)
-    except BaseException:
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    return cfg, data, sampler, resuming
+        steps = CompiledSteps(cfg)
+        if resuming:
+            C.save(cfg, out / "config.json")  # keeps changed resume-safe fields for next time
+        else:
+            if run.is_run(out):
+                run.start_over(out)  # it has no checkpoint: nothing trained to lose
+            data = run.create(out, cfg, data)
+    return cfg, data, sampler, steps, resuming
 
 
 def _sampler(tokens, cfg: C.RunConfig, what: str) -> WindowSampler:
@@ -94,6 +96,30 @@ def _sampler(tokens, cfg: C.RunConfig, what: str) -> WindowSampler:
                              t.stride, t.seed)
     except GptjaxError as e:
         raise GptjaxError(f"{what}: {e}; use a larger corpus or a smaller --context-length") from None
+
+
+class CompiledSteps:
+    """train_step and eval_step, compiled ahead of time so config errors surface first."""
+
+    def __init__(self, cfg: C.RunConfig):
+        m, t = cfg.model, cfg.train
+        self.tx = optim.optimizer(t)
+        self.abstract_state = jax.eval_shape(lambda: init_state(m, t, self.tx))
+        self.eval_rows = t.batch_size // t.grad_accum  # evaluation never needs more memory
+
+        def tokens(rows):
+            return jax.ShapeDtypeStruct((rows, m.context_length), jnp.int32)
+        batch = {"inputs": tokens(t.batch_size), "targets": tokens(t.batch_size)}
+        eval_batch = {"inputs": tokens(self.eval_rows), "targets": tokens(self.eval_rows),
+                      "weights": jax.ShapeDtypeStruct((self.eval_rows, m.context_length), jnp.float32)}
+        try:
+            self.train_step = jax.jit(make_train_step(m, t, self.tx), donate_argnums=0).lower(
+                self.abstract_state, batch).compile()
+            self.eval_step = jax.jit(make_eval_step(m)).lower(
+                self.abstract_state.params, eval_batch).compile()
+        except Exception as e:  # XLA reports unsupported dtype/attention choices variously
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise GptjaxError(f"this config does not compile on {jax.default_backend()}: {first}") from None
 
 
 def _check_data_position(extra: dict, data: PreparedData, step: int) -> None:
@@ -108,17 +134,16 @@ def _check_data_position(extra: dict, data: PreparedData, step: int) -> None:
 class _Loop:
     """The stepping loop with its logging, evaluation and checkpoint cadence."""
 
-    def __init__(self, cfg: C.RunConfig, data: PreparedData, sampler: WindowSampler, tx,
-                 ckpts: Checkpoints, log: JsonlLog, progress: bool, echo):
+    def __init__(self, cfg: C.RunConfig, data: PreparedData, sampler: WindowSampler,
+                 steps: CompiledSteps, ckpts: Checkpoints, log: JsonlLog, progress: bool, echo):
         m, t = cfg.model, cfg.train
         self.cfg, self.data, self.sampler, self.ckpts, self.log = cfg, data, sampler, ckpts, log
         self.say = tqdm.write if progress else echo  # tqdm.write keeps lines clear of the bar
         self.progress = progress
-        self.train_step = jax.jit(make_train_step(m, t, tx), donate_argnums=0)
-        eval_step = jax.jit(make_eval_step(m))
-        val = [jax.tree.map(jnp.asarray, b)
-               for b in eval_batches(data.val, m.context_length, t.batch_size, t.eval_batches)]
-        self.evaluate = lambda params: _mean_loss([eval_step(params, b) for b in val])
+        self.train_step = steps.train_step
+        val = [jax.tree.map(jnp.asarray, b) for b in eval_batches(
+            data.val, m.context_length, steps.eval_rows, t.eval_batches * t.grad_accum)]
+        self.evaluate = lambda params: mean_loss(steps.eval_step, params, val)
         self.tokens_per_step = t.batch_size * m.context_length
         self.flops_per_token = flops_per_token(m, model.param_count(m, exclude_position=True))
         self.peak, source = peak_flops(t.peak_flops)
@@ -154,6 +179,8 @@ class _Loop:
                     clock = time.perf_counter()  # keep evaluation out of tokens/s
         except KeyboardInterrupt:
             bar.close()
+            if pending:  # keep the interval's losses; its timing is meaningless now
+                self.log.write(self._record(step, jax.device_get(pending), len(pending), 0.0))
             if self.ckpts.latest_step() != int(state.step):
                 self._evaluate_and_save(state, None)
             raise
@@ -181,11 +208,6 @@ class _Loop:
                 "loss_last": float(losses[-1]), "lr": float(metrics[-1]["lr"]),
                 "grad_norm": float(metrics[-1]["grad_norm"]), "tokens_per_s": tok_s,
                 "mfu": tok_s * self.flops_per_token / self.peak if tok_s else None}
-
-
-def _mean_loss(sums: list) -> float:
-    total, count = jax.device_get(jax.tree.map(lambda *x: sum(x), *sums))
-    return float(total / count)
 
 
 def _finish(out: Path, cfg: C.RunConfig, val_loss, log: JsonlLog, echo) -> TrainResult:

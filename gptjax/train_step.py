@@ -54,14 +54,14 @@ def make_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig,
     deterministic = model_cfg.dropout == 0.0
 
     def micro_grads(params, micro, key):
-        def f(p):
-            total, count = model.loss_sum(p, micro, model_cfg, deterministic=deterministic, rng=key)
-            return total, count
-        (total, count), grads = jax.value_and_grad(f, has_aux=True)(params)
+        (total, count), grads = jax.value_and_grad(model.loss_sum, has_aux=True)(
+            params, micro, model_cfg, deterministic=deterministic, rng=key)
         return total, count, grads
 
     def train_step(state: TrainState, batch: dict):
         step_key = jax.random.fold_in(state.rng, state.step)
+        if axis_name is not None:  # each shard of the batch draws its own dropout masks
+            step_key = jax.random.fold_in(step_key, jax.lax.axis_index(axis_name))
         if n_micro == 1:
             total, count, grads = micro_grads(state.params, batch, step_key)
         else:
@@ -84,6 +84,12 @@ def make_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig,
         return TrainState(state.step + 1, params, opt_state, state.rng), metrics
 
     return train_step
+
+
+def mean_loss(eval_step, params, batches: list[dict]) -> float:
+    """Token-weighted mean loss of eval_step over batches (one device sync at the end)."""
+    total, count = jax.device_get(jax.tree.map(lambda *x: sum(x), *[eval_step(params, b) for b in batches]))
+    return float(total / count)
 
 
 def make_eval_step(model_cfg: ModelConfig):
