@@ -149,3 +149,61 @@ def test_char_data_with_another_vocabulary(tmp_path, capsys, char_run):
                  "--tokenizer", "char", "--no-progress"]) == 0
     fails_cleanly(capsys, "eval", "--run", char_run, "--data", tmp_path / "d",
                   match="different char tokenizer")
+
+
+def test_failed_prepare_removes_the_folders_it_created(tmp_path, capsys):
+    (tmp_path / "blank.txt").write_text("   ")
+    fails_cleanly(capsys, "prepare", tmp_path / "blank.txt", "--out", tmp_path / "new" / "deep" / "out",
+                  "--tokenizer", "byte", "--no-progress", match="empty or whitespace")
+    assert not (tmp_path / "new").exists()
+
+
+def test_existing_empty_out_stays_empty_when_the_config_fails_to_fit(tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    fails_cleanly(capsys, "train", "--out", tmp_path / "out", "--context-length", "100000",
+                  "--no-progress", match="fewer than one window")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_out_below_a_file(tmp_path, capsys, char_data):
+    (tmp_path / "file").write_text("x")
+    fails_cleanly(capsys, "train", "--data", char_data, "--out", tmp_path / "file" / "run",
+                  *TINY_RUN, match="Not a directory")
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--seed=-1"], "train.seed must be in"),
+    (["--seed", str(2**40)], "train.seed must be in"),
+])
+def test_seed_out_of_range(tmp_path, capsys, char_data, flags, match):
+    fails_cleanly(capsys, "train", "--data", char_data, "--out", tmp_path / "out", *TINY_RUN,
+                  *flags, match=match)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_checkpoint_name(capsys, char_run):
+    fails_cleanly(capsys, "generate", "--run", char_run, "--checkpoint", "newest",
+                  match="--checkpoint must be latest, best or a step")
+    fails_cleanly(capsys, "eval", "--run", char_run, "--checkpoint", "999", match="no checkpoint 999")
+
+
+def test_jsonl_with_unpaired_surrogates_is_replaced_not_fatal(tmp_path, capsys):
+    (tmp_path / "s.jsonl").write_text('{"text": "broken \\ud800 pair, fine \\ud83d\\ude00 pair"}\n')
+    code, out, err = run_cli(capsys, "prepare", tmp_path / "s.jsonl", "--out", tmp_path / "d",
+                             "--tokenizer", "byte", "--no-progress")
+    assert code == 0, err
+    assert "1 invalid UTF-8" in out
+    text = (tmp_path / "d" / "train.bin").read_bytes() + (tmp_path / "d" / "val.bin").read_bytes()
+    decoded = bytes(np.frombuffer(text, np.uint16)[:-1].astype(np.uint8)).decode()
+    assert decoded == "broken \ufffd pair, fine 😀 pair"
+
+
+def test_a_run_that_never_checkpointed_can_be_started_over(tmp_path, capsys, char_data):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text('{"model": {"n_layer": 99}, "train": {}, "data": {}}')
+    (out / "tokenizer.json").write_text('{"kind": "byte"}')
+    code, _, err = run_cli(capsys, "train", "--data", char_data, "--out", out, *TINY_RUN,
+                           "--n-layer", "2", "--max-steps", "3", "--sample-tokens", "0")
+    assert code == 0, err
+    assert '"n_layer": 2' in (out / "config.json").read_text()

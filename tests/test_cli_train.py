@@ -1,5 +1,6 @@
 """End-to-end through the CLI: train, bitwise resume, checkpoints, generate, eval."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import pytest
 
 from conftest import TINY_RUN, run_cli
 from gptjax import run
+from gptjax.config import SECTIONS, RunConfig, preset
 
 
 def train_losses(run_dir) -> list[tuple[int, float]]:
@@ -38,6 +40,13 @@ def test_run_directory_has_everything(full_run):
     assert [e["step"] for e in evals] == [3, 6] and all(np.isfinite(e["val_loss"]) for e in evals)
 
 
+def assert_same_params(run_a, run_b):
+    a, b = run.load(run_a), run.load(run_b)
+    assert a.step == b.step
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_array_equal(x, y)
+
+
 def test_resumed_run_is_bitwise_equal_to_an_uninterrupted_one(tmp_path, char_data, full_run, capsys):
     out = tmp_path / "resumed"
     code, _, err = run_cli(capsys, "train", "--data", char_data, "--out", out, *TINY_RUN,
@@ -48,10 +57,21 @@ def test_resumed_run_is_bitwise_equal_to_an_uninterrupted_one(tmp_path, char_dat
     assert code == 0, err
     assert "resuming" in stdout and "from step 3" in stdout
     assert train_losses(out) == train_losses(full_run)  # exact float equality
-    a, b = run.load(full_run), run.load(out)
-    assert a.step == b.step == 6
-    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
-        np.testing.assert_array_equal(x, y)
+    assert_same_params(full_run, out)
+
+
+def test_bitwise_resume_with_dropout_accumulation_and_sliding_windows(tmp_path, char_data, capsys):
+    flags = [*TINY_RUN, "--max-steps", "7", "--dropout", "0.1", "--grad-accum", "2",
+             "--sampler", "sliding", "--stride", "7", "--sample-tokens", "0"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert run_cli(capsys, "train", "--data", char_data, "--out", whole, *flags)[0] == 0
+    # Stop off the evaluation cadence (eval_every is 3), then resume twice.
+    assert run_cli(capsys, "train", "--data", char_data, "--out", parts, *flags, "--stop-at", "2")[0] == 0
+    assert run_cli(capsys, "train", "--out", parts, "--no-progress", "--stop-at", "5")[0] == 0
+    assert run_cli(capsys, "train", "--out", parts, "--no-progress")[0] == 0
+    assert [s for s, _ in train_losses(parts)] == list(range(1, 8))
+    assert train_losses(parts) == train_losses(whole)
+    assert_same_params(whole, parts)
 
 
 def test_resume_with_a_different_training_config_is_refused(full_run, capsys):
@@ -62,10 +82,14 @@ def test_resume_with_a_different_training_config_is_refused(full_run, capsys):
 
 
 def test_finished_run_is_not_trained_further(full_run, capsys):
+    ckpts = sorted(p.name for p in (full_run / "checkpoints").iterdir())
+    losses = train_losses(full_run)
     code, stdout, err = run_cli(capsys, "train", "--out", full_run, "--no-progress",
-                                "--log-every", "2")  # resume-safe field may change
+                                "--sample-tokens", "4")  # resume-safe field may change
     assert code == 0, err
-    assert train_losses(full_run)[-1][0] == 6
+    assert train_losses(full_run) == losses
+    assert sorted(p.name for p in (full_run / "checkpoints").iterdir()) == ckpts
+    assert json.loads((full_run / "config.json").read_text())["train"]["sample_tokens"] == 4
 
 
 def test_generate_is_seeded_and_greedy_is_deterministic(full_run, capsys):
@@ -102,10 +126,13 @@ def test_checkpoints_keep_latest_and_best(tmp_path, char_data, capsys):
     assert steps == sorted({10, 12, best})
 
 
-def test_python_dash_m_and_help_list_every_field():
+def test_python_dash_m_and_help_list_every_field_with_its_default():
     res = subprocess.run([sys.executable, "-m", "gptjax", "train", "--help"],
                          capture_output=True, text=True, check=True)
-    for flag in ("--n-layer", "--context-length", "--batch-size", "--grad-accum", "--lr",
-                 "--warmup-steps", "--sampler", "--tokenizer", "--gpt2-ranks", "--keep-checkpoints"):
-        assert flag in res.stdout
-    assert "(default: 0.001)" in res.stdout
+    text = " ".join(res.stdout.split())  # argparse wraps lines
+    shown = RunConfig(model=preset("baby"))
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            default = getattr(getattr(shown, section), f.name)
+            assert f"--{f.name.replace('_', '-')}" in text, f.name
+            assert f"(default: {default!r})" in text, f.name

@@ -3,6 +3,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from gptjax import optim
@@ -31,16 +32,46 @@ def test_a_tiny_model_overfits_one_batch():
     assert int(state.step) == 150
 
 
+# Plain SGD makes the update proportional to the gradient, so comparing parameter deltas
+# compares gradients; Adam's first step would amplify rounding in near-zero gradients.
+# ULP is one float32 rounding step at the parameters' scale (~0.05): the floor below which
+# a delta recovered as new - old cannot be compared.
+SGD = optax.sgd(1.0)
+ULP = 1e-8
+
+
 def test_gradient_accumulation_keeps_the_global_batch_exact():
     one = TrainConfig(batch_size=8, grad_accum=1)
     four = dataclasses.replace(one, grad_accum=4)
     batch = batch_of(1)
-    s1, m1 = jax.jit(make_train_step(CFG, one))(init_state(CFG, one), batch)
-    s4, m4 = jax.jit(make_train_step(CFG, four))(init_state(CFG, four), batch)
+    start = init_state(CFG, one, SGD)
+    s1, m1 = jax.jit(make_train_step(CFG, one, SGD))(init_state(CFG, one, SGD), batch)
+    s4, m4 = jax.jit(make_train_step(CFG, four, SGD))(init_state(CFG, four, SGD), batch)
     np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-6)
     np.testing.assert_allclose(m1["grad_norm"], m4["grad_norm"], rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s4.params)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    moved = 0
+    for a, b, a0 in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s4.params),
+                        jax.tree.leaves(start.params)):
+        np.testing.assert_allclose(a - a0, b - a0, rtol=1e-5, atol=ULP)
+        moved += int(np.abs(np.asarray(a) - np.asarray(a0)).max() > 1e-6)
+    assert moved == len(jax.tree.leaves(start.params))  # every leaf really was updated
+
+
+def test_axis_name_sums_over_shards_like_one_big_batch():
+    t = TrainConfig(batch_size=8)
+    whole = jax.jit(make_train_step(CFG, t, SGD))
+    per_shard = dataclasses.replace(t, batch_size=4)
+    sharded = jax.jit(jax.vmap(make_train_step(CFG, per_shard, SGD, axis_name="data"),
+                               in_axes=(None, 0), axis_name="data"))
+    batch = batch_of(3)
+    start = init_state(CFG, t, SGD)
+    s1, m1 = whole(start, batch)
+    s2, m2 = sharded(start, jax.tree.map(lambda x: x.reshape(2, 4, -1), batch))
+    np.testing.assert_allclose(m1["loss"], m2["loss"][0], rtol=1e-6)
+    np.testing.assert_allclose(m2["loss"][0], m2["loss"][1])
+    for a, b, a0 in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params),
+                        jax.tree.leaves(start.params)):
+        np.testing.assert_allclose(a - a0, b[0] - a0, rtol=1e-5, atol=ULP)
 
 
 def test_schedule_warmup_peak_and_end():
