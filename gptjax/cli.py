@@ -21,11 +21,13 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error in one line, with exit code 2."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"gptjax: error: {message} (see `{self.prog} --help`)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="gptjax", description="Build, train and sample GPTs in JAX.")
+    from gptjax import __version__
+    p.add_argument("--version", action="version", version=f"gptjax {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     tr = sub.add_parser("train", help="train a GPT (resumes when --out is an existing run)",

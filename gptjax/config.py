@@ -78,8 +78,9 @@ class TrainConfig:
     keep_checkpoints: int = _f(3, "most recent checkpoints kept (the best is kept too)",
                                resume_safe=True)
     sample_tokens: int = _f(200, "tokens generated as a sample at the end", resume_safe=True)
-    peak_flops: float = _f(0.0, "peak FLOP/s for MFU; 0 = table for accelerators, "
-                                "measured float32 matmul rate on CPU", resume_safe=True)
+    peak_flops: float = _f(0.0, "peak FLOP/s for MFU; 0 = the data-sheet bf16 peak of known "
+                                "accelerators, else the float32 matmul rate measured at start "
+                                "(then saved with the run)", resume_safe=True)
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,8 @@ def validate(cfg: RunConfig) -> RunConfig:
                  "sample_tokens", "peak_flops", "beta1"):
         if not getattr(t, name) >= 0:
             raise GptjaxError(f"train.{name} must be >= 0, got {getattr(t, name)}")
+    if t.min_lr > t.lr:
+        raise GptjaxError(f"train.min_lr ({t.min_lr}) exceeds train.lr ({t.lr})")
     if t.batch_size % t.grad_accum:
         raise GptjaxError(f"train.batch_size ({t.batch_size}) must be divisible by "
                           f"train.grad_accum ({t.grad_accum})")

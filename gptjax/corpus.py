@@ -80,9 +80,10 @@ class Corpus:
         self.piece_chars = piece_chars or PIECE_CHARS
         self.sources: list[Source] = []
         self.replaced_bytes = 0
+        self.bytes_read = 0  # input bytes consumed so far, for progress bars
 
     def pieces(self) -> Iterator[tuple[str, bool]]:
-        self.sources, self.replaced_bytes = [], 0
+        self.sources, self.replaced_bytes, self.bytes_read = [], 0, 0
         for path in self.files:
             src = Source(str(path), "", path.stat().st_size)
             self.sources.append(src)
@@ -103,6 +104,7 @@ class Corpus:
         with open(path, "rb") as fh:
             while block := fh.read(READ_BYTES):
                 digest.update(block)
+                self.bytes_read += len(block)
                 yield decoder.decode(block)
             yield decoder.decode(b"", final=True)
 
@@ -110,6 +112,7 @@ class Corpus:
         with open(path, "rb") as fh:
             for lineno, line in enumerate(fh, 1):
                 digest.update(line)
+                self.bytes_read += len(line)
                 if not line.strip():
                     continue
                 try:
@@ -136,7 +139,9 @@ class EmbeddedCorpus(Corpus):
         digest = hashlib.sha256()
         names = sorted(topics)
         for name in names:
-            digest.update(topics[name].encode("utf-8"))
+            raw = topics[name].encode("utf-8")
+            digest.update(raw)
+            self.bytes_read += len(raw)
             yield from _with_document_end(_safe_pieces(iter([topics[name]]), self.piece_chars))
         version = ".".join(map(str, sys.version_info[:3]))
         size = sum(len(topics[n].encode("utf-8")) for n in names)

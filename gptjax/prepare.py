@@ -51,6 +51,8 @@ def prepare(inputs: list[str] | None, out_dir: str | os.PathLike, tokenizer: str
         raise GptjaxError(f"unknown tokenizer {tokenizer!r}; choose one of {', '.join(tok.KINDS)}")
     if not 0.0 < val_fraction < 1.0:
         raise GptjaxError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if workers < 1:
+        raise GptjaxError(f"workers must be at least 1, got {workers}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise GptjaxError(f"output {out} already exists and is not an empty folder")
     corpus = EmbeddedCorpus() if inputs is None else Corpus(resolve_inputs(inputs), text_field)
@@ -58,8 +60,10 @@ def prepare(inputs: list[str] | None, out_dir: str | os.PathLike, tokenizer: str
 
     if tokenizer == "char":
         chars = set()
-        for piece, _ in tqdm(corpus.pieces(), desc="vocabulary", unit=" pieces", disable=not progress):
-            chars.update(piece)
+        with _bytes_bar(total, "reading vocabulary", progress) as bar:
+            for piece, _ in corpus.pieces():
+                chars.update(piece)
+                bar.update(corpus.bytes_read - bar.n)
         _check_not_blank("".join(chars), corpus)
         enc = tok.CharTokenizer("".join(chars))
     else:
@@ -147,34 +151,36 @@ def _done(value) -> Future:
     return future
 
 
+def _bytes_bar(total, desc: str, progress: bool) -> tqdm:
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress)
+
+
 def _encode_stream(corpus, enc, path: Path, dtype, pool, workers: int, total,
                    progress) -> tuple[int, bool]:
     """Encode pieces (in `pool` when given, order kept) and append them, EOT after each document."""
     n_tokens, saw_text = 0, False
     eot = np.array([enc.eot_id], dtype=dtype)
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=not progress)
     pending: deque = deque()
 
     def drain(fh, keep: int):
         nonlocal n_tokens
         while len(pending) > keep:
-            future, ends_doc, nbytes = pending.popleft()
+            future, ends_doc, read = pending.popleft()
             ids = future.result().astype(dtype, copy=False)
             fh.write(ids.tobytes())
             n_tokens += len(ids)
             if ends_doc:
                 fh.write(eot.tobytes())
                 n_tokens += 1
-            bar.update(nbytes)
+            bar.update(read - bar.n)
 
-    with open(path, "wb") as fh, pool or nullcontext():
+    with open(path, "wb") as fh, pool or nullcontext(), _bytes_bar(total, "tokenizing", progress) as bar:
         for piece, ends_doc in corpus.pieces():
             saw_text = saw_text or bool(piece.strip())
             future = pool.submit(_encode_in_worker, piece) if pool else _done(enc.encode_array(piece))
-            pending.append((future, ends_doc, len(piece.encode())))
+            pending.append((future, ends_doc, corpus.bytes_read))
             drain(fh, 2 * workers)
         drain(fh, 0)
-    bar.close()
     return n_tokens, saw_text
 
 

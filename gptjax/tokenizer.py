@@ -8,6 +8,7 @@ that data and model can be checked for agreement and the tokenizer rebuilt.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Iterable, Protocol
 
@@ -119,10 +120,12 @@ def _load_gpt2_encoding(ranks_path):
     if path:
         if not os.path.isfile(path):
             raise GptjaxError(f"GPT-2 ranks file not found: {path}")
-        try:
-            ranks = tiktoken.load.load_tiktoken_bpe(str(path), expected_hash=GPT2_RANKS_SHA256)
-        except ValueError as e:
-            raise GptjaxError(f"{path} is not the GPT-2 ranks file ({e})") from None
+        with open(path, "rb") as fh:
+            digest = hashlib.sha256(fh.read()).hexdigest()
+        if digest != GPT2_RANKS_SHA256:
+            raise GptjaxError(f"{path} is not the GPT-2 ranks file (sha256 {digest[:12]}..., "
+                              f"expected {GPT2_RANKS_SHA256[:12]}...)")
+        ranks = tiktoken.load.load_tiktoken_bpe(str(path))
         return tiktoken.Encoding(
             name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
             special_tokens={EOT_TEXT: GPT2_EOT_ID}, explicit_n_vocab=50257,

@@ -6,6 +6,7 @@ metrics stay on the device until a log interval, when they are fetched together.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import tempfile
 import time
@@ -58,6 +59,9 @@ def train(cfg: C.RunConfig, out_dir: str | Path, *, stop_at: int | None = None,
         val_loss = None
         if int(state.step) < end:
             val_loss = _Loop(cfg, data, sampler, steps, ckpts, log, progress, echo).run(state, end)
+        else:
+            echo(f"nothing to train: the run is at step {int(state.step)} of {t.max_steps}"
+                 + (f" and --stop-at is {stop_at}" if stop_at and stop_at < t.max_steps else ""))
     finally:
         ckpts.close()  # waits for asynchronous saves: never exit with one half-written
     return _finish(out, cfg, val_loss, log, echo)
@@ -75,6 +79,8 @@ def _setup(cfg: C.RunConfig, out: Path, progress: bool):
         else:
             data = run.prepare_embedded(cfg, Path(scratch) / "data", progress)
         cfg = run.resolve(cfg, data)
+        data.tokenizer(cfg.data.gpt2_ranks or None)  # the end sample needs it: fail now, not then
+        cfg = _resolve_peak_flops(cfg)
         if resuming:
             run.check_resume(out, cfg, data)
         sampler = _sampler(data.train, cfg, f"training split of {data.path}")
@@ -87,6 +93,14 @@ def _setup(cfg: C.RunConfig, out: Path, progress: bool):
                 run.start_over(out)  # it has no checkpoint: nothing trained to lose
             data = run.create(out, cfg, data)
     return cfg, data, sampler, steps, resuming
+
+
+def _resolve_peak_flops(cfg: C.RunConfig) -> C.RunConfig:
+    """Fix the MFU denominator once per run: a CPU's measured rate varies with load."""
+    if cfg.train.peak_flops > 0:
+        return cfg
+    peak, _ = peak_flops(0.0)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, peak_flops=peak))
 
 
 def _sampler(tokens, cfg: C.RunConfig, what: str) -> WindowSampler:
@@ -146,12 +160,12 @@ class _Loop:
         self.evaluate = lambda params: mean_loss(steps.eval_step, params, val)
         self.tokens_per_step = t.batch_size * m.context_length
         self.flops_per_token = flops_per_token(m, model.param_count(m, exclude_position=True))
-        self.peak, source = peak_flops(t.peak_flops)
-        echo(f"MFU uses {MFU_FORMULA}; peak {self.peak / 1e12:.3g} TFLOP/s ({source})")
+        self.peak = t.peak_flops
+        echo(f"MFU uses {MFU_FORMULA}; peak {self.peak / 1e12:.3g} TFLOP/s (train.peak_flops)")
 
     def run(self, state: TrainState, end: int) -> float | None:
         t, T = self.cfg.train, self.cfg.model.context_length
-        step = first = int(state.step)
+        step = first = shown = int(state.step)
         bar = tqdm(total=end, initial=step, desc="train", unit="step", dynamic_ncols=True,
                    disable=not self.progress)
         pending, val_loss, train_loss = [], None, None
@@ -161,7 +175,6 @@ class _Loop:
                 state, metrics = self.train_step(state, gather(self.data.train, self.sampler.starts(step), T))
                 pending.append(metrics)
                 step += 1
-                bar.update()
                 if step == first + 1:  # the only per-step sync: time compilation apart
                     jax.block_until_ready(metrics)
                     self.say(f"compiled and ran the first step in {time.perf_counter() - clock:.1f}s")
@@ -169,6 +182,8 @@ class _Loop:
                 if step % t.log_every == 0 or step == end:
                     fetched = jax.device_get(pending)  # waits for the interval's steps
                     now = time.perf_counter()
+                    bar.update(step - shown)  # the bar counts finished steps, not dispatched ones
+                    shown = step
                     rec = self._record(step, fetched, untimed, now - clock)
                     self.log.write(rec)
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s'] or 0:.0f}",
