@@ -55,6 +55,7 @@ def train(cfg: C.RunConfig, out_dir: str | Path, *, stop_at: int | None = None,
             state = init_state(m, t, steps.tx)
         echo(f"model: {model.param_count(m):,} parameters | data: {data.meta['train_tokens']:,} "
              f"train / {data.meta['val_tokens']:,} val tokens ({cfg.data.tokenizer}) | run: {out}")
+        echo(f"compiled the train and eval steps in {steps.compile_seconds:.1f}s")
         end = min(t.max_steps, stop_at or t.max_steps)
         val_loss = None
         if int(state.step) < end:
@@ -126,6 +127,7 @@ class CompiledSteps:
         batch = {"inputs": tokens(t.batch_size), "targets": tokens(t.batch_size)}
         eval_batch = {"inputs": tokens(self.eval_rows), "targets": tokens(self.eval_rows),
                       "weights": jax.ShapeDtypeStruct((self.eval_rows, m.context_length), jnp.float32)}
+        started = time.perf_counter()
         try:
             self.train_step = jax.jit(make_train_step(m, t, self.tx), donate_argnums=0).lower(
                 self.abstract_state, batch).compile()
@@ -134,6 +136,7 @@ class CompiledSteps:
         except Exception as e:  # XLA reports unsupported dtype/attention choices variously
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise GptjaxError(f"this config does not compile on {jax.default_backend()}: {first}") from None
+        self.compile_seconds = time.perf_counter() - started
 
 
 def _check_data_position(extra: dict, data: PreparedData, step: int) -> None:
@@ -175,19 +178,18 @@ class _Loop:
                 state, metrics = self.train_step(state, gather(self.data.train, self.sampler.starts(step), T))
                 pending.append(metrics)
                 step += 1
-                if step == first + 1:  # the only per-step sync: time compilation apart
+                if step == first + 1:  # the only per-step sync: keep warm-up out of tokens/s
                     jax.block_until_ready(metrics)
-                    self.say(f"compiled and ran the first step in {time.perf_counter() - clock:.1f}s")
                     clock, untimed = time.perf_counter(), 1
                 if step % t.log_every == 0 or step == end:
                     fetched = jax.device_get(pending)  # waits for the interval's steps
                     now = time.perf_counter()
-                    bar.update(step - shown)  # the bar counts finished steps, not dispatched ones
-                    shown = step
                     rec = self._record(step, fetched, untimed, now - clock)
                     self.log.write(rec)
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s'] or 0:.0f}",
-                                    mfu=f"{100 * (rec['mfu'] or 0):.1f}%")
+                                    mfu=f"{100 * (rec['mfu'] or 0):.1f}%", refresh=False)
+                    bar.update(step - shown)  # the bar counts finished steps, not dispatched ones
+                    shown = step
                     pending, clock, untimed, train_loss = [], now, 0, rec["loss"]
                 if step % t.eval_every == 0 or step == end:
                     val_loss = self._evaluate_and_save(state, train_loss)
