@@ -15,6 +15,7 @@ from pathlib import Path
 from gptjax import config as C
 from gptjax.cli_options import add_config_flags, apply_overrides, explicit_overrides
 from gptjax.errors import GptjaxError
+from gptjax.tokenizer import KINDS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("prepare", help="tokenize text/JSONL files into train/val token files")
     pr.add_argument("inputs", nargs="+", metavar="INPUT", help="text files, folders, JSONL files")
     pr.add_argument("--out", required=True, help="new output folder")
-    pr.add_argument("--tokenizer", default="gpt2", choices=["gpt2", "char", "byte"],
+    pr.add_argument("--tokenizer", default="gpt2", choices=KINDS,
                     help="tokenizer (default: gpt2)")
     pr.add_argument("--val-fraction", type=float, default=0.1,
                     help="last share of tokens held out for validation (default: 0.1)")

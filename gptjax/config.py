@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from gptjax.errors import GptjaxError
+from gptjax.tokenizer import KINDS
 
 
 def _f(default, help: str, *, choices=None, resume_safe: bool = False):
@@ -90,7 +91,7 @@ class DataConfig:
     data: str = _f("", "prepared data directory (gptjax prepare); empty = embedded corpus")
     tokenizer: str = _f("", "char, byte or gpt2; empty = char for the embedded corpus, else the "
                             "prepared data's (a different one is an error)",
-                        choices=("char", "byte", "gpt2"))
+                        choices=KINDS)
     val_fraction: float = _f(0.1, "share of the embedded corpus held out for validation")
     gpt2_ranks: str = _f("", "local GPT-2 BPE ranks file (else $GPTJAX_GPT2_RANKS, else download)",
                          resume_safe=True)
@@ -161,8 +162,8 @@ def validate(cfg: RunConfig) -> RunConfig:
                           f"train.max_steps ({t.max_steps})")
     if not (t.beta1 < 1 and t.beta2 < 1):
         raise GptjaxError("train.beta1 and train.beta2 must be below 1")
-    if d.tokenizer not in ("", "char", "byte", "gpt2"):
-        raise GptjaxError(f"unknown tokenizer {d.tokenizer!r}; choose one of gpt2, char, byte")
+    if d.tokenizer not in ("", *KINDS):
+        raise GptjaxError(f"unknown tokenizer {d.tokenizer!r}; choose one of {', '.join(KINDS)}")
     if not 0.0 < d.val_fraction < 1.0:
         raise GptjaxError(f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
     return cfg

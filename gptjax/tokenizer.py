@@ -21,6 +21,7 @@ GPT2_RANKS_ENV = "GPTJAX_GPT2_RANKS"
 # sha256 of OpenAI's r50k_base / GPT-2 ranks file, the hash tiktoken itself checks.
 GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 GPT2_EOT_ID = 50256
+KINDS = ("gpt2", "char", "byte")
 
 
 class Tokenizer(Protocol):
@@ -150,7 +151,4 @@ def from_spec(spec: dict, gpt2_ranks: str | None = None) -> Tokenizer:
         return CharTokenizer(spec["chars"])
     if kind == "gpt2":
         return GPT2Tokenizer(gpt2_ranks)
-    raise GptjaxError(f"unknown tokenizer {kind!r}; choose one of gpt2, char, byte")
-
-
-KINDS = ("gpt2", "char", "byte")
+    raise GptjaxError(f"unknown tokenizer {kind!r}; choose one of {', '.join(KINDS)}")
