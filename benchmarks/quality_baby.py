@@ -64,7 +64,6 @@ def main():
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=2000)
     args = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     work = Path(tempfile.mkdtemp(prefix="quality-"))
     data_dir = args.data or str(work / "data")
     if not args.data:

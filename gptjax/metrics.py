@@ -53,18 +53,16 @@ def peak_flops(configured: float = 0.0) -> tuple[float, str]:
 class JsonlLog:
     """Append-only JSONL writer (one record per line, flushed so a crash loses nothing)."""
 
-    def __init__(self, path: Path, enabled: bool = True):
+    def __init__(self, path: Path):
         self.path = Path(path)
-        self.enabled = enabled
 
     def write(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
 
     def truncate_after(self, step: int) -> None:
         """Drop records of steps after `step` (atomically, via a renamed temporary file)."""
-        if not self.enabled or not self.path.exists():
+        if not self.path.exists():
             return
         kept = [r for r in self.read() if r.get("step", 0) <= step]
         tmp = self.path.with_suffix(".tmp")
