@@ -140,7 +140,12 @@ def load(run_dir: str | Path, which: str | int = "latest", gpt2_ranks: str | Non
                               gpt2_ranks or cfg.data.gpt2_ranks or None)
     ckpts = Checkpoints(path / "checkpoints", create=False)
     try:
-        step = {"latest": ckpts.latest_step, "best": ckpts.best_step}.get(which, lambda: which)()
+        if which == "latest":
+            step = ckpts.latest_step()
+        elif which == "best":
+            step = ckpts.best_step()
+        else:
+            step = which
         abstract = jax.eval_shape(lambda: init_params(cfg.model, jax.random.PRNGKey(0)))
         params, step = ckpts.restore_params(abstract, step)
     finally:

@@ -100,8 +100,7 @@ def _resolve_peak_flops(cfg: C.RunConfig) -> C.RunConfig:
     """Fix the MFU denominator once per run: a CPU's measured rate varies with load."""
     if cfg.train.peak_flops > 0:
         return cfg
-    peak, _ = peak_flops(0.0)
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, peak_flops=peak))
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, peak_flops=peak_flops()))
 
 
 def _sampler(tokens, cfg: C.RunConfig, what: str) -> WindowSampler:
@@ -164,7 +163,8 @@ class _Loop:
         self.tokens_per_step = t.batch_size * m.context_length
         self.flops_per_token = flops_per_token(m, model.param_count(m, exclude_position=True))
         self.peak = t.peak_flops
-        echo(f"MFU uses {MFU_FORMULA}; peak {self.peak / 1e12:.3g} TFLOP/s (train.peak_flops)")
+        echo(f"MFU uses {MFU_FORMULA}; peak {self.peak / 1e12:.3g} TFLOP/s "
+             f"(train.peak_flops: data sheet, or measured f32 matmul at the run's start on CPU)")
 
     def run(self, state: TrainState, end: int) -> float | None:
         t, T = self.cfg.train, self.cfg.model.context_length
