@@ -18,6 +18,7 @@ _EXPORTS = {
     "gptjax.data": ["WindowSampler", "gather", "load_prepared"],
     "gptjax.errors": ["GptjaxError"],
     "gptjax.generate": ["generate"],
+    "gptjax.hf": ["load_hf", "load_pretrained", "save_hf"],
     "gptjax.model": ["apply", "init", "loss", "param_count"],
     "gptjax.optim": ["optimizer", "schedule"],
     "gptjax.prepare": ["prepare"],

@@ -3,15 +3,17 @@
 Each checkpoint holds three items: "params" (the model parameters), "train" (optimizer
 state, step and RNG key) and "extra" (JSON: the run config, the data position and the
 validation loss). Parameters are their own item so inference and fine-tuning can restore
-them without the optimizer state, which is twice their size. Orbax writes into a temporary
-folder and renames it when complete, so an interrupted save never leaves a half-written
-checkpoint; `close()` waits for pending asynchronous saves, which a normal exit must not
-skip. The most recent `keep` checkpoints are preserved, plus the one with the lowest
-validation loss.
+them without the optimizer state, which is twice their size; imported weights are saved
+with no "train" item at all (`save_params`): loadable, not resumable. Orbax writes into a
+temporary folder and renames it when complete, so an interrupted save never leaves a
+half-written checkpoint; `close()` waits for pending asynchronous saves, which a normal
+exit must not skip. The most recent `keep` checkpoints are preserved, plus the one with
+the lowest validation loss.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import jax
@@ -26,6 +28,15 @@ ITEMS = ("params", "train", "extra")
 
 def _val_loss(metrics) -> float:
     return metrics["val_loss"]
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
 
 
 def _abstract(tree):
@@ -59,6 +70,17 @@ class Checkpoints:
         self._mgr.save(int(state.step), args=ocp.args.Composite(
             params=ocp.args.StandardSave(state.params), train=ocp.args.StandardSave(train),
             extra=ocp.args.JsonSave(extra)), metrics={"val_loss": float(val_loss)}, force=True)
+
+    def save_params(self, step: int, params, extra: dict) -> None:
+        """Parameters and JSON extra only (imported weights): restorable, not resumable."""
+        # No validation loss exists yet; orbax would warn that none was given.
+        quiet = _DropMessage("did not provide metrics")
+        logging.getLogger("absl").addFilter(quiet)
+        try:
+            self._mgr.save(int(step), args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params), extra=ocp.args.JsonSave(extra)), force=True)
+        finally:
+            logging.getLogger("absl").removeFilter(quiet)
 
     def _step(self, step: int | None) -> int:
         step = self.latest_step() if step is None else step

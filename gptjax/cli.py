@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from gptjax import cli_convert
 from gptjax import config as C
 from gptjax.cli_options import add_config_flags, apply_overrides, explicit_overrides
 from gptjax.errors import GptjaxError
@@ -58,15 +59,35 @@ def _parser() -> argparse.ArgumentParser:
                     help="tokenizer processes for corpora over 4 MiB (default: all cores)")
     pr.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    ge = sub.add_parser("generate", help="sample text from a trained run")
-    ge.add_argument("--run", required=True, help="run directory")
-    ge.add_argument("--prompt", default="", help="prompt text (empty: start of a document)")
+    ge = sub.add_parser(
+        "generate", help="sample text from a trained run or GPT-2 weights",
+        description="Continue prompts with a KV cache (one compiled prefill, one compiled decode "
+        "loop). One prompt streams to the terminal; several run as one batch. Rows end at "
+        "end-of-text, at a --stop string or after --max-new-tokens. A prompt longer than the "
+        "context keeps its last context-length tokens (with a warning); when prompt plus new "
+        "tokens exceed the context, the window slides (slower: no cache).")
+    source = ge.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="gptjax run directory")
+    source.add_argument("--hf", metavar="DIR_OR_NAME", help="GPT-2 weights in the Hugging Face "
+                        "layout: a folder with config.json + model.safetensors, or a Hub name "
+                        "such as gpt2 (downloads; needs `pip install 'gptjax[hf]'`)")
+    ge.add_argument("--prompt", action="append", help="prompt text; repeat for a batch "
+                    "(default: one empty prompt = start of a document)")
     ge.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default: 200)")
     ge.add_argument("--temperature", type=float, default=0.8,
                     help="softmax temperature; 0 = greedy (default: 0.8)")
     ge.add_argument("--top-k", type=int, help="sample among the k most likely ids (default: all)")
+    ge.add_argument("--top-p", type=float, help="sample from the smallest set of ids whose "
+                    "probability reaches p, in (0, 1] (default: off)")
+    ge.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                    help="end a row where this text appears (not printed); repeatable")
+    ge.add_argument("--ignore-eot", action="store_true", help="do not stop at end-of-text")
     ge.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
-    ge.add_argument("--checkpoint", default="latest", help="latest, best or a step (default: latest)")
+    ge.add_argument("--dtype", choices=("float32", "bfloat16"), help="cast weights and compute "
+                    "to this dtype (default: as stored)")
+    ge.add_argument("--no-stream", action="store_true", help="print only when finished")
+    ge.add_argument("--checkpoint", default="latest", help="with --run: latest, best or a step "
+                    "(default: latest)")
     ge.add_argument("--gpt2-ranks", help="local GPT-2 ranks file (else $GPTJAX_GPT2_RANKS)")
 
     ev = sub.add_parser("eval", help="validation loss and perplexity of a run")
@@ -75,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", default="latest", help="latest, best or a step (default: latest)")
     ev.add_argument("--batches", type=int, help="validation batches (default: the run's eval_batches)")
     ev.add_argument("--gpt2-ranks", help="local GPT-2 ranks file (else $GPTJAX_GPT2_RANKS)")
+    cli_convert.add_parser(sub)
     return p
 
 
@@ -112,19 +134,44 @@ def _prepare(args) -> int:
 
 def _generate(args) -> int:
     from gptjax import run
-    from gptjax.generate import check_sampling, generate
+    from gptjax.model import cast
+    from gptjax.sampling import Sampling, check_max_new_tokens
+    from gptjax.textgen import generate_text
 
-    check_sampling(args.temperature, args.top_k, args.max_new_tokens)
-    try:
-        args.prompt.encode("utf-8")
-    except UnicodeEncodeError:
-        raise GptjaxError("the prompt is not valid UTF-8") from None
-    loaded = run.load(args.run, args.checkpoint, args.gpt2_ranks)
-    tok = loaded.tokenizer
-    ids = generate(loaded.params, loaded.config.model, tok.encode(args.prompt), args.max_new_tokens,
-                   seed=args.seed, temperature=args.temperature, top_k=args.top_k,
-                   valid_vocab=tok.vocab_size, eot_id=tok.eot_id)
-    print(args.prompt + tok.decode(ids))
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed).check()
+    check_max_new_tokens(args.max_new_tokens)
+    prompts = args.prompt or [""]
+    for text in prompts + args.stop:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise GptjaxError(f"not valid UTF-8: {text[:40]!r}") from None
+    if args.hf:
+        from gptjax.hf import load_pretrained
+        loaded = load_pretrained(args.hf, args.gpt2_ranks)
+    else:
+        loaded = run.load(args.run, args.checkpoint, args.gpt2_ranks)
+    params, model_cfg = loaded.params, loaded.config.model
+    if args.dtype:
+        params, model_cfg = cast(params, model_cfg, args.dtype)
+    stream = len(prompts) == 1 and not args.no_stream
+
+    def show(_row, piece):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    if stream:
+        show(0, prompts[0])
+    texts = generate_text(params, model_cfg, loaded.tokenizer, prompts, args.max_new_tokens,
+                          sampling, stop=args.stop, on_text=show if stream else None,
+                          stop_at_eot=not args.ignore_eot)
+    if stream:
+        print()
+        return 0
+    for i, (prompt, text) in enumerate(zip(prompts, texts)):
+        if len(prompts) > 1:
+            print(f"--- {i + 1} ---")
+        print(prompt + text)
     return 0
 
 
@@ -153,7 +200,8 @@ def _eval(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "prepare": _prepare, "generate": _generate, "eval": _eval}
+COMMANDS = {"train": _train, "prepare": _prepare, "generate": _generate, "eval": _eval,
+            "convert": cli_convert.run}
 
 
 def main(argv: list[str] | None = None) -> int:

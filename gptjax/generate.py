@@ -1,97 +1,235 @@
-"""Autoregressive sampling: greedy, temperature and top-k, seeded, in one jitted loop.
+"""Batched autoregressive generation with a KV cache, in jitted device loops.
 
-This path recomputes the window at each step (no KV cache yet): the whole loop is a
-`lax.fori_loop` over a fixed-size token buffer, so there is no per-token Python dispatch,
-and prompt lengths are bucketed to powers of two so new prompts rarely recompile.
+A batch of prompts is left-padded to a shared length bucket (powers of two, so new prompt
+lengths rarely recompile), with per-row positions and a padding mask. One jitted call
+prefills the cache and samples the first token; a second runs a `lax.while_loop` of
+one-token decode steps over the preallocated cache, for as many steps as asked, stopping
+early when every row has finished (end-of-text). There is no per-token Python dispatch:
+the host only sees tokens between chunks, which is how text streams and how stop strings
+(checked on text, see `gptjax.textgen`) end a row.
+
+When a prompt plus its new tokens would not fit in the context, learned positions cannot
+go on, so generation slides a window instead, as in the book: each step recomputes the
+last `context_length` tokens (no cache; slower, same loop).
 """
 
 from __future__ import annotations
 
-import math
+import warnings
 from functools import partial
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gptjax import model
 from gptjax.config import ModelConfig
 from gptjax.errors import GptjaxError
+from gptjax.sampling import Sampling, check_max_new_tokens, sample_logits
 
 MIN_BUCKET = 16
 
 
-def check_sampling(temperature: float, top_k: int | None, max_new_tokens: int) -> None:
-    """Reject sampling settings that would silently misbehave, before compiling."""
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
-        raise GptjaxError(f"temperature must be a finite number >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise GptjaxError(f"top_k must be >= 1, got {top_k}")
-    if max_new_tokens < 0:
-        raise GptjaxError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+class _State(NamedTuple):
+    tokens: jax.Array  # (batch, prompt bucket + capacity): left-padded prompts, then new ids
+    lengths: jax.Array  # (batch,) new ids per row (stops growing once the row is done)
+    done: jax.Array  # (batch,) bool
+    n: jax.Array  # int32: decode steps taken (new ids written per unfinished row)
+    cache: model.KVCache | None  # None when sliding the window
+    key: jax.Array
 
 
-def sample_logits(logits_bv, key, temperature, top_k: int | None, valid_vocab: int):
-    """Next ids from logits; temperature 0 means greedy. Ids >= valid_vocab never appear."""
-    vocab = logits_bv.shape[-1]
-    logits_bv = jnp.where(jnp.arange(vocab) < valid_vocab, logits_bv, -jnp.inf)
-    if top_k is not None and top_k < valid_vocab:
-        kth = jax.lax.top_k(logits_bv, top_k)[0][:, -1:]
-        logits_bv = jnp.where(logits_bv < kth, -jnp.inf, logits_bv)
-    greedy = jnp.argmax(logits_bv, axis=-1)
-    scaled = logits_bv / jnp.maximum(temperature, 1e-6)
-    sampled = jax.random.categorical(key, scaled, axis=-1)
-    return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+class _Static(NamedTuple):
+    """Everything that shapes the compiled loop (hashable: a jit static argument)."""
+
+    config: ModelConfig
+    bucket: int  # prompt columns
+    windowed: bool
+    top_k: int | None
+    nucleus: bool
+    valid_vocab: int
+    eot_id: int  # -1: never stop on a token
 
 
-@partial(jax.jit, static_argnames=("config", "max_new_tokens", "top_k", "valid_vocab"))
-def _generate_jit(params, buf_bl, prompt_len, key, temperature, *, config: ModelConfig,
-                  max_new_tokens: int, top_k, valid_vocab: int):
-    ctx = config.context_length
-    length = buf_bl.shape[1]
-
-    def body(i, carry):
-        buf, key = carry
-        cur = prompt_len + i  # tokens known so far
-        # Causality makes the tokens after `cur` in the window irrelevant to position cur-1.
-        start = jnp.clip(cur - ctx, 0, length - ctx)
-        window = jax.lax.dynamic_slice_in_dim(buf, start, ctx, axis=1)
-        logits_btv = model.apply(params, window, config)
-        last = jax.lax.dynamic_index_in_dim(logits_btv, cur - 1 - start, axis=1, keepdims=False)
-        key, sub = jax.random.split(key)
-        nxt = sample_logits(last, sub, temperature, top_k, valid_vocab)
-        return jax.lax.dynamic_update_index_in_dim(buf, nxt[:, None], cur, axis=1), key
-
-    buf, _ = jax.lax.fori_loop(0, max_new_tokens, body, (buf_bl, key))
-    return buf
+def _bucket(n: int, limit: int) -> int:
+    return min(max(MIN_BUCKET, 1 << (n - 1).bit_length()), max(limit, n))
 
 
-def generate(params, config: ModelConfig, prompt_ids: list[int], max_new_tokens: int, *,
-             seed: int = 0, temperature: float = 1.0, top_k: int | None = None,
-             valid_vocab: int | None = None, eot_id: int | None = None) -> list[int]:
-    """Continue `prompt_ids` by max_new_tokens ids (prompt not included in the result).
+def _next_logits(params, s: _Static, tokens_bn, pad_b, cache, end):
+    """Logits for the token after column end-1, and the cache after writing it (if any)."""
+    cfg = s.config
+    if not s.windowed:
+        last_b1 = jax.lax.dynamic_slice_in_dim(tokens_bn, end - 1, 1, axis=1)
+        return model.apply_cached(params, last_b1, (end - 1 - pad_b)[:, None], cache, cfg)
+    ctx = cfg.context_length
+    start = jnp.clip(end - ctx, 0, tokens_bn.shape[1] - ctx)
+    window_bc = jax.lax.dynamic_slice_in_dim(tokens_bn, start, ctx, axis=1)
+    col_c = start + jnp.arange(ctx)
+    first_b1 = jnp.maximum(pad_b, end - ctx)[:, None]  # a row's oldest token inside the window
+    positions_bc = jnp.clip(col_c[None, :] - first_b1, 0, ctx - 1)
+    fresh = model.init_cache(cfg, tokens_bn.shape[0], ctx, col_c[None, :] >= first_b1)
+    logits_bv, _ = model.apply_cached(params, window_bc, positions_bc, fresh, cfg,
+                                      logits_at=end - 1 - start)
+    return logits_bv, None
 
-    An empty prompt starts from `eot_id`. Prompts longer than the context keep only their
-    last context_length tokens as conditioning (the window slides anyway).
+
+def _emit(s: _Static, state: _State, logits_bv, temperature, top_p) -> _State:
+    """Sample one id per row and append it to the rows that are still going."""
+    key = jax.random.fold_in(state.key, state.n)
+    nxt_b = sample_logits(logits_bv, key, temperature, s.top_k, top_p if s.nucleus else None,
+                          s.valid_vocab)
+    col = s.bucket + state.n
+    live_b = ~state.done
+    old_b = jax.lax.dynamic_index_in_dim(state.tokens, col, axis=1, keepdims=False)
+    tokens = jax.lax.dynamic_update_index_in_dim(state.tokens, jnp.where(live_b, nxt_b, old_b),
+                                                 col, axis=1)
+    done = state.done | (live_b & (nxt_b == s.eot_id))
+    return state._replace(tokens=tokens, lengths=state.lengths + live_b, done=done, n=state.n + 1)
+
+
+@partial(jax.jit, static_argnames="s")
+def _start(params, tokens_bn, pad_b, key, temperature, top_p, s: _Static) -> _State:
+    """Prefill the cache with the prompts and sample each row's first new id."""
+    params = model.unstack_layers(params)
+    batch, width = tokens_bn.shape
+    state = _State(tokens_bn, jnp.zeros(batch, jnp.int32), jnp.zeros(batch, bool),
+                   jnp.zeros((), jnp.int32), None, key)
+    if s.windowed:
+        logits_bv, cache = _next_logits(params, s, tokens_bn, pad_b, None, s.bucket)
+    else:
+        col_n = jnp.arange(width)
+        cache = model.init_cache(s.config, batch, width, col_n[None, :] >= pad_b[:, None])
+        prompt_bp = tokens_bn[:, :s.bucket]
+        positions_bp = jnp.maximum(col_n[None, :s.bucket] - pad_b[:, None], 0)
+        logits_bv, cache = model.apply_cached(params, prompt_bp, positions_bp, cache, s.config)
+    return _emit(s, state._replace(cache=cache), logits_bv, temperature, top_p)
+
+
+@partial(jax.jit, static_argnames="s", donate_argnames="state")
+def _advance(params, state: _State, pad_b, stop_at, temperature, top_p, s: _Static) -> _State:
+    """Decode until `stop_at` steps have been taken or every row is done."""
+    params = model.unstack_layers(params)  # sliced once here, not in every step
+
+    def running(st):
+        return (st.n < stop_at) & ~jnp.all(st.done)
+
+    def step(st):
+        logits_bv, cache = _next_logits(params, s, st.tokens, pad_b, st.cache, s.bucket + st.n)
+        return _emit(s, st._replace(cache=cache), logits_bv, temperature, top_p)
+
+    return jax.lax.while_loop(running, step, state)
+
+
+class Decoder:
+    """A batch of prompts being continued; `advance(k)` runs up to k steps in one device call.
+
+    Prompts longer than the context keep their last context_length ids (with a warning);
+    an empty prompt starts from `eot_id`. Rows stop at `eot_id` when `stop_at_eot`.
     """
-    check_sampling(temperature, top_k, max_new_tokens)
-    vocab = config.vocab_size
-    valid_vocab = min(valid_vocab or vocab, vocab)
-    if not prompt_ids:
-        if eot_id is None:
-            raise GptjaxError("empty prompt and no end-of-text id to start from")
-        prompt_ids = [eot_id]
-    prompt_ids = list(prompt_ids)[-config.context_length:]
-    bad = [i for i in prompt_ids if not 0 <= i < valid_vocab]
-    if bad:
-        raise GptjaxError(f"prompt ids outside the vocabulary of {valid_vocab}: {bad[:5]}")
-    if max_new_tokens == 0:
-        return []
-    bucket = max(MIN_BUCKET, 1 << (len(prompt_ids) - 1).bit_length())
-    length = max(config.context_length, bucket + max_new_tokens)
-    buf = jnp.zeros((1, length), jnp.int32).at[0, :len(prompt_ids)].set(jnp.array(prompt_ids))
-    top_k = None if top_k is None or top_k >= valid_vocab else int(top_k)
-    out = _generate_jit(params, buf, len(prompt_ids), jax.random.PRNGKey(seed),
-                        jnp.float32(temperature), config=config, max_new_tokens=max_new_tokens,
-                        top_k=top_k, valid_vocab=valid_vocab)
-    n = len(prompt_ids)
-    return out[0, n:n + max_new_tokens].tolist()
+
+    def __init__(self, params, config: ModelConfig, prompts: Sequence[Sequence[int]],
+                 max_new_tokens: int, sampling: Sampling = Sampling(), *,
+                 valid_vocab: int | None = None, eot_id: int | None = None,
+                 stop_at_eot: bool = True):
+        sampling.check()
+        check_max_new_tokens(max_new_tokens)
+        ctx, vocab = config.context_length, config.vocab_size
+        valid_vocab = min(valid_vocab or vocab, vocab)
+        rows = [self._prompt(list(p), ctx, valid_vocab, eot_id) for p in prompts]
+        if not rows:
+            raise GptjaxError("no prompts to continue")
+        longest = max(map(len, rows))
+        bucket = _bucket(longest, ctx)
+        capacity = _bucket(max(max_new_tokens, 1), 1 << 30)
+        windowed = longest + max_new_tokens > ctx
+        width = max(bucket + capacity, ctx) if windowed else bucket + capacity  # = cache length
+        tokens = np.zeros((len(rows), width), np.int32)
+        pad = np.array([bucket - len(r) for r in rows], np.int32)
+        for i, r in enumerate(rows):
+            tokens[i, pad[i]:bucket] = r
+        top_k = sampling.top_k if sampling.top_k is not None and sampling.top_k < valid_vocab else None
+        nucleus = sampling.top_p is not None and sampling.top_p < 1
+        self._static = _Static(config, bucket, windowed, top_k, nucleus,
+                               valid_vocab, eot_id if stop_at_eot and eot_id is not None else -1)
+        self._dynamic = (jnp.float32(sampling.temperature), jnp.float32(sampling.top_p or 1.0))
+        self._pad = jnp.asarray(pad)
+        self.max_new_tokens = max_new_tokens
+        self._seen = np.zeros(len(rows), np.int64)
+        self._state = None
+        if max_new_tokens:
+            self._state = _start(params, jnp.asarray(tokens), self._pad,
+                                 jax.random.PRNGKey(sampling.seed), *self._dynamic, s=self._static)
+        self._params = params
+
+    @staticmethod
+    def _prompt(ids: list[int], ctx: int, valid_vocab: int, eot_id: int | None) -> list[int]:
+        if not ids:
+            if eot_id is None:
+                raise GptjaxError("empty prompt and no end-of-text id to start from")
+            ids = [eot_id]
+        bad = [i for i in ids if not 0 <= i < valid_vocab]
+        if bad:
+            raise GptjaxError(f"prompt ids outside the vocabulary of {valid_vocab}: {bad[:5]}")
+        if len(ids) > ctx:
+            warnings.warn(f"prompt of {len(ids)} tokens is longer than the context; keeping its "
+                          f"last {ctx}", stacklevel=3)
+        return ids[-ctx:]
+
+    @property
+    def finished(self) -> bool:
+        return self._state is None or bool(int(self._state.n) >= self.max_new_tokens
+                                           or np.all(np.asarray(self._state.done)))
+
+    def advance(self, steps: int | None = None) -> list[list[int]]:
+        """Ids not yet returned, after up to `steps` more decode steps (None: to the end).
+
+        Finished rows get []. The first call also returns the id sampled by the prefill.
+        """
+        if steps != 0 and not self.finished:
+            n = int(self._state.n)
+            stop_at = self.max_new_tokens if steps is None else min(n + steps, self.max_new_tokens)
+            self._state = _advance(self._params, self._state, self._pad, jnp.int32(stop_at),
+                                   *self._dynamic, s=self._static)
+        return self._take()
+
+    def _take(self) -> list[list[int]]:
+        if self._state is None:
+            return [[] for _ in self._seen]
+        tokens = np.asarray(self._state.tokens)
+        lengths = np.asarray(self._state.lengths)
+        start = self._static.bucket
+        new = [tokens[i, start + self._seen[i]:start + lengths[i]].tolist()
+               for i in range(len(lengths))]
+        self._seen = lengths.astype(np.int64)
+        return new
+
+    def stop_rows(self, rows: Sequence[int]) -> None:
+        """End these rows now (a stop string was found on the host)."""
+        if self._state is not None and len(rows):
+            done = self._state.done.at[jnp.asarray(list(rows))].set(True)
+            self._state = self._state._replace(done=done)
+
+
+def generate_batch(params, config: ModelConfig, prompts: Sequence[Sequence[int]],
+                   max_new_tokens: int, sampling: Sampling = Sampling(), *,
+                   valid_vocab: int | None = None, eot_id: int | None = None,
+                   stop_at_eot: bool = True) -> list[list[int]]:
+    """New ids for each prompt (prompts not included), in one prefill and one decode call."""
+    decoder = Decoder(params, config, prompts, max_new_tokens, sampling, valid_vocab=valid_vocab,
+                      eot_id=eot_id, stop_at_eot=stop_at_eot)
+    return decoder.advance()
+
+
+def generate(params, config: ModelConfig, prompt_ids: Sequence[int], max_new_tokens: int, *,
+             seed: int = 0, temperature: float = 1.0, top_k: int | None = None,
+             top_p: float | None = None, valid_vocab: int | None = None,
+             eot_id: int | None = None, stop_at_eot: bool = False) -> list[int]:
+    """Continue one prompt by up to max_new_tokens ids (prompt not included).
+
+    By default this runs the full count (a sample may span documents); pass
+    stop_at_eot=True to end at the first end-of-text.
+    """
+    sampling = Sampling(temperature, top_k, top_p, seed)
+    return generate_batch(params, config, [prompt_ids], max_new_tokens, sampling,
+                          valid_vocab=valid_vocab, eot_id=eot_id, stop_at_eot=stop_at_eot)[0]

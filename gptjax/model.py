@@ -7,13 +7,21 @@ time that does not grow with depth). Attention projections keep an explicit head
 heads without reshapes. The output head is tied to the token embedding.
 
 Public functions: `init(config, key)`, `apply(params, tokens, config, ...)`,
-`loss(params, batch, config, ...)`, `param_count(config)`.
+`apply_cached(params, tokens, positions, cache, config, ...)` (incremental decoding),
+`init_cache(config, batch, length, ...)`, `loss(params, batch, config, ...)`,
+`param_count(config)`.
+
+Incremental decoding keeps keys and values of every layer in a preallocated `KVCache`
+that travels through the layer scan as part of the carry: each layer writes only the new
+tokens' keys and values in place, so a decode step costs one read of the cache, not a copy.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from functools import partial
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -25,22 +33,67 @@ from gptjax.config import ModelConfig
 INIT_STD = 0.02
 
 
+class KVCache(NamedTuple):
+    """Keys and values of all layers for `length` columns, shared by a batch of rows.
+
+    Rows are left-padded, so every row writes its next token at the same column `index`;
+    `valid` marks the columns that hold a real token of that row (False for padding).
+    """
+
+    k: jax.Array  # (layer, batch, length, head, head_dim)
+    v: jax.Array
+    index: jax.Array  # int32 scalar: the column the next token is written to
+    valid: jax.Array  # (batch, length) bool
+
+
+def init_cache(config: ModelConfig, batch: int, length: int, valid_bs=None, dtype=None) -> KVCache:
+    """An empty cache; `valid_bs` (batch, length) marks padding columns False (default: none)."""
+    shape = (config.n_layer, batch, length, config.n_head, config.head_dim)
+    dtype = dtype or config.dtype
+    if valid_bs is None:
+        valid_bs = jnp.ones((batch, length), bool)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32),
+                   jnp.asarray(valid_bs, bool))
+
+
+def _cached_attention(q_bthd, k_bthd, v_bthd, cache: KVCache, layer):
+    """Write this layer's new keys/values at cache.index, then attend over the whole cache."""
+    k_all = jax.lax.dynamic_update_slice(cache.k, k_bthd[None].astype(cache.k.dtype),
+                                         (layer, 0, cache.index, 0, 0))
+    v_all = jax.lax.dynamic_update_slice(cache.v, v_bthd[None].astype(cache.v.dtype),
+                                         (layer, 0, cache.index, 0, 0))
+    k_bshd = jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False)
+    v_bshd = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False)
+    t, s = q_bthd.shape[1], k_bshd.shape[1]
+    query_col_t = cache.index + jnp.arange(t)
+    key_col_s = jnp.arange(s)
+    causal_ts = key_col_s[None, :] <= query_col_t[:, None]
+    # A padding query may see itself only, so no softmax row is empty (its output is unused).
+    visible_bts = (cache.valid[:, None, :] | (key_col_s == query_col_t[:, None])[None]) & causal_ts
+    y_bthd = jax.nn.dot_product_attention(q_bthd, k_bshd.astype(q_bthd.dtype),
+                                          v_bshd.astype(q_bthd.dtype), mask=visible_bts[:, None])
+    return y_bthd, cache._replace(k=k_all, v=v_all)
+
+
 class CausalSelfAttention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_btd, deterministic: bool):
+    def __call__(self, x_btd, deterministic: bool, cache: KVCache | None = None, layer=None):
         c = self.cfg
         dense = partial(nn.DenseGeneral, use_bias=c.bias, dtype=c.dtype, param_dtype=c.param_dtype)
         qkv_btkhd = dense((3, c.n_head, c.head_dim), kernel_init=nn.initializers.normal(INIT_STD),
                           name="qkv")(x_btd)
         q_bthd, k_bthd, v_bthd = (qkv_btkhd[:, :, i] for i in range(3))
-        impl = None if c.attention_impl == "auto" else c.attention_impl
-        y_bthd = jax.nn.dot_product_attention(q_bthd, k_bthd, v_bthd, is_causal=True,
-                                              implementation=impl)
+        if cache is None:
+            impl = None if c.attention_impl == "auto" else c.attention_impl
+            y_bthd = jax.nn.dot_product_attention(q_bthd, k_bthd, v_bthd, is_causal=True,
+                                                  implementation=impl)
+        else:
+            y_bthd, cache = _cached_attention(q_bthd, k_bthd, v_bthd, cache, layer)
         # GPT-2's scaled init for projections that write into the residual stream.
         proj_init = nn.initializers.normal(INIT_STD / math.sqrt(2 * c.n_layer))
-        return dense(c.d_model, axis=(-2, -1), kernel_init=proj_init, name="out")(y_bthd)
+        return dense(c.d_model, axis=(-2, -1), kernel_init=proj_init, name="out")(y_bthd), cache
 
 
 class MLP(nn.Module):
@@ -57,28 +110,39 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block; called as a scan body, so it takes and returns a carry."""
+    """Pre-LN transformer block, called as a scan body.
+
+    The carry is (activations, cache, layer index); the cache is None when not decoding.
+    """
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_btd, deterministic: bool):
+    def __call__(self, carry, deterministic: bool):
+        x_btd, cache, layer = carry
         c = self.cfg
         norm = partial(nn.LayerNorm, epsilon=c.layer_norm_eps, use_bias=c.bias, dtype=c.dtype,
                        param_dtype=c.param_dtype)
         drop = nn.Dropout(c.dropout)
-        h = CausalSelfAttention(c, name="attn")(norm(name="ln1")(x_btd), deterministic)
+        h, cache = CausalSelfAttention(c, name="attn")(norm(name="ln1")(x_btd), deterministic,
+                                                       cache, layer)
         x_btd = x_btd + drop(h, deterministic=deterministic)
         h = MLP(c, name="mlp")(norm(name="ln2")(x_btd))
         x_btd = x_btd + drop(h, deterministic=deterministic)
-        return x_btd, None
+        return (x_btd, cache, layer + 1), None
 
 
 class GPT(nn.Module):
     cfg: ModelConfig
+    # False: one Block per layer, params {"blocks_0": ..., ...} (see `unstack_layers`). Decoding
+    # uses this: XLA:CPU copies each layer's weights out of a stacked array inside a scan,
+    # which triples the memory traffic of a bandwidth-bound decode step.
+    scan_layers: bool = True
 
     @nn.compact
-    def __call__(self, tokens_bt, positions_bt=None, deterministic: bool = True):
+    def __call__(self, tokens_bt, positions_bt=None, deterministic: bool = True,
+                 cache: KVCache | None = None, logits_at=None):
+        """Logits (batch, time, vocab); with a cache, (logits at column `logits_at`, cache)."""
         c = self.cfg
         if c.vocab_size <= 0:
             raise ValueError("ModelConfig.vocab_size must be set (resolve it from the tokenizer)")
@@ -91,18 +155,31 @@ class GPT(nn.Module):
             positions_bt = jnp.arange(tokens_bt.shape[1])[None, :]
         x_btd = wte(tokens_bt) + embed(c.context_length, name="wpe")(positions_bt)
         x_btd = nn.Dropout(c.dropout)(x_btd, deterministic=deterministic)
-        blocks = nn.scan(
-            Block,
-            variable_axes={"params": 0},
-            split_rngs={"params": True, "dropout": True},
-            in_axes=nn.broadcast,
-            length=c.n_layer,
-            unroll=min(c.scan_unroll, c.n_layer),
-        )
-        x_btd, _ = blocks(c, name="blocks")(x_btd, deterministic)
+        if self.scan_layers:
+            blocks = nn.scan(
+                Block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=nn.broadcast,
+                length=c.n_layer,
+                unroll=min(c.scan_unroll, c.n_layer),
+            )
+            (x_btd, new_cache, _), _ = blocks(c, name="blocks")(
+                (x_btd, cache, jnp.zeros((), jnp.int32)), deterministic)
+        else:
+            carry = (x_btd, cache, 0)
+            for i in range(c.n_layer):
+                carry, _ = Block(c, name=f"blocks_{i}")(carry, deterministic)
+            x_btd, new_cache, _ = carry
+        if cache is not None:
+            # Decoding needs one position's logits; skip the (time x vocab) head for the rest.
+            x_btd = jax.lax.dynamic_slice_in_dim(x_btd, logits_at, 1, axis=1)
         x_btd = nn.LayerNorm(epsilon=c.layer_norm_eps, use_bias=c.bias, dtype=c.dtype,
                              param_dtype=c.param_dtype, name="ln_f")(x_btd)
-        return wte.attend(x_btd).astype(jnp.float32)
+        logits_btv = wte.attend(x_btd).astype(jnp.float32)
+        if cache is None:
+            return logits_btv
+        return logits_btv[:, 0], new_cache._replace(index=cache.index + tokens_bt.shape[1])
 
 
 @partial(jax.jit, static_argnums=0)
@@ -120,6 +197,32 @@ def apply(params: dict, tokens_bt: jax.Array, config: ModelConfig, *, positions_
                              deterministic=deterministic, rngs=rngs)
 
 
+def unstack_layers(params: dict) -> dict:
+    """The same parameters with the layer axis split into "blocks_0", "blocks_1", ...
+
+    Inside jit, before a decode loop, this slices each layer's weights out once per call
+    rather than once per step.
+    """
+    out = {k: v for k, v in params.items() if k != "blocks"}
+    n_layer = jax.tree.leaves(params["blocks"])[0].shape[0]
+    for i in range(n_layer):
+        out[f"blocks_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["blocks"])
+    return out
+
+
+def apply_cached(params: dict, tokens_bt: jax.Array, positions_bt: jax.Array, cache: KVCache,
+                 config: ModelConfig, *, logits_at=-1) -> tuple[jax.Array, KVCache]:
+    """Run `tokens_bt` (written at columns cache.index...) against the cache.
+
+    Returns the float32 logits (batch, vocab) at column `logits_at` of `tokens_bt` (default:
+    the last) and the cache advanced by the tokens' length. Prefill and one-token decode
+    steps are both this call. `params` may be layer-stacked or `unstack_layers(params)`.
+    """
+    logits_at = logits_at % tokens_bt.shape[1] if isinstance(logits_at, int) else logits_at
+    return GPT(config, scan_layers="blocks" in params).apply(
+        {"params": params}, tokens_bt, positions_bt, cache=cache, logits_at=logits_at)
+
+
 def loss_sum(params, batch: dict, config: ModelConfig, *, deterministic=True, rng=None):
     """(sum of token cross-entropies, number of weighted tokens) for exact averaging."""
     logits_btv = apply(params, batch["inputs"], config, deterministic=deterministic, rng=rng)
@@ -134,6 +237,12 @@ def loss(params, batch: dict, config: ModelConfig, *, deterministic=True, rng=No
     """Mean next-token cross-entropy over the batch (weighted if batch has "weights")."""
     total, count = loss_sum(params, batch, config, deterministic=deterministic, rng=rng)
     return total / jnp.maximum(count, 1.0)
+
+
+def cast(params: dict, config: ModelConfig, dtype: str) -> tuple[dict, ModelConfig]:
+    """Parameters stored and computed in `dtype` (e.g. bfloat16 weights for decoding)."""
+    params = jax.tree.map(lambda p: p.astype(dtype), params)
+    return params, dataclasses.replace(config, dtype=dtype, param_dtype=dtype)
 
 
 def param_count(config: ModelConfig, *, exclude_position: bool = False) -> int:

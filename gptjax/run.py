@@ -36,9 +36,19 @@ def has_checkpoint(path: Path) -> bool:
     return ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())
 
 
+def has_train_state(path: Path) -> bool:
+    """False for a params-only run (imported weights): there is no optimizer state to resume."""
+    steps = [p for p in (Path(path) / "checkpoints").iterdir() if p.name.isdigit()]
+    return (max(steps, key=lambda p: int(p.name)) / "train").is_dir()
+
+
 def check_out_dir(out: Path) -> bool:
     """True when `out` is a run with a checkpoint to resume; error if it is something else."""
     if is_run(out):
+        if has_checkpoint(out) and not has_train_state(out):
+            raise GptjaxError(f"{out} holds imported weights without optimizer state, so it cannot "
+                              "be resumed; training from imported weights (fine-tuning) is not "
+                              "supported yet")
         return has_checkpoint(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise GptjaxError(f"{out} exists and is not a gptjax run; choose another --out")

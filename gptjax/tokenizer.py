@@ -111,6 +111,10 @@ class GPT2Tokenizer:
     def spec(self) -> dict:
         return {"kind": self.kind}
 
+    def token_bytes(self) -> list[bytes]:
+        """The bytes of every BPE id below eot_id, in id (= merge rank) order."""
+        return [self._enc.decode_single_token_bytes(i) for i in range(self.eot_id)]
+
 
 def _load_gpt2_encoding(ranks_path):
     import tiktoken

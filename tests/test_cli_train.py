@@ -94,13 +94,29 @@ def test_finished_run_is_not_trained_further(full_run, capsys):
 
 def test_generate_is_seeded_and_greedy_is_deterministic(full_run, capsys):
     outs = [run_cli(capsys, "generate", "--run", full_run, "--prompt", "The quick",
-                    "--max-new-tokens", "12", *flags)
+                    "--max-new-tokens", "12", "--ignore-eot", *flags)
             for flags in (["--temperature", "0"], ["--temperature", "0"],
                           ["--seed", "1", "--top-k", "5"], ["--seed", "1", "--top-k", "5"])]
     assert all(code == 0 for code, _, _ in outs)
     texts = [o.rstrip("\n") for _, o, _ in outs]
     assert texts[0] == texts[1] and texts[2] == texts[3]
     assert all(t.startswith("The quick") and len(t) == len("The quick") + 12 for t in texts)
+
+
+def test_generate_batches_prompts_and_cuts_at_stop_strings(full_run, capsys):
+    args = ["generate", "--run", full_run, "--max-new-tokens", "20", "--temperature", "0",
+            "--ignore-eot"]
+    code, single, err = run_cli(capsys, *args, "--prompt", "The quick")
+    assert code == 0, err
+    code, batch, err = run_cli(capsys, *args, "--prompt", "The quick", "--prompt", "She")
+    assert code == 0, err
+    lines = batch.splitlines()
+    assert lines[0] == "--- 1 ---" and "--- 2 ---" in lines
+    assert batch.startswith("--- 1 ---\n" + single)  # streamed alone = batched
+    stop = single[len("The quick") + 3:len("The quick") + 5]
+    code, cut, err = run_cli(capsys, *args, "--prompt", "The quick", "--stop", stop)
+    assert code == 0, err
+    assert cut == single[:single.index(stop, len("The quick"))] + "\n"
 
 
 def test_eval_prints_loss_and_perplexity(full_run, char_data, capsys):

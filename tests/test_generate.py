@@ -1,3 +1,5 @@
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,7 +8,10 @@ import pytest
 from gptjax import model
 from gptjax.config import preset
 from gptjax.errors import GptjaxError
-from gptjax.generate import generate, sample_logits
+from gptjax.generate import Decoder, generate, generate_batch
+from gptjax.sampling import Sampling, sample_logits
+from gptjax.textgen import generate_text
+from gptjax.tokenizer import ByteTokenizer
 
 CFG = preset("tiny", vocab_size=40, context_length=16)
 
@@ -26,25 +31,88 @@ def naive_greedy(params, prompt, n):
     return ids[len(prompt):]
 
 
-@pytest.mark.parametrize("prompt_len,new", [(3, 4), (12, 8), (30, 3)])
+# (5, 11) fills the context exactly (cached); (12, 8) and (30, 3) slide the window.
+@pytest.mark.parametrize("prompt_len,new", [(3, 4), (5, 11), (12, 8), (30, 3)])
 def test_greedy_matches_a_naive_loop_also_past_the_context(params, prompt_len, new):
     prompt = [(7 * i + 3) % 40 for i in range(prompt_len)]
-    assert generate(params, CFG, prompt, new, temperature=0.0) == naive_greedy(params, prompt, new)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the 30-token prompt is cut to the context, tested below
+        ids = generate(params, CFG, prompt, new, temperature=0.0)
+    assert ids == naive_greedy(params, prompt, new)
 
 
-def test_sampling_is_seeded_and_respects_the_valid_vocabulary(params):
-    a = generate(params, CFG, [1, 2, 3], 30, seed=4, temperature=1.5, valid_vocab=10)
-    assert a == generate(params, CFG, [1, 2, 3], 30, seed=4, temperature=1.5, valid_vocab=10)
-    assert a != generate(params, CFG, [1, 2, 3], 30, seed=5, temperature=1.5, valid_vocab=10)
+def test_cached_logits_equal_uncached_with_left_padding(params):
+    """Prefill + one-token steps over a left-padded batch give each row's full-forward logits."""
+    rows = [[5, 9, 2, 7, 1, 3], [8, 4, 6]]
+    width, cols = 8, 6  # cache columns; prompt columns (row 1 has 3 padding columns)
+    pad = np.array([cols - len(r) for r in rows])
+    tokens = np.zeros((2, cols), np.int32)
+    for i, r in enumerate(rows):
+        tokens[i, pad[i]:] = r
+    valid = np.arange(width)[None, :] >= pad[:, None]
+    cache = model.init_cache(CFG, 2, width, valid)
+    positions = np.maximum(np.arange(cols)[None, :] - pad[:, None], 0)
+    logits, cache = model.apply_cached(params, jnp.asarray(tokens), positions, cache, CFG)
+    steps = [logits]
+    for t, nxt in enumerate([[11, 12], [13, 14]]):
+        logits, cache = model.apply_cached(params, jnp.array(nxt)[:, None],
+                                           (cols + t - pad)[:, None], cache, CFG)
+        steps.append(logits)
+    for i, r in enumerate(rows):
+        full = r + [[11, 12], [13, 14]][0][i:i + 1] + [[11, 12], [13, 14]][1][i:i + 1]
+        expected = model.apply(params, jnp.array([full]), CFG)[0, len(r) - 1:]
+        got = jnp.stack([s[i] for s in steps])
+        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_batch_of_different_lengths_equals_each_prompt_alone(params):
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
+    batch = generate_batch(params, CFG, prompts, 6, Sampling(temperature=0.0))
+    assert batch == [naive_greedy(params, p, 6) for p in prompts]
+
+
+def test_sampling_is_seeded_chunk_independent_and_respects_the_valid_vocabulary(params):
+    kwargs = dict(seed=4, temperature=1.5, valid_vocab=10)
+    a = generate(params, CFG, [1, 2, 3], 12, **kwargs)
+    assert a == generate(params, CFG, [1, 2, 3], 12, **kwargs)
+    assert a != generate(params, CFG, [1, 2, 3], 12, **{**kwargs, "seed": 5})
     assert all(0 <= i < 10 for i in a)
+    decoder = Decoder(params, CFG, [[1, 2, 3]], 12, Sampling(1.5, seed=4), valid_vocab=10)
+    pieces = [decoder.advance(k)[0] for k in (0, 1, 3, 100)]
+    assert [len(p) for p in pieces] == [1, 1, 3, 7] and sum(pieces, []) == a
 
 
-def test_top_k_one_is_greedy():
+def test_rows_stop_at_end_of_text_independently(params):
+    prompts = [[1, 2], [30, 31, 32]]
+    sampling = Sampling(temperature=2.0, seed=7)
+    free = generate_batch(params, CFG, prompts, 8, sampling)
+    j = next(j for j in range(1, 8) if free[0][j] not in free[0][:j])
+    eot = free[0][j]
+    stopped = generate_batch(params, CFG, prompts, 8, sampling, eot_id=eot)
+    assert stopped[0] == free[0][:j + 1]
+    cut = free[1].index(eot) + 1 if eot in free[1] else 8
+    assert stopped[1] == free[1][:cut]
+
+
+def test_top_k_one_is_greedy_and_top_k_above_the_vocabulary_is_clamped(params):
     logits = jnp.array([[0.1, 3.0, 2.9, -1.0]])
     for seed in range(5):
-        assert int(sample_logits(logits, jax.random.PRNGKey(seed), 1.0, 1, 4)[0]) == 1
-    picks = {int(sample_logits(logits, jax.random.PRNGKey(s), 1.0, 2, 4)[0]) for s in range(40)}
+        assert int(sample_logits(logits, jax.random.PRNGKey(seed), 1.0, 1, None, 4)[0]) == 1
+    picks = {int(sample_logits(logits, jax.random.PRNGKey(s), 1.0, 2, None, 4)[0]) for s in range(40)}
     assert picks == {1, 2}
+    assert generate(params, CFG, [1], 5, top_k=10_000, seed=1) == generate(params, CFG, [1], 5, seed=1)
+
+
+@pytest.mark.parametrize("top_p,allowed", [(0.01, {0}), (0.7, {0, 1}), (0.85, {0, 1, 2}),
+                                           (1.0, {0, 1, 2, 3})])
+def test_top_p_keeps_the_smallest_set_reaching_p(top_p, allowed):
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+    draws = jax.vmap(lambda k: sample_logits(logits, k, 1.0, None, jnp.float32(top_p), 4)[0])(
+        jax.random.split(jax.random.PRNGKey(0), 400))
+    assert set(np.asarray(draws).tolist()) == allowed
+    with_k = jax.vmap(lambda k: sample_logits(logits, k, 1.0, 3, jnp.float32(top_p), 4)[0])(
+        jax.random.split(jax.random.PRNGKey(1), 400))
+    assert set(np.asarray(with_k).tolist()) == allowed - {3}
 
 
 def test_empty_prompt_starts_from_end_of_text(params):
@@ -53,9 +121,17 @@ def test_empty_prompt_starts_from_end_of_text(params):
         generate(params, CFG, [], 4)
 
 
+def test_a_prompt_longer_than_the_context_is_cut_with_a_warning(params):
+    prompt = list(range(1, 21))
+    with pytest.warns(UserWarning, match="keeping its last 16"):
+        ids = generate(params, CFG, prompt, 3, temperature=0.0)
+    assert ids == naive_greedy(params, prompt[-16:], 3)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(temperature=-0.5), "temperature"), (dict(temperature=float("nan")), "temperature"),
-    (dict(top_k=0), "top_k"), (dict(max_new_tokens=-1), "max_new_tokens"),
+    (dict(top_k=0), "top_k"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(top_p=float("nan")), "top_p"), (dict(max_new_tokens=-1), "max_new_tokens"),
 ])
 def test_bad_sampling_settings(params, kwargs, match):
     args = {"max_new_tokens": 3, **kwargs}
@@ -67,5 +143,35 @@ def test_bad_sampling_settings(params, kwargs, match):
 def test_prompt_ids_outside_the_vocabulary(params):
     with pytest.raises(GptjaxError, match="outside the vocabulary"):
         generate(params, CFG, [1, 45], 2)
+    with pytest.raises(GptjaxError, match="outside the vocabulary"):
+        generate(params, CFG, [1, 12], 2, valid_vocab=10)
     assert generate(params, CFG, [1], 0) == []
-    np.testing.assert_array_equal(params["wte"]["embedding"].shape, (40, 32))
+
+
+def test_text_streams_and_stops_at_stop_strings():
+    tok = ByteTokenizer()
+    cfg = preset("tiny", vocab_size=tok.vocab_size, context_length=64)
+    p = model.init(cfg, jax.random.PRNGKey(2))
+    sampling = Sampling(temperature=1.0, seed=3)
+    full = generate_text(p, cfg, tok, ["hi", "abc"], 24, sampling, stop_at_eot=False)
+    pieces = {0: "", 1: ""}
+
+    def collect(row, piece):
+        pieces[row] += piece
+
+    streamed = generate_text(p, cfg, tok, ["hi", "abc"], 24, sampling, on_text=collect,
+                             stop_at_eot=False)
+    assert streamed == full and [pieces[0], pieces[1]] == full
+    stop = full[0][6:8]
+    cut = generate_text(p, cfg, tok, ["hi", "abc"], 24, sampling, stop=[stop], stop_at_eot=False)
+    assert cut[0] == full[0][:full[0].index(stop)]
+    assert cut[1] == (full[1][:full[1].index(stop)] if stop in full[1] else full[1])
+
+
+def test_bfloat16_weights_decode_close_to_float32(params):
+    bf_params, bf_cfg = model.cast(params, CFG, "bfloat16")
+    assert bf_params["wte"]["embedding"].dtype == jnp.bfloat16
+    tokens = jnp.array([[3, 1, 4, 1, 5, 9]])
+    np.testing.assert_allclose(model.apply(bf_params, tokens, bf_cfg),
+                               model.apply(params, tokens, CFG), atol=0.1)
+    assert len(generate(bf_params, bf_cfg, [1, 2], 5, temperature=0.0)) == 5

@@ -1,0 +1,111 @@
+"""GPT-2 weights in and out of gptjax, in the Hugging Face (transformers/safetensors) layout.
+
+    cfg, params = load_hf("path/to/gpt2")          # config.json + model.safetensors
+    save_hf(params, cfg, "out/gpt2", tokenizer=GPT2Tokenizer())
+    loaded = load_pretrained("gpt2")               # a directory, or a Hub name (downloads)
+
+Imports check everything before reading any weight and report every mismatch at once;
+exports build the directory beside its destination and rename it into place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import secrets
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import jax.numpy as jnp
+from safetensors.numpy import save_file
+
+from gptjax import config as C
+from gptjax.errors import GptjaxError
+from gptjax.hf_config import config_from_hf, config_to_hf, read_hf_config
+from gptjax.hf_layout import to_hf_tensors
+from gptjax.hf_source import resolve_source
+from gptjax.hf_weights import Tensors, check, check_tied, read_params
+from gptjax.tokenizer import GPT2Tokenizer
+
+__all__ = ["check_new_dir", "config_from_hf", "config_to_hf", "load_hf", "load_pretrained",
+           "new_dir", "resolve_source", "save_hf"]
+
+
+def load_hf(source: str | os.PathLike, *, dtype=None) -> tuple[C.ModelConfig, dict]:
+    """(ModelConfig, params) of a GPT-2 directory; `dtype` ("bfloat16") casts each leaf."""
+    directory = Path(source)
+    if not directory.is_dir():
+        raise GptjaxError(f"{directory} is not a directory with config.json and model.safetensors")
+    cfg = read_hf_config(directory)
+    cfg = dataclasses.replace(cfg, param_dtype=_param_dtype(dtype))
+    tensors = Tensors(directory)
+    check(tensors, cfg)
+    check_tied(tensors)
+    return cfg, read_params(tensors, cfg, jnp.dtype(cfg.param_dtype))
+
+
+def _param_dtype(dtype) -> str:
+    """ModelConfig records the parameter dtype, so only its choices can be loaded into."""
+    name = "float32" if dtype is None else jnp.dtype(dtype).name
+    choices = C.ModelConfig.__dataclass_fields__["param_dtype"].metadata["choices"]
+    if name not in choices:
+        raise GptjaxError(f"parameter dtype {name} is not supported; choose {' or '.join(choices)}")
+    return name
+
+
+def save_hf(params: dict, cfg: C.ModelConfig, out_dir: str | os.PathLike, *,
+            tokenizer=None) -> list[Path]:
+    """Write config.json + model.safetensors (+ tokenizer files for GPT-2's); the paths written."""
+    out = Path(out_dir)
+    check_new_dir(out)
+    hf_config = config_to_hf(cfg, eot_id=getattr(tokenizer, "eot_id", None))
+    tensors = to_hf_tensors(params, cfg)
+    with new_dir(out) as tmp:
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        # transformers refuses safetensors files without this metadata.
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        del tensors
+        if isinstance(tokenizer, GPT2Tokenizer):
+            from gptjax.hf_tokenizer import save_tokenizer
+            save_tokenizer(tokenizer, tmp, model_max_length=cfg.context_length)
+        names = sorted(p.name for p in tmp.iterdir())
+    return [out / name for name in names]
+
+
+def load_pretrained(source: str | os.PathLike, gpt2_ranks: str | None = None, dtype=None):
+    """A GPT-2 directory or Hub name as a gptjax LoadedRun (GPT-2 tokenizer, step 0)."""
+    from gptjax.run import LoadedRun
+
+    path = resolve_source(source)
+    tokenizer = GPT2Tokenizer(gpt2_ranks)  # fail on missing ranks before reading weights
+    vocab = read_hf_config(path).vocab_size
+    if vocab != tokenizer.vocab_size:
+        raise GptjaxError(f"{path} has vocab_size {vocab}, but the GPT-2 tokenizer has "
+                          f"{tokenizer.vocab_size} ids; only GPT-2-vocabulary models load here")
+    model_cfg, params = load_hf(path, dtype=dtype)
+    cfg = C.RunConfig(model=model_cfg, data=C.DataConfig(tokenizer="gpt2", gpt2_ranks=gpt2_ranks or ""))
+    return LoadedRun(path, C.validate(cfg), tokenizer, params, 0)
+
+
+def check_new_dir(out: Path) -> None:
+    """Outputs never overwrite: `out` must not exist, or be an empty directory."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise GptjaxError(f"{out} already exists and is not empty; choose another --out")
+
+
+@contextmanager
+def new_dir(out: str | os.PathLike):
+    """A directory built beside `out` and renamed into place only when complete."""
+    out = Path(out)
+    check_new_dir(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        os.replace(tmp, out)  # rename(2) also replaces an empty directory
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
