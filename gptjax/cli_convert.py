@@ -10,7 +10,6 @@ import argparse
 import json
 from pathlib import Path
 
-from gptjax.errors import GptjaxError
 
 DESCRIPTION = """\
 Convert GPT-2 weights between gptjax and Hugging Face's layout.
