@@ -88,10 +88,17 @@ def _emit(s: _Static, state: _State, logits_bv, temperature, top_p) -> _State:
     return state._replace(tokens=tokens, lengths=state.lengths + live_b, done=done, n=state.n + 1)
 
 
+def _per_layer(params):
+    """Decoding reads per-layer weights (see model.GPT.scan_layers). Stacked parameters are
+    sliced here, once per call, not once per step; callers that decode repeatedly pass
+    `model.unstack_layers(params)` to skip even that copy."""
+    return model.unstack_layers(params) if "blocks" in params else params
+
+
 @partial(jax.jit, static_argnames="s")
 def _start(params, tokens_bn, pad_b, key, temperature, top_p, s: _Static) -> _State:
     """Prefill the cache with the prompts and sample each row's first new id."""
-    params = model.unstack_layers(params)
+    params = _per_layer(params)
     batch, width = tokens_bn.shape
     state = _State(tokens_bn, jnp.zeros(batch, jnp.int32), jnp.zeros(batch, bool),
                    jnp.zeros((), jnp.int32), None, key)
@@ -109,7 +116,7 @@ def _start(params, tokens_bn, pad_b, key, temperature, top_p, s: _Static) -> _St
 @partial(jax.jit, static_argnames="s", donate_argnames="state")
 def _advance(params, state: _State, pad_b, stop_at, temperature, top_p, s: _Static) -> _State:
     """Decode until `stop_at` steps have been taken or every row is done."""
-    params = model.unstack_layers(params)  # sliced once here, not in every step
+    params = _per_layer(params)
 
     def running(st):
         return (st.n < stop_at) & ~jnp.all(st.done)
@@ -123,6 +130,9 @@ def _advance(params, state: _State, pad_b, stop_at, temperature, top_p, s: _Stat
 
 class Decoder:
     """A batch of prompts being continued; `advance(k)` runs up to k steps in one device call.
+
+    `params` are layer-stacked (as trained) or `model.unstack_layers(params)`, which saves
+    a copy of the weights per call when the same model decodes many times.
 
     Prompts longer than the context keep their last context_length ids (with a warning);
     an empty prompt starts from `eot_id`. Rows stop at `eot_id` when `stop_at_eot`.

@@ -66,6 +66,19 @@ def test_generate_runs_on_the_imported_run(imported_run, capsys):
     assert out.startswith("Hello") and len(out.strip()) > len("Hello")
 
 
+def test_generate_hf_reads_the_folder_directly_and_matches_the_imported_run(
+        imported_run, hf_dir, capsys, gpt2_ranks):
+    args = ["--prompt", "Hello", "--prompt", "The", "--max-new-tokens", "6", "--temperature", "0",
+            "--ignore-eot", "--gpt2-ranks", gpt2_ranks]
+    code, from_hf, err = run_cli(capsys, "generate", "--hf", hf_dir[0], *args)
+    assert code == 0, err
+    code, from_run, err = run_cli(capsys, "generate", "--run", imported_run, *args)
+    assert code == 0, err
+    assert from_hf == from_run and from_hf.startswith("--- 1 ---\nHello")
+    code, _, err = run_cli(capsys, "generate", "--hf", hf_dir[0], "--run", imported_run)
+    assert code == 2 and "not allowed with" in err
+
+
 def test_training_an_imported_run_is_refused_without_touching_it(imported_run, capsys):
     before = {p: p.read_bytes() for p in imported_run.rglob("*") if p.is_file()}
     fails_cleanly(capsys, "train", "--out", imported_run, "--no-progress",
