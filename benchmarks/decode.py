@@ -162,10 +162,20 @@ def main(argv=None) -> int:
     return 0
 
 
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine(threads: int) -> dict:
     import torch
     import transformers
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    return {"cpu": cpu_name(), "cores": os.cpu_count(),
             "threads": threads, "device": str(jax.devices()[0].device_kind),
             "python": platform.python_version(), "jax": jax.__version__,
             "torch": torch.__version__, "transformers": transformers.__version__,
@@ -176,7 +186,7 @@ def markdown(report: dict) -> str:
     m = report["machine"]
     lines = [f"### Decode, GPT-2 124M, prompt {report['prompt_len']} + {report['new_tokens']} new "
              f"tokens ({time.strftime('%Y-%m-%d')})", "",
-             f"{m['device']}, {m['cores']} cores, {m['threads']} threads; jax {m['jax']}, torch "
+             f"{m['cpu']} ({m['device']}), {m['cores']} cores, {m['threads']} threads; jax {m['jax']}, torch "
              f"{m['torch']}, transformers {m['transformers']}, Python {m['python']}; median of "
              f"{report['repeats']} alternating repeats; weights: {report['weights']}; read "
              f"bandwidth {report['bandwidth_gbs']:.1f} GB/s. Command: `python benchmarks/decode.py"
