@@ -135,7 +135,7 @@ def main(argv=None) -> int:
         batch = int(batch)
         prompts = rng.integers(0, cfg32.vocab_size, (batch, args.prompt_len)).tolist()
         params, cfg = (params32, cfg32) if dtype == "float32" else model.cast(params32, cfg32, dtype)
-        params = model.unstack_layers(params)  # the decode layout, once, like loading
+        params = model.decode_params(params)  # the decode layout, once, like loading
         time_gptjax(params, cfg, prompts, args.new, warm=False)  # compile
         time_transformers(hf_model, prompts, 2)  # warm up
         ours, theirs = [], []

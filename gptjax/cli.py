@@ -134,7 +134,7 @@ def _prepare(args) -> int:
 
 def _generate(args) -> int:
     from gptjax import run
-    from gptjax.model import cast, unstack_layers
+    from gptjax.model import cast, decode_params
     from gptjax.sampling import Sampling, check_max_new_tokens
     from gptjax.textgen import generate_text
 
@@ -154,7 +154,7 @@ def _generate(args) -> int:
     params, model_cfg = loaded.params, loaded.config.model
     if args.dtype:
         params, model_cfg = cast(params, model_cfg, args.dtype)
-    params = unstack_layers(params)  # the decode layout, once (see gptjax.generate)
+    params = decode_params(params)  # the decode layout, once (see gptjax.generate)
     loaded.params = None  # let the stacked copy go
     stream = len(prompts) == 1 and not args.no_stream
 

@@ -89,10 +89,10 @@ def _emit(s: _Static, state: _State, logits_bv, temperature, top_p) -> _State:
 
 
 def _per_layer(params):
-    """Decoding reads per-layer weights (see model.GPT.scan_layers). Stacked parameters are
-    sliced here, once per call, not once per step; callers that decode repeatedly pass
-    `model.unstack_layers(params)` to skip even that copy."""
-    return model.unstack_layers(params) if "blocks" in params else params
+    """Decoding reads the decode layout (see model.GPT). Parameters as trained are converted
+    here, once per call, not once per step; callers that decode repeatedly pass
+    `model.decode_params(params)` to skip even that copy."""
+    return model.decode_params(params)
 
 
 @partial(jax.jit, static_argnames="s")
@@ -131,7 +131,7 @@ def _advance(params, state: _State, pad_b, stop_at, temperature, top_p, s: _Stat
 class Decoder:
     """A batch of prompts being continued; `advance(k)` runs up to k steps in one device call.
 
-    `params` are layer-stacked (as trained) or `model.unstack_layers(params)`, which saves
+    `params` are as trained or `model.decode_params(params)`, which saves
     a copy of the weights per call when the same model decodes many times.
 
     Prompts longer than the context keep their last context_length ids (with a warning);

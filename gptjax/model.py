@@ -11,9 +11,9 @@ Public functions: `init(config, key)`, `apply(params, tokens, config, ...)`,
 `init_cache(config, batch, length, ...)`, `loss(params, batch, config, ...)`,
 `param_count(config)`.
 
-Incremental decoding runs the layers as a Python loop over per-layer parameters (see
-`unstack_layers`) and keeps keys and values in a preallocated `KVCache` of per-layer
-arrays: each layer writes only the new tokens' columns in place, so a decode step reads
+Incremental decoding uses a decode layout of the same parameters (`decode_params`: one
+Block per layer, output-major kernels) and keeps keys and values in a preallocated
+`KVCache` (gptjax.kv_cache) of per-layer arrays written in place, so a decode step reads
 each weight and each cache entry once and copies neither.
 """
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from functools import partial
-from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -30,97 +29,85 @@ import jax.numpy as jnp
 import optax
 
 from gptjax.config import ModelConfig
+from gptjax.kv_cache import KVCache, cached_attention, init_cache  # noqa: F401
 
 INIT_STD = 0.02
 
 
-class KVCache(NamedTuple):
-    """Keys and values of every layer for `length` columns, shared by a batch of rows.
+class OutMajorDense(nn.Module):
+    """A projection whose kernel is stored output-major, (out..., in...): the decode layout.
 
-    One array per layer (not one stacked array), so a decode step reads each layer's cache
-    where it lies and writes only the new column, in place. Layouts are the ones the two
-    attention contractions read without transposing: keys (batch, head, length, head_dim),
-    values (batch, head, head_dim, length). Rows are left-padded, so every row writes its
-    next token at the same column `index`; `valid` is False on padding columns.
+    The product is formed output-major too, (out, rows), and transposed after a barrier
+    (else XLA folds the transpose back in): for the few rows of a decode step XLA:CPU's
+    matrix products read an (out, in) kernel this way at ~20-26 GB/s, against ~14-21 GB/s
+    for the (in, out) kernel and row-major product of training (benchmarks/NOTES.md).
     """
 
-    k: tuple  # per layer: (batch * head, length, head_dim)
-    v: tuple  # per layer: (batch * head, length, head_dim)
-    index: jax.Array  # int32 scalar: the column the next token is written to
-    valid: jax.Array  # (batch, length) bool
+    cfg: ModelConfig
+    out_shape: tuple[int, ...]
+    in_ndim: int
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.cfg
+        in_shape = x.shape[x.ndim - self.in_ndim:]
+        # Values come from decode_params(); the initialiser only fixes the shape.
+        kernel = self.param("kernel", nn.initializers.zeros, (*self.out_shape, *in_shape),
+                            c.param_dtype)
+        kernel_oi = kernel.reshape(math.prod(self.out_shape), -1).astype(c.dtype)
+        x_ri = x.reshape(-1, math.prod(in_shape)).astype(c.dtype)
+        y_or = jnp.einsum("oi,ri->or", kernel_oi, x_ri)
+        y = jax.lax.optimization_barrier(y_or).T.reshape(*x.shape[:x.ndim - self.in_ndim],
+                                                          *self.out_shape)
+        if c.bias:
+            y = y + self.param("bias", nn.initializers.zeros, self.out_shape,
+                               c.param_dtype).astype(c.dtype)
+        return y
 
 
-def init_cache(config: ModelConfig, batch: int, length: int, valid_bs=None, dtype=None) -> KVCache:
-    """An empty cache; `valid_bs` (batch, length) marks padding columns False (default: none)."""
-    c, dtype = config, dtype or config.dtype
-    if valid_bs is None:
-        valid_bs = jnp.ones((batch, length), bool)
-    shape = (batch * c.n_head, length, c.head_dim)
-    k = tuple(jnp.zeros(shape, dtype) for _ in range(c.n_layer))
-    v = tuple(jnp.zeros(shape, dtype) for _ in range(c.n_layer))
-    return KVCache(k, v, jnp.zeros((), jnp.int32), jnp.asarray(valid_bs, bool))
-
-
-def _cached_attention(q_bthd, k_bthd, v_bthd, cache: KVCache, layer: int):
-    """Write this layer's new keys/values at cache.index, then attend over the whole cache."""
-    b, t, h, hd = q_bthd.shape
-
-    def rows(x_bthd):  # (batch * head, time, head_dim): one batch axis, as XLA's dot wants
-        return x_bthd.transpose(0, 2, 1, 3).reshape(b * h, t, hd)
-
-    k_rsd = jax.lax.dynamic_update_slice(cache.k[layer], rows(k_bthd).astype(cache.k[layer].dtype),
-                                         (0, cache.index, 0))
-    v_rsd = jax.lax.dynamic_update_slice(cache.v[layer], rows(v_bthd).astype(cache.v[layer].dtype),
-                                         (0, cache.index, 0))
-    s = k_rsd.shape[1]
-    query_col_t = cache.index + jnp.arange(t)
-    key_col_s = jnp.arange(s)
-    causal_ts = key_col_s[None, :] <= query_col_t[:, None]
-    # A padding query may see itself only, so no softmax row is empty (its output is unused).
-    visible_bts = (cache.valid[:, None, :] | (key_col_s == query_col_t[:, None])[None]) & causal_ts
-    scores_rts = jnp.einsum("rtd,rsd->rts", rows(q_bthd), k_rsd.astype(q_bthd.dtype),
-                            preferred_element_type=jnp.float32) / math.sqrt(hd)
-    scores_bhts = jnp.where(visible_bts[:, None], scores_rts.reshape(b, h, t, s), -jnp.inf)
-    probs_rts = jax.nn.softmax(scores_bhts, axis=-1).astype(q_bthd.dtype).reshape(b * h, t, s)
-    y_rtd = jnp.einsum("rts,rsd->rtd", probs_rts, v_rsd.astype(q_bthd.dtype))
-    y_bthd = y_rtd.reshape(b, h, t, hd).transpose(0, 2, 1, 3)
-    k = cache.k[:layer] + (k_rsd,) + cache.k[layer + 1:]
-    v = cache.v[:layer] + (v_rsd,) + cache.v[layer + 1:]
-    return y_bthd, cache._replace(k=k, v=v)
+def _projection(cfg: ModelConfig, out_major: bool, out_shape: tuple[int, ...], in_ndim: int,
+                init, name: str) -> nn.Module:
+    if out_major:
+        return OutMajorDense(cfg, out_shape, in_ndim, name=name)
+    return nn.DenseGeneral(out_shape, axis=tuple(range(-in_ndim, 0)), use_bias=cfg.bias,
+                           dtype=cfg.dtype, param_dtype=cfg.param_dtype, kernel_init=init,
+                           name=name)
 
 
 class CausalSelfAttention(nn.Module):
     cfg: ModelConfig
+    out_major: bool = False  # the decode layout (see OutMajorDense)
 
     @nn.compact
     def __call__(self, x_btd, deterministic: bool, cache: KVCache | None = None, layer=None):
         c = self.cfg
-        dense = partial(nn.DenseGeneral, use_bias=c.bias, dtype=c.dtype, param_dtype=c.param_dtype)
-        qkv_btkhd = dense((3, c.n_head, c.head_dim), kernel_init=nn.initializers.normal(INIT_STD),
-                          name="qkv")(x_btd)
+        qkv_btkhd = _projection(c, self.out_major, (3, c.n_head, c.head_dim), 1,
+                                nn.initializers.normal(INIT_STD), "qkv")(x_btd)
         q_bthd, k_bthd, v_bthd = (qkv_btkhd[:, :, i] for i in range(3))
         if cache is None:
             impl = None if c.attention_impl == "auto" else c.attention_impl
             y_bthd = jax.nn.dot_product_attention(q_bthd, k_bthd, v_bthd, is_causal=True,
                                                   implementation=impl)
         else:
-            y_bthd, cache = _cached_attention(q_bthd, k_bthd, v_bthd, cache, layer)
+            y_bthd, cache = cached_attention(q_bthd, k_bthd, v_bthd, cache, layer)
         # GPT-2's scaled init for projections that write into the residual stream.
         proj_init = nn.initializers.normal(INIT_STD / math.sqrt(2 * c.n_layer))
-        return dense(c.d_model, axis=(-2, -1), kernel_init=proj_init, name="out")(y_bthd), cache
+        out = _projection(c, self.out_major, (c.d_model,), 2, proj_init, "out")
+        return out(y_bthd), cache
 
 
 class MLP(nn.Module):
     cfg: ModelConfig
+    out_major: bool = False
 
     @nn.compact
     def __call__(self, x_btd):
         c = self.cfg
-        dense = partial(nn.Dense, use_bias=c.bias, dtype=c.dtype, param_dtype=c.param_dtype)
-        h_btf = dense(c.d_mlp, kernel_init=nn.initializers.normal(INIT_STD), name="fc")(x_btd)
+        h_btf = _projection(c, self.out_major, (c.d_mlp,), 1, nn.initializers.normal(INIT_STD),
+                            "fc")(x_btd)
         h_btf = nn.gelu(h_btf, approximate=True)  # GPT-2's tanh approximation
         proj_init = nn.initializers.normal(INIT_STD / math.sqrt(2 * c.n_layer))
-        return dense(c.d_model, kernel_init=proj_init, name="proj")(h_btf)
+        return _projection(c, self.out_major, (c.d_model,), 1, proj_init, "proj")(h_btf)
 
 
 class Block(nn.Module):
@@ -128,6 +115,7 @@ class Block(nn.Module):
     layer scan (cache None), or of one layer in a decoding loop (cache updated)."""
 
     cfg: ModelConfig
+    out_major: bool = False
 
     @nn.compact
     def __call__(self, x_btd, deterministic: bool, cache: KVCache | None = None, layer: int = 0):
@@ -135,21 +123,23 @@ class Block(nn.Module):
         norm = partial(nn.LayerNorm, epsilon=c.layer_norm_eps, use_bias=c.bias, dtype=c.dtype,
                        param_dtype=c.param_dtype)
         drop = nn.Dropout(c.dropout)
-        h, cache = CausalSelfAttention(c, name="attn")(norm(name="ln1")(x_btd), deterministic,
-                                                       cache, layer)
+        attn = CausalSelfAttention(c, self.out_major, name="attn")
+        h, cache = attn(norm(name="ln1")(x_btd), deterministic, cache, layer)
         x_btd = x_btd + drop(h, deterministic=deterministic)
-        h = MLP(c, name="mlp")(norm(name="ln2")(x_btd))
+        h = MLP(c, self.out_major, name="mlp")(norm(name="ln2")(x_btd))
         x_btd = x_btd + drop(h, deterministic=deterministic)
         return x_btd, cache
 
 
 class GPT(nn.Module):
+    """decode_layout=False: training's layout, blocks under `nn.scan` with parameters stacked
+    on a layer axis. True: the decode layout of `decode_params` (one Block per layer, kernels
+    output-major), which `apply_cached` uses: inside a scan XLA:CPU copies each layer's
+    weights out of the stacked arrays on every step, tripling a decode step's memory
+    traffic (measured: 47 vs 25 ms per GPT-2 124M step)."""
+
     cfg: ModelConfig
-    # False: one Block per layer, params {"blocks_0": ..., ...} (see `unstack_layers`). Decoding
-    # uses this: XLA:CPU copies each layer's weights out of a stacked array inside a scan,
-    # which triples the memory traffic of a bandwidth-bound decode step (measured: 47 vs
-    # 25 ms per GPT-2 124M step).
-    scan_layers: bool = True
+    decode_layout: bool = False
 
     @nn.compact
     def __call__(self, tokens_bt, positions_bt=None, deterministic: bool = True,
@@ -167,9 +157,9 @@ class GPT(nn.Module):
             positions_bt = jnp.arange(tokens_bt.shape[1])[None, :]
         x_btd = wte(tokens_bt) + embed(c.context_length, name="wpe")(positions_bt)
         x_btd = nn.Dropout(c.dropout)(x_btd, deterministic=deterministic)
-        if self.scan_layers:
+        if not self.decode_layout:
             if cache is not None:
-                raise ValueError("decoding with a KV cache needs unstack_layers(params)")
+                raise ValueError("decoding with a KV cache needs decode_params(params)")
             blocks = nn.scan(
                 Block,
                 variable_axes={"params": 0},
@@ -181,7 +171,8 @@ class GPT(nn.Module):
             x_btd, _ = blocks(c, name="blocks")(x_btd, deterministic)
         else:
             for i in range(c.n_layer):
-                x_btd, cache = Block(c, name=f"blocks_{i}")(x_btd, deterministic, cache, i)
+                block = Block(c, out_major=True, name=f"blocks_{i}")
+                x_btd, cache = block(x_btd, deterministic, cache, i)
         if cache is not None:
             # Decoding needs one position's logits; skip the (time x vocab) head for the rest.
             x_btd = jax.lax.dynamic_slice_in_dim(x_btd, logits_at, 1, axis=1)
@@ -222,16 +213,28 @@ def apply(params: dict, tokens_bt: jax.Array, config: ModelConfig, *, positions_
                              deterministic=deterministic, rngs=rngs)
 
 
-def unstack_layers(params: dict) -> dict:
-    """The same parameters with the layer axis split into "blocks_0", "blocks_1", ...
+# Kernels of each block and how many of their leading axes are inputs.
+_KERNEL_INPUT_AXES = {("attn", "qkv"): 1, ("attn", "out"): 2, ("mlp", "fc"): 1, ("mlp", "proj"): 1}
 
-    Inside jit, before a decode loop, this slices each layer's weights out once per call
-    rather than once per step.
+
+def decode_params(params: dict) -> dict:
+    """Parameters in the decode layout: "blocks_0", "blocks_1", ... with output-major kernels.
+
+    A copy of the weights (one-off; on CPU ~0.2 s for GPT-2 124M). Decoding from stacked
+    parameters converts them on every call instead, so callers that decode repeatedly
+    convert once and keep the result.
     """
+    if "blocks" not in params:
+        return params  # already converted
     out = {k: v for k, v in params.items() if k != "blocks"}
     n_layer = jax.tree.leaves(params["blocks"])[0].shape[0]
     for i in range(n_layer):
-        out[f"blocks_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["blocks"])
+        layer = jax.tree.map(lambda x, i=i: x[i], params["blocks"])
+        for (module, name), n_in in _KERNEL_INPUT_AXES.items():
+            kernel = layer[module][name]["kernel"]
+            axes = tuple(range(n_in, kernel.ndim)) + tuple(range(n_in))
+            layer[module][name] = {**layer[module][name], "kernel": jnp.transpose(kernel, axes)}
+        out[f"blocks_{i}"] = layer
     return out
 
 
@@ -241,14 +244,13 @@ def apply_cached(params: dict, tokens_bt: jax.Array, positions_bt: jax.Array, ca
 
     Returns the float32 logits (batch, vocab) at column `logits_at` of `tokens_bt` (default:
     the last) and the cache advanced by the tokens' length. Prefill and one-token decode
-    steps are both this call. `params` may be layer-stacked (sliced here, per call) or
-    already `unstack_layers(params)` (what a decode loop passes).
+    steps are both this call. `params` are as trained (converted here, per call) or
+    already `decode_params(params)` (what a decode loop passes).
     """
     logits_at = logits_at % tokens_bt.shape[1] if isinstance(logits_at, int) else logits_at
-    if "blocks" in params:
-        params = unstack_layers(params)
-    return GPT(config, scan_layers=False).apply(
-        {"params": params}, tokens_bt, positions_bt, cache=cache, logits_at=logits_at)
+    return GPT(config, decode_layout=True).apply(
+        {"params": decode_params(params)}, tokens_bt, positions_bt, cache=cache,
+        logits_at=logits_at)
 
 
 def loss_sum(params, batch: dict, config: ModelConfig, *, deterministic=True, rng=None):
