@@ -29,7 +29,10 @@ import jax.numpy as jnp
 import optax
 
 from gptjax.config import ModelConfig
-from gptjax.kv_cache import KVCache, cached_attention, init_cache  # noqa: F401
+from gptjax.kv_cache import KVCache, cached_attention, init_cache
+
+__all__ = ["GPT", "KVCache", "apply", "apply_cached", "cast", "decode_params", "init",
+           "init_cache", "loss", "loss_sum", "param_count"]
 
 INIT_STD = 0.02
 
