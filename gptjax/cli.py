@@ -64,8 +64,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Continue prompts with a KV cache (one compiled prefill, one compiled decode "
         "loop). One prompt streams to the terminal; several run as one batch. Rows end at "
         "end-of-text, at a --stop string or after --max-new-tokens. A prompt longer than the "
-        "context keeps its last context-length tokens (with a warning); when prompt plus new "
-        "tokens exceed the context, the window slides (slower: no cache).")
+        "context keeps its last context-length tokens (with a warning); once a row's next "
+        "position would pass the context, the window slides (slower: recomputed, no cache).")
     source = ge.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", help="gptjax run directory")
     source.add_argument("--hf", metavar="DIR_OR_NAME", help="GPT-2 weights in the Hugging Face "
@@ -206,7 +206,14 @@ COMMANDS = {"train": _train, "prepare": _prepare, "generate": _generate, "eval":
             "convert": cli_convert.run}
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    """Warnings for a CLI user: one line, no pointer into library source."""
+    print(f"gptjax: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+    warnings.showwarning = _one_line_warning
     args = _parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)

@@ -8,9 +8,10 @@ early when every row has finished (end-of-text). There is no per-token Python di
 the host only sees tokens between chunks, which is how text streams and how stop strings
 (checked on text, see `gptjax.textgen`) end a row.
 
-When a prompt plus its new tokens would not fit in the context, learned positions cannot
-go on, so generation slides a window instead, as in the book: each step recomputes the
-last `context_length` tokens (no cache; slower, same loop).
+Learned positions end at the context length. When a row's next position would pass it,
+generation goes on by sliding the window, as in the book: from that step on, each step
+recomputes the last `context_length` tokens (no cache; slower, same loop). Until then
+every step uses the cache.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class _State(NamedTuple):
     lengths: jax.Array  # (batch,) new ids per row (stops growing once the row is done)
     done: jax.Array  # (batch,) bool
     n: jax.Array  # int32: decode steps taken (new ids written per unfinished row)
-    cache: model.KVCache | None  # None when sliding the window
+    cache: model.KVCache
     key: jax.Array
 
 
@@ -45,7 +46,8 @@ class _Static(NamedTuple):
 
     config: ModelConfig
     bucket: int  # prompt columns
-    windowed: bool
+    cache_len: int  # columns the cache holds: prompt bucket + new ids, at most bucket + ctx
+    may_slide: bool  # some row may outgrow the context: compile the sliding-window step too
     top_k: int | None
     nucleus: bool
     valid_vocab: int
@@ -56,12 +58,15 @@ def _bucket(n: int, limit: int) -> int:
     return min(max(MIN_BUCKET, 1 << (n - 1).bit_length()), max(limit, n))
 
 
-def _next_logits(params, s: _Static, tokens_bn, pad_b, cache, end):
-    """Logits for the token after column end-1, and the cache after writing it (if any)."""
+def _cached_logits(params, s: _Static, tokens_bn, pad_b, cache, end):
+    """Logits after feeding column end-1 through the cache (which it is written to)."""
+    last_b1 = jax.lax.dynamic_slice_in_dim(tokens_bn, end - 1, 1, axis=1)
+    return model.apply_cached(params, last_b1, (end - 1 - pad_b)[:, None], cache, s.config)
+
+
+def _window_logits(params, s: _Static, tokens_bn, pad_b, cache, end):
+    """Logits after column end-1 from the last context_length columns, recomputed."""
     cfg = s.config
-    if not s.windowed:
-        last_b1 = jax.lax.dynamic_slice_in_dim(tokens_bn, end - 1, 1, axis=1)
-        return model.apply_cached(params, last_b1, (end - 1 - pad_b)[:, None], cache, cfg)
     ctx = cfg.context_length
     start = jnp.clip(end - ctx, 0, tokens_bn.shape[1] - ctx)
     window_bc = jax.lax.dynamic_slice_in_dim(tokens_bn, start, ctx, axis=1)
@@ -71,7 +76,17 @@ def _next_logits(params, s: _Static, tokens_bn, pad_b, cache, end):
     fresh = model.init_cache(cfg, tokens_bn.shape[0], ctx, col_c[None, :] >= first_b1)
     logits_bv, _ = model.apply_cached(params, window_bc, positions_bc, fresh, cfg,
                                       logits_at=end - 1 - start)
-    return logits_bv, None
+    return logits_bv, cache  # the cache is no longer written once the window slides
+
+
+def _next_logits(params, s: _Static, tokens_bn, pad_b, cache, end):
+    """Logits for the token after column end-1, through the cache while positions allow."""
+    if not s.may_slide:
+        return _cached_logits(params, s, tokens_bn, pad_b, cache, end)
+    # Left padding puts the longest row (least padding) furthest ahead in positions.
+    fits = end - 1 - jnp.min(pad_b) < s.config.context_length
+    args = (params, s, tokens_bn, pad_b, cache, end)
+    return jax.lax.cond(fits, lambda: _cached_logits(*args), lambda: _window_logits(*args))
 
 
 def _emit(s: _Static, state: _State, logits_bv, temperature, top_p) -> _State:
@@ -88,35 +103,27 @@ def _emit(s: _Static, state: _State, logits_bv, temperature, top_p) -> _State:
     return state._replace(tokens=tokens, lengths=state.lengths + live_b, done=done, n=state.n + 1)
 
 
-def _per_layer(params):
-    """Decoding reads the decode layout (see model.GPT). Parameters as trained are converted
-    here, once per call, not once per step; callers that decode repeatedly pass
-    `model.decode_params(params)` to skip even that copy."""
-    return model.decode_params(params)
-
-
 @partial(jax.jit, static_argnames="s")
 def _start(params, tokens_bn, pad_b, key, temperature, top_p, s: _Static) -> _State:
     """Prefill the cache with the prompts and sample each row's first new id."""
-    params = _per_layer(params)
-    batch, width = tokens_bn.shape
+    # Decoding reads the decode layout (model.GPT); parameters as trained are converted once
+    # per call here, and callers that decode repeatedly pass model.decode_params(params).
+    params = model.decode_params(params)
+    batch = tokens_bn.shape[0]
+    col_s = jnp.arange(s.cache_len)
+    cache = model.init_cache(s.config, batch, s.cache_len, col_s[None, :] >= pad_b[:, None])
+    positions_bp = jnp.maximum(col_s[None, :s.bucket] - pad_b[:, None], 0)
+    logits_bv, cache = model.apply_cached(params, tokens_bn[:, :s.bucket], positions_bp, cache,
+                                          s.config)
     state = _State(tokens_bn, jnp.zeros(batch, jnp.int32), jnp.zeros(batch, bool),
-                   jnp.zeros((), jnp.int32), None, key)
-    if s.windowed:
-        logits_bv, cache = _next_logits(params, s, tokens_bn, pad_b, None, s.bucket)
-    else:
-        col_n = jnp.arange(width)
-        cache = model.init_cache(s.config, batch, width, col_n[None, :] >= pad_b[:, None])
-        prompt_bp = tokens_bn[:, :s.bucket]
-        positions_bp = jnp.maximum(col_n[None, :s.bucket] - pad_b[:, None], 0)
-        logits_bv, cache = model.apply_cached(params, prompt_bp, positions_bp, cache, s.config)
-    return _emit(s, state._replace(cache=cache), logits_bv, temperature, top_p)
+                   jnp.zeros((), jnp.int32), cache, key)
+    return _emit(s, state, logits_bv, temperature, top_p)
 
 
 @partial(jax.jit, static_argnames="s", donate_argnames="state")
 def _advance(params, state: _State, pad_b, stop_at, temperature, top_p, s: _Static) -> _State:
     """Decode until `stop_at` steps have been taken or every row is done."""
-    params = _per_layer(params)
+    params = model.decode_params(params)  # no-op for callers that converted already
 
     def running(st):
         return (st.n < stop_at) & ~jnp.all(st.done)
@@ -152,16 +159,18 @@ class Decoder:
         longest = max(map(len, rows))
         bucket = _bucket(longest, ctx)
         capacity = _bucket(max(max_new_tokens, 1), 1 << 30)
-        windowed = longest + max_new_tokens > ctx
-        width = max(bucket + capacity, ctx) if windowed else bucket + capacity  # = cache length
+        # The last new id is never fed back, so positions reach longest + max_new - 2.
+        may_slide = longest + max_new_tokens - 1 > ctx
+        width = max(bucket + capacity, ctx)  # the sliding window reads ctx columns
         tokens = np.zeros((len(rows), width), np.int32)
         pad = np.array([bucket - len(r) for r in rows], np.int32)
         for i, r in enumerate(rows):
             tokens[i, pad[i]:bucket] = r
         top_k = sampling.top_k if sampling.top_k is not None and sampling.top_k < valid_vocab else None
         nucleus = sampling.top_p is not None and sampling.top_p < 1
-        self._static = _Static(config, bucket, windowed, top_k, nucleus,
-                               valid_vocab, eot_id if stop_at_eot and eot_id is not None else -1)
+        self._static = _Static(config, bucket, bucket + min(capacity, ctx), may_slide, top_k,
+                               nucleus, valid_vocab,
+                               eot_id if stop_at_eot and eot_id is not None else -1)
         self._dynamic = (jnp.float32(sampling.temperature), jnp.float32(sampling.top_p or 1.0))
         self._pad = jnp.asarray(pad)
         self.max_new_tokens = max_new_tokens
@@ -234,11 +243,11 @@ def generate_batch(params, config: ModelConfig, prompts: Sequence[Sequence[int]]
 def generate(params, config: ModelConfig, prompt_ids: Sequence[int], max_new_tokens: int, *,
              seed: int = 0, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, valid_vocab: int | None = None,
-             eot_id: int | None = None, stop_at_eot: bool = False) -> list[int]:
+             eot_id: int | None = None, stop_at_eot: bool = True) -> list[int]:
     """Continue one prompt by up to max_new_tokens ids (prompt not included).
 
-    By default this runs the full count (a sample may span documents); pass
-    stop_at_eot=True to end at the first end-of-text.
+    Ends after the first end-of-text (included) unless stop_at_eot=False, which runs the
+    full count (a sample may then span documents).
     """
     sampling = Sampling(temperature, top_k, top_p, seed)
     return generate_batch(params, config, [prompt_ids], max_new_tokens, sampling,

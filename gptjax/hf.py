@@ -98,8 +98,9 @@ def check_new_dir(out: Path) -> None:
 @contextmanager
 def new_dir(out: str | os.PathLike):
     """A directory built beside `out` and renamed into place only when complete."""
-    out = Path(out)
+    out = Path(out).absolute()
     check_new_dir(out)
+    created = next((p for p in reversed(out.parents) if not p.exists()), None)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
     tmp.mkdir()
@@ -108,4 +109,6 @@ def new_dir(out: str | os.PathLike):
         os.replace(tmp, out)  # rename(2) also replaces an empty directory
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if created is not None:  # folders made for `out` go too: nothing is left behind
+            shutil.rmtree(created, ignore_errors=True)
         raise

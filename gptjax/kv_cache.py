@@ -19,10 +19,11 @@ class KVCache(NamedTuple):
     """Keys and values of every layer for `length` columns, shared by a batch of rows.
 
     One array per layer (not one stacked array), so a decode step reads each layer's cache
-    where it lies and writes only the new column, in place. Layouts are the ones the two
-    attention contractions read without transposing: keys (batch, head, length, head_dim),
-    values (batch, head, head_dim, length). Rows are left-padded, so every row writes its
-    next token at the same column `index`; `valid` is False on padding columns.
+    where it lies and writes only the new column, in place. Keys and values are stored
+    (batch * head, length, head_dim), the layout both attention contractions read as is
+    (measured: (batch, length, head, head_dim) made XLA transpose every layer's cache on
+    every step, and two batch axes made it copy). Rows are left-padded, so every row
+    writes its next token at the same column `index`; `valid` is False on padding.
     """
 
     k: tuple  # per layer: (batch * head, length, head_dim)

@@ -7,6 +7,7 @@ traceable part and runs inside the decode loop.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import jax
@@ -25,20 +26,33 @@ class Sampling:
     seed: int = 0
 
     def check(self) -> "Sampling":
-        t = self.temperature
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+        t, k, p = self.temperature, self.top_k, self.top_p
+        if not _real(t) or not math.isfinite(t) or t < 0:
             raise GptjaxError(f"temperature must be a finite number >= 0, got {t}")
-        if self.top_k is not None and self.top_k < 1:
-            raise GptjaxError(f"top_k must be >= 1, got {self.top_k}")
-        p = self.top_p
-        if p is not None and not (isinstance(p, (int, float)) and 0 < p <= 1):
+        if k is not None and (not _integer(k) or k < 1):
+            raise GptjaxError(f"top_k must be an integer >= 1, got {k}")
+        if p is not None and not (_real(p) and 0 < p <= 1):
             raise GptjaxError(f"top_p must be in (0, 1], got {p}")
+        if not _integer(self.seed) or not 0 <= self.seed < 2**32:
+            # PRNGKey keeps 32 bits of a seed: larger ones would silently repeat smaller ones.
+            raise GptjaxError(f"seed must be an integer in [0, 2**32), got {self.seed}")
         return self
 
 
+MAX_NEW_TOKENS = 1_000_000  # the token buffer is preallocated on the device
+
+
+def _real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _integer(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
 def check_max_new_tokens(n: int) -> None:
-    if not isinstance(n, int) or n < 0:
-        raise GptjaxError(f"max_new_tokens must be an integer >= 0, got {n}")
+    if not _integer(n) or not 0 <= n <= MAX_NEW_TOKENS:
+        raise GptjaxError(f"max_new_tokens must be an integer in [0, {MAX_NEW_TOKENS:,}], got {n}")
 
 
 def sample_logits(logits_bv, key, temperature, top_k: int | None, top_p, valid_vocab: int):

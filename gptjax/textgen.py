@@ -42,9 +42,10 @@ class _Row:
         """Text safe to show now: not a possible stop-string prefix, not a cut character."""
         end = len(self.text)
         if not final:
-            end -= self._hold
+            # A cut character first: once complete, it may finish a stop string.
             while end > self.shown and self.text[end - 1] == INCOMPLETE:
                 end -= 1
+            end -= self._hold
         piece = self.text[self.shown:max(end, self.shown)]
         self.shown += len(piece)
         return piece

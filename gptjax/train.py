@@ -238,7 +238,7 @@ def _finish(out: Path, cfg: C.RunConfig, val_loss, log: JsonlLog, echo) -> Train
     if cfg.train.sample_tokens:
         ids = generate(loaded.params, cfg.model, [], cfg.train.sample_tokens, seed=cfg.train.seed,
                        temperature=0.8, top_k=40, valid_vocab=tokenizer.vocab_size,
-                       eot_id=tokenizer.eot_id)
+                       eot_id=tokenizer.eot_id, stop_at_eot=False)
         result.sample = tokenizer.decode(ids)
         (out / "sample.txt").write_text(result.sample)
         result.files["sample"] = out / "sample.txt"

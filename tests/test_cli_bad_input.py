@@ -132,10 +132,12 @@ def test_out_dir_that_is_not_a_run(tmp_path, capsys, char_data):
 @pytest.mark.parametrize("flags,match", [
     (["--temperature=-1"], "temperature must be"),
     (["--temperature", "nan"], "temperature must be"),
-    (["--top-k", "0"], "top_k must be >= 1"),
+    (["--top-k", "0"], "top_k must be an integer >= 1"),
+    (["--seed", "9223372036854775808"], "seed must be an integer in"),
     (["--top-p", "0"], "top_p must be in"),
     (["--top-p", "1.5"], "top_p must be in"),
-    (["--max-new-tokens=-5"], "max_new_tokens must be an integer >= 0"),
+    (["--max-new-tokens=-5"], "max_new_tokens must be an integer in"),
+    (["--max-new-tokens", "1000000000"], "max_new_tokens must be an integer in"),
 ])
 def test_bad_sampling_settings(capsys, char_run, flags, match):
     fails_cleanly(capsys, "generate", "--run", char_run, *flags, match=match)

@@ -119,6 +119,15 @@ def test_generate_batches_prompts_and_cuts_at_stop_strings(full_run, capsys):
     assert cut == single[:single.index(stop, len("The quick"))] + "\n"
 
 
+def test_a_prompt_longer_than_the_context_warns_in_one_line(full_run, capsys):
+    long_prompt = "The quick brown fox jumps over the lazy dog. " * 10
+    code, out, err = run_cli(capsys, "generate", "--run", full_run, "--prompt", long_prompt,
+                             "--max-new-tokens", "3", "--temperature", "0")
+    assert code == 0 and out.startswith(long_prompt)
+    assert err.splitlines() == [f"gptjax: warning: prompt of {len(long_prompt)} tokens is longer "
+                                "than the context; keeping its last 32"]
+
+
 def test_eval_prints_loss_and_perplexity(full_run, char_data, capsys):
     code, out, err = run_cli(capsys, "eval", "--run", full_run, "--data", char_data)
     assert code == 0, err

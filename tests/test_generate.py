@@ -10,7 +10,7 @@ from gptjax.config import preset
 from gptjax.errors import GptjaxError
 from gptjax.generate import Decoder, generate, generate_batch
 from gptjax.sampling import Sampling, sample_logits
-from gptjax.textgen import generate_text
+from gptjax.textgen import _Row, generate_text
 from gptjax.tokenizer import ByteTokenizer
 
 CFG = preset("tiny", vocab_size=40, context_length=16)
@@ -31,8 +31,9 @@ def naive_greedy(params, prompt, n):
     return ids[len(prompt):]
 
 
-# (5, 11) fills the context exactly (cached); (12, 8) and (30, 3) slide the window.
-@pytest.mark.parametrize("prompt_len,new", [(3, 4), (5, 11), (12, 8), (30, 3)])
+# Context 16. The last new id is never fed back, so (5, 12) stays in the cache to the end;
+# (6, 12) slides at its last step, (12, 8) after a few, (30, 3) from a cut prompt.
+@pytest.mark.parametrize("prompt_len,new", [(3, 4), (5, 12), (6, 12), (12, 8), (30, 3)])
 def test_greedy_matches_a_naive_loop_also_past_the_context(params, prompt_len, new):
     prompt = [(7 * i + 3) % 40 for i in range(prompt_len)]
     with warnings.catch_warnings():
@@ -65,10 +66,11 @@ def test_cached_logits_equal_uncached_with_left_padding(params):
         np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_a_batch_of_different_lengths_equals_each_prompt_alone(params):
+@pytest.mark.parametrize("new", [6, 14])  # 14: the 7-token row outgrows the context and slides
+def test_a_batch_of_different_lengths_equals_each_prompt_alone(params, new):
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
-    batch = generate_batch(params, CFG, prompts, 6, Sampling(temperature=0.0))
-    assert batch == [naive_greedy(params, p, 6) for p in prompts]
+    batch = generate_batch(params, CFG, prompts, new, Sampling(temperature=0.0))
+    assert batch == [naive_greedy(params, p, new) for p in prompts]
 
 
 def test_sampling_is_seeded_chunk_independent_and_respects_the_valid_vocabulary(params):
@@ -130,8 +132,10 @@ def test_a_prompt_longer_than_the_context_is_cut_with_a_warning(params):
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(temperature=-0.5), "temperature"), (dict(temperature=float("nan")), "temperature"),
-    (dict(top_k=0), "top_k"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
-    (dict(top_p=float("nan")), "top_p"), (dict(max_new_tokens=-1), "max_new_tokens"),
+    (dict(top_k=0), "top_k"), (dict(top_k=2.5), "top_k"), (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"), (dict(top_p=float("nan")), "top_p"),
+    (dict(seed=2**32), "seed"), (dict(seed=-1), "seed"), (dict(max_new_tokens=-1), "max_new_tokens"),
+    (dict(max_new_tokens=10**9), "max_new_tokens"),
 ])
 def test_bad_sampling_settings(params, kwargs, match):
     args = {"max_new_tokens": 3, **kwargs}
@@ -168,10 +172,30 @@ def test_text_streams_and_stops_at_stop_strings():
     assert cut[1] == (full[1][:full[1].index(stop)] if stop in full[1] else full[1])
 
 
-def test_bfloat16_weights_decode_close_to_float32(params):
+def test_numpy_scalars_are_accepted_as_sampling_settings(params):
+    a = generate(params, CFG, [1, 2], 4, temperature=np.float32(0.7), top_p=np.float64(0.9),
+                 top_k=np.int64(5), seed=np.int32(3))
+    assert a == generate(params, CFG, [1, 2], 4, temperature=0.7, top_p=0.9, top_k=5, seed=3)
+
+
+def test_streaming_never_shows_the_start_of_a_multibyte_stop_string():
+    """The stop string's last character arrives byte by byte after its first one."""
+    tok = ByteTokenizer()
+    row = _Row(["答："])
+    shown = ""
+    for b in "问答：x".encode():
+        row.extend([b], tok.decode)
+        shown += row.unshown(final=row.stopped)
+    assert row.stopped and row.text == "问" and shown == "问"
+
+
+def test_bfloat16_weights_decode_like_the_bfloat16_full_forward(params):
     bf_params, bf_cfg = model.cast(params, CFG, "bfloat16")
     assert bf_params["wte"]["embedding"].dtype == jnp.bfloat16
     tokens = jnp.array([[3, 1, 4, 1, 5, 9]])
-    np.testing.assert_allclose(model.apply(bf_params, tokens, bf_cfg),
-                               model.apply(params, tokens, CFG), atol=0.1)
+    full = model.apply(bf_params, tokens, bf_cfg)
+    np.testing.assert_allclose(full, model.apply(params, tokens, CFG), atol=0.1)
+    cache = model.init_cache(bf_cfg, 1, 8)
+    cached, _ = model.apply_cached(bf_params, tokens, jnp.arange(6)[None], cache, bf_cfg)
+    np.testing.assert_allclose(cached, full[:, -1], atol=0.02)
     assert len(generate(bf_params, bf_cfg, [1, 2], 5, temperature=0.0)) == 5
