@@ -1,0 +1,78 @@
+"""Device meshes with named axes for data, FSDP and tensor parallelism.
+
+A mesh is written as "data=2,fsdp=2,tensor=2"; missing axes have size 1 and one axis may
+be -1, meaning "all remaining devices". One device is the mesh of one, so the same
+sharded train step serves every layout.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from gptjax.errors import GptjaxError
+
+AXES = ("data", "fsdp", "tensor")
+# The batch is split over both data-like axes: FSDP shards parameters, not the math.
+BATCH_AXES = ("data", "fsdp")
+
+
+def parse_mesh(spec: str | dict | None) -> dict[str, int]:
+    """{"data": n, "fsdp": n, "tensor": n} from "data=2,fsdp=-1" (or a dict, or None = data=-1)."""
+    if spec is None or spec == "":
+        return {"data": -1, "fsdp": 1, "tensor": 1}
+    if isinstance(spec, str):
+        sizes = {}
+        for part in spec.split(","):
+            name, eq, value = part.strip().partition("=")
+            if not eq:
+                raise GptjaxError(f"mesh entry {part.strip()!r} is not AXIS=SIZE (e.g. data=2,fsdp=4)")
+            try:
+                sizes[name.strip()] = int(value)
+            except ValueError:
+                raise GptjaxError(f"mesh axis {name.strip()} has a non-integer size {value!r}") from None
+    else:
+        sizes = dict(spec)
+    unknown = sorted(set(sizes) - set(AXES))
+    if unknown:
+        raise GptjaxError(f"unknown mesh axis {', '.join(unknown)}; the axes are {', '.join(AXES)}")
+    bad = [f"{k}={v}" for k, v in sizes.items() if v == 0 or v < -1]
+    if bad:
+        raise GptjaxError(f"mesh axis sizes must be positive or -1 (the rest): {', '.join(bad)}")
+    if sum(v == -1 for v in sizes.values()) > 1:
+        raise GptjaxError("at most one mesh axis may be -1 (the remaining devices)")
+    return {axis: sizes.get(axis, 1) for axis in AXES}
+
+
+def resolve_sizes(sizes: dict[str, int], n_devices: int) -> dict[str, int]:
+    """Fill in a -1 axis and check that the product is the device count."""
+    known = math.prod(v for v in sizes.values() if v != -1)
+    if -1 in sizes.values():
+        if n_devices % known:
+            raise GptjaxError(f"mesh {format_mesh(sizes)} cannot use {n_devices} devices: the "
+                              f"fixed axes ({known}) do not divide it")
+        sizes = {k: (n_devices // known if v == -1 else v) for k, v in sizes.items()}
+    elif known != n_devices:
+        raise GptjaxError(f"mesh {format_mesh(sizes)} needs {known} devices, but there are "
+                          f"{n_devices}; change the sizes or use -1 for one axis")
+    return sizes
+
+
+def make_mesh(spec: str | dict | None = None, devices=None) -> Mesh:
+    """A Mesh over `devices` (default: all) with axes ("data", "fsdp", "tensor")."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = resolve_sizes(parse_mesh(spec), len(devices))
+    grid = np.array(devices, dtype=object).reshape([sizes[a] for a in AXES])
+    return Mesh(grid, AXES)
+
+
+def format_mesh(sizes: dict[str, int]) -> str:
+    return ",".join(f"{axis}={size}" for axis, size in sizes.items())
+
+
+def batch_shards(mesh: Mesh) -> int:
+    """How many ways the batch's rows are split."""
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
