@@ -79,6 +79,9 @@ class TrainConfig:
     keep_checkpoints: int = _f(3, "most recent checkpoints kept (the best is kept too)",
                                resume_safe=True)
     sample_tokens: int = _f(200, "tokens generated as a sample at the end", resume_safe=True)
+    mesh: str = _f("", "device mesh, e.g. data=2,fsdp=2,tensor=2 (one axis may be -1 = the "
+                       "rest); empty = data parallel over all devices. May change on resume: "
+                       "checkpoints restore onto any mesh", resume_safe=True)
     peak_flops: float = _f(0.0, "peak FLOP/s for MFU; 0 = the data-sheet bf16 peak of known "
                                 "accelerators, else the float32 matmul rate measured at start "
                                 "(then saved with the run)", resume_safe=True)
@@ -162,6 +165,8 @@ def validate(cfg: RunConfig) -> RunConfig:
                           f"train.max_steps ({t.max_steps})")
     if not (t.beta1 < 1 and t.beta2 < 1):
         raise GptjaxError("train.beta1 and train.beta2 must be below 1")
+    from gptjax.mesh import parse_mesh  # imports no JAX
+    parse_mesh(t.mesh)
     if d.tokenizer not in ("", *KINDS):
         raise GptjaxError(f"unknown tokenizer {d.tokenizer!r}; choose one of {', '.join(KINDS)}")
     if not 0.0 < d.val_fraction < 1.0:

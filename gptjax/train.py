@@ -16,6 +16,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from gptjax import config as C
@@ -25,6 +26,8 @@ from gptjax.data import PreparedData, WindowSampler, eval_batches, gather, load_
 from gptjax.errors import GptjaxError
 from gptjax.generate import generate
 from gptjax.metrics import MFU_FORMULA, JsonlLog, flops_per_token, peak_flops, plot_losses
+from gptjax.mesh import make_mesh
+from gptjax.sharding import batch_sharding, check_batch, check_divisible, shardings
 from gptjax.train_step import TrainState, init_state, make_eval_step, make_train_step, mean_loss
 
 
@@ -52,10 +55,12 @@ def train(cfg: C.RunConfig, out_dir: str | Path, *, stop_at: int | None = None,
             log.truncate_after(int(state.step))  # records past the checkpoint get redone
             echo(f"resuming {out} from step {int(state.step)}")
         else:
-            state = init_state(m, t, steps.tx)
+            state = steps.init_state()
         echo(f"model: {model.param_count(m):,} parameters | data: {data.meta['train_tokens']:,} "
              f"train / {data.meta['val_tokens']:,} val tokens ({cfg.data.tokenizer}) | run: {out}")
-        echo(f"compiled the train and eval steps in {steps.compile_seconds:.1f}s")
+        mesh = ",".join(f"{a}={n}" for a, n in steps.mesh.shape.items())
+        echo(f"compiled the train and eval steps for mesh {mesh} ({steps.mesh.size} "
+             f"device{'s' if steps.mesh.size > 1 else ''}) in {steps.compile_seconds:.1f}s")
         end = min(t.max_steps, stop_at or t.max_steps)
         val_loss = None
         if int(state.step) < end:
@@ -113,12 +118,22 @@ def _sampler(tokens, cfg: C.RunConfig, what: str) -> WindowSampler:
 
 
 class CompiledSteps:
-    """train_step and eval_step, compiled ahead of time so config errors surface first."""
+    """train_step and eval_step for the run's mesh, compiled ahead of time so config errors
+    surface before anything is written."""
 
     def __init__(self, cfg: C.RunConfig):
         m, t = cfg.model, cfg.train
+        self.mesh = make_mesh(t.mesh)
+        check_divisible(m, self.mesh)
+        check_batch(t.batch_size, self.mesh, t.grad_accum)
         self.tx = optim.optimizer(t)
-        self.abstract_state = jax.eval_shape(lambda: init_state(m, t, self.tx))
+        abstract = jax.eval_shape(lambda: init_state(m, t, self.tx))
+        self.state_sharding = shardings(abstract, self.mesh)
+        # Shapes that carry their sharding: orbax restores each shard onto its device.
+        self.abstract_state = jax.tree.map(
+            lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+            abstract, self.state_sharding)
+        self.batch_sharding = batch_sharding(self.mesh)
         self.eval_rows = t.batch_size // t.grad_accum  # evaluation never needs more memory
 
         def tokens(rows):
@@ -126,16 +141,26 @@ class CompiledSteps:
         batch = {"inputs": tokens(t.batch_size), "targets": tokens(t.batch_size)}
         eval_batch = {"inputs": tokens(self.eval_rows), "targets": tokens(self.eval_rows),
                       "weights": jax.ShapeDtypeStruct((self.eval_rows, m.context_length), jnp.float32)}
+        replicated = NamedSharding(self.mesh, P())
         started = time.perf_counter()
         try:
-            self.train_step = jax.jit(make_train_step(m, t, self.tx), donate_argnums=0).lower(
-                self.abstract_state, batch).compile()
-            self.eval_step = jax.jit(make_eval_step(m)).lower(
-                self.abstract_state.params, eval_batch).compile()
+            self.train_step = jax.jit(
+                make_train_step(m, t, self.tx), donate_argnums=0,
+                in_shardings=(self.state_sharding, self.batch_sharding),
+                out_shardings=(self.state_sharding, replicated)).lower(abstract, batch).compile()
+            self.eval_step = jax.jit(
+                make_eval_step(m), in_shardings=(self.state_sharding.params, self.batch_sharding),
+                out_shardings=replicated).lower(abstract.params, eval_batch).compile()
+            self.init_state = jax.jit(lambda: init_state(m, t, self.tx),
+                                      out_shardings=self.state_sharding)
         except Exception as e:  # XLA reports unsupported dtype/attention choices variously
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise GptjaxError(f"this config does not compile on {jax.default_backend()}: {first}") from None
         self.compile_seconds = time.perf_counter() - started
+
+    def put_batch(self, batch: dict) -> dict:
+        """A host batch laid out by rows over the mesh's data axes."""
+        return jax.device_put(batch, self.batch_sharding)
 
 
 def _check_data_position(extra: dict, data: PreparedData, step: int) -> None:
@@ -156,8 +181,8 @@ class _Loop:
         self.cfg, self.data, self.sampler, self.ckpts, self.log = cfg, data, sampler, ckpts, log
         self.say = tqdm.write if progress else echo  # tqdm.write keeps lines clear of the bar
         self.progress = progress
-        self.train_step = steps.train_step
-        val = [jax.tree.map(jnp.asarray, b) for b in eval_batches(
+        self.train_step, self.put_batch = steps.train_step, steps.put_batch
+        val = [steps.put_batch(b) for b in eval_batches(
             data.val, m.context_length, steps.eval_rows, t.eval_batches * t.grad_accum)]
         self.evaluate = lambda params: mean_loss(steps.eval_step, params, val)
         self.tokens_per_step = t.batch_size * m.context_length
@@ -175,7 +200,8 @@ class _Loop:
         clock, untimed = time.perf_counter(), 0
         try:
             while step < end:
-                state, metrics = self.train_step(state, gather(self.data.train, self.sampler.starts(step), T))
+                batch = self.put_batch(gather(self.data.train, self.sampler.starts(step), T))
+                state, metrics = self.train_step(state, batch)
                 pending.append(metrics)
                 step += 1
                 if step == first + 1:  # the only per-step sync: keep warm-up out of tokens/s

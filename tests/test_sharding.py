@@ -117,3 +117,41 @@ class _FakeMesh:
 
     def __init__(self, shape):
         self.shape = shape
+
+
+def _train_cli(devices: int, *argv) -> subprocess.CompletedProcess:
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+           "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, "-m", "gptjax", "train", *map(str, argv)], env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _losses(run_dir: Path) -> list[float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+def test_a_run_moves_from_8_to_4_to_1_devices_with_the_single_device_losses(char_data, tmp_path):
+    """Checkpoints saved from one mesh restore onto another; the trajectory is unchanged."""
+    common = ["--data", char_data, "--preset", "tiny", "--batch-size", "8", "--max-steps", "9",
+              "--warmup-steps", "2", "--log-every", "1", "--eval-every", "3", "--eval-batches", "1",
+              "--sample-tokens", "4", "--no-progress"]
+    alone = _train_cli(1, *common, "--out", tmp_path / "alone")
+    assert alone.returncode == 0, alone.stderr
+    moved = tmp_path / "moved"
+    for devices, mesh, stop in [(8, "fsdp=8", 3), (4, "data=2,fsdp=2", 6), (1, "data=1", 9)]:
+        done = _train_cli(devices, *common, "--out", moved, "--mesh", mesh, "--stop-at", stop)
+        assert done.returncode == 0, done.stderr
+        sizes = {"data": 1, "fsdp": 1, "tensor": 1, **dict(a.split("=") for a in mesh.split(","))}
+        assert f"for mesh data={sizes['data']},fsdp={sizes['fsdp']},tensor=1 " in done.stdout
+    np.testing.assert_allclose(_losses(moved), _losses(tmp_path / "alone"), rtol=1e-5)
+    assert len(_losses(moved)) == 9
+
+
+def test_a_mesh_that_does_not_fit_the_devices_is_one_line_exit_2(char_data, tmp_path):
+    done = _train_cli(2, "--data", char_data, "--preset", "tiny", "--out", tmp_path / "r",
+                      "--mesh", "data=4", "--no-progress")
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "gptjax: error: mesh data=4,fsdp=1,tensor=1 needs 4 devices, but there are 2; change "
+        "the sizes or use -1 for one axis"]
+    assert not (tmp_path / "r").exists()
