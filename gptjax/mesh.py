@@ -11,7 +11,7 @@ import math
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec
 
 from gptjax.errors import GptjaxError
 
@@ -76,3 +76,16 @@ def format_mesh(sizes: dict[str, int]) -> str:
 def batch_shards(mesh: Mesh) -> int:
     """How many ways the batch's rows are split."""
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def constrain_rows(x):
+    """Keep an activation split by rows over the data axes while tracing under a mesh.
+
+    Without it, GSPMD may follow FSDP's width-sharded embedding instead and replicate the
+    batch: GPT-2's step then needed 20.7 GiB of temporaries per device under fsdp=8 (vs
+    3.4 GiB data-parallel). A no-op outside `jax.set_mesh` (one device, decoding, tests).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+        return x
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(BATCH_AXES))

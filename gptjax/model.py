@@ -30,6 +30,7 @@ import optax
 
 from gptjax.config import ModelConfig
 from gptjax.kv_cache import KVCache, cached_attention, init_cache
+from gptjax.mesh import constrain_rows
 
 __all__ = ["GPT", "KVCache", "apply", "apply_cached", "cast", "decode_params", "init",
            "init_cache", "loss", "loss_sum", "param_count"]
@@ -128,9 +129,9 @@ class Block(nn.Module):
         drop = nn.Dropout(c.dropout)
         attn = CausalSelfAttention(c, self.out_major, name="attn")
         h, cache = attn(norm(name="ln1")(x_btd), deterministic, cache, layer)
-        x_btd = x_btd + drop(h, deterministic=deterministic)
+        x_btd = constrain_rows(x_btd + drop(h, deterministic=deterministic))
         h = MLP(c, self.out_major, name="mlp")(norm(name="ln2")(x_btd))
-        x_btd = x_btd + drop(h, deterministic=deterministic)
+        x_btd = constrain_rows(x_btd + drop(h, deterministic=deterministic))
         return x_btd, cache
 
 
@@ -159,7 +160,7 @@ class GPT(nn.Module):
         if positions_bt is None:
             positions_bt = jnp.arange(tokens_bt.shape[1])[None, :]
         x_btd = wte(tokens_bt) + embed(c.context_length, name="wpe")(positions_bt)
-        x_btd = nn.Dropout(c.dropout)(x_btd, deterministic=deterministic)
+        x_btd = constrain_rows(nn.Dropout(c.dropout)(x_btd, deterministic=deterministic))
         if not self.decode_layout:
             if cache is not None:
                 raise ValueError("decoding with a KV cache needs decode_params(params)")
@@ -182,7 +183,7 @@ class GPT(nn.Module):
         x_btd = nn.LayerNorm(epsilon=c.layer_norm_eps, use_bias=c.bias, dtype=c.dtype,
                              param_dtype=c.param_dtype, name="ln_f")(x_btd)
         if cache is None:
-            return wte.attend(x_btd).astype(jnp.float32)
+            return constrain_rows(wte.attend(x_btd).astype(jnp.float32))
         return _decode_head(x_btd[:, 0], wte), cache._replace(index=cache.index + tokens_bt.shape[1])
 
 

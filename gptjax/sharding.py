@@ -85,5 +85,10 @@ def make_sharded_train_step(step_fn, abstract_state, mesh: Mesh):
     """jit(step_fn) with the state laid out by the rules, donated, and batches by rows."""
     state_sh = shardings(abstract_state, mesh)
     replicated = NamedSharding(mesh, P())
-    return jax.jit(step_fn, in_shardings=(state_sh, batch_sharding(mesh)),
-                   out_shardings=(state_sh, replicated), donate_argnums=0), state_sh
+    jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sharding(mesh)),
+                     out_shardings=(state_sh, replicated), donate_argnums=0)
+
+    def step(state, batch):
+        with jax.set_mesh(mesh):  # traced under the mesh: activations stay row-split
+            return jitted(state, batch)
+    return step, state_sh

@@ -144,15 +144,16 @@ class CompiledSteps:
         replicated = NamedSharding(self.mesh, P())
         started = time.perf_counter()
         try:
-            self.train_step = jax.jit(
-                make_train_step(m, t, self.tx), donate_argnums=0,
-                in_shardings=(self.state_sharding, self.batch_sharding),
-                out_shardings=(self.state_sharding, replicated)).lower(abstract, batch).compile()
-            self.eval_step = jax.jit(
-                make_eval_step(m), in_shardings=(self.state_sharding.params, self.batch_sharding),
-                out_shardings=replicated).lower(abstract.params, eval_batch).compile()
-            self.init_state = jax.jit(lambda: init_state(m, t, self.tx),
-                                      out_shardings=self.state_sharding)
+            with jax.set_mesh(self.mesh):  # traced under the mesh: activations stay row-split
+                self.train_step = jax.jit(
+                    make_train_step(m, t, self.tx), donate_argnums=0,
+                    in_shardings=(self.state_sharding, self.batch_sharding),
+                    out_shardings=(self.state_sharding, replicated)).lower(abstract, batch).compile()
+                self.eval_step = jax.jit(
+                    make_eval_step(m), in_shardings=(self.state_sharding.params, self.batch_sharding),
+                    out_shardings=replicated).lower(abstract.params, eval_batch).compile()
+                self.init_state = jax.jit(lambda: init_state(m, t, self.tx),
+                                          out_shardings=self.state_sharding)
         except Exception as e:  # XLA reports unsupported dtype/attention choices variously
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise GptjaxError(f"this config does not compile on {jax.default_backend()}: {first}") from None
