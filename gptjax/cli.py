@@ -44,6 +44,17 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--stop-at", type=int, metavar="STEP", help="stop (with a checkpoint) at this "
                     "step without changing the schedule; rerun to continue")
     tr.add_argument("--no-progress", action="store_true", help="no progress bars")
+    hosts = tr.add_argument_group(
+        "many processes", "every process runs the same command (see scripts/); the mesh spans "
+        "all their devices, each reads only its rows, process 0 writes the run's files")
+    hosts.add_argument("--distributed", action="store_true", help="join a multi-process job "
+                       "detected from the environment (TPU VM slices, SLURM, ...)")
+    hosts.add_argument("--coordinator", metavar="HOST:PORT", help="explicit job: process 0's "
+                       "address (with --num-processes and --process-id)")
+    hosts.add_argument("--num-processes", type=int, help="explicit job: number of processes")
+    hosts.add_argument("--process-id", type=int, help="explicit job: this process, 0..N-1")
+    hosts.add_argument("--join-timeout", type=int, default=300, metavar="SECONDS",
+                       help="give up joining after this long (default: 300)")
     add_config_flags(tr)
 
     pr = sub.add_parser("prepare", help="tokenize text/JSONL files into train/val token files")
@@ -106,6 +117,9 @@ def _train(args) -> int:
 
     if args.stop_at is not None and args.stop_at < 1:
         raise GptjaxError(f"--stop-at must be a positive step, got {args.stop_at}")
+    from gptjax.distributed import initialize
+    initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed,
+               timeout=args.join_timeout)
     out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     overrides = explicit_overrides(args)
     if run.is_run(out):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jax
+from jax.sharding import SingleDeviceSharding
 
 from gptjax import config as C
 from gptjax import tokenizer as tok
@@ -156,7 +157,12 @@ def load(run_dir: str | Path, which: str | int = "latest", gpt2_ranks: str | Non
             step = ckpts.best_step()
         else:
             step = which
-        abstract = jax.eval_shape(lambda: init_params(cfg.model, jax.random.PRNGKey(0)))
+        # One device, said explicitly: a checkpoint saved from a mesh restores only onto a
+        # target that names its own layout.
+        one = SingleDeviceSharding(jax.devices()[0])
+        abstract = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one),
+            jax.eval_shape(lambda: init_params(cfg.model, jax.random.PRNGKey(0))))
         params, step = ckpts.restore_params(abstract, step)
     finally:
         ckpts.close()

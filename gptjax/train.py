@@ -26,6 +26,7 @@ from gptjax.data import PreparedData, WindowSampler, eval_batches, gather, load_
 from gptjax.errors import GptjaxError
 from gptjax.generate import generate
 from gptjax.metrics import MFU_FORMULA, JsonlLog, flops_per_token, peak_flops, plot_losses
+from gptjax.distributed import host, is_main, local_rows
 from gptjax.mesh import make_mesh
 from gptjax.sharding import batch_sharding, check_batch, check_divisible, shardings
 from gptjax.train_step import TrainState, init_state, make_eval_step, make_train_step, mean_loss
@@ -44,16 +45,18 @@ def train(cfg: C.RunConfig, out_dir: str | Path, *, stop_at: int | None = None,
           progress: bool = True, echo=print) -> TrainResult:
     """Train (or resume) the run in `out_dir` until max_steps, or until step `stop_at`."""
     out = Path(out_dir)
+    if not is_main():  # one voice and one writer: process 0
+        echo, progress = (lambda *args, **kwargs: None), False
     cfg, data, sampler, steps, resuming = _setup(cfg, out, progress)
     m, t = cfg.model, cfg.train
-    log = JsonlLog(out / "metrics.jsonl")
+    log = JsonlLog(out / "metrics.jsonl") if is_main() else _NoLog()
     ckpts = Checkpoints(out / "checkpoints", keep=t.keep_checkpoints)
     try:
         if resuming:
             state, extra = ckpts.restore(steps.abstract_state)
-            _check_data_position(extra, data, int(state.step))
-            log.truncate_after(int(state.step))  # records past the checkpoint get redone
-            echo(f"resuming {out} from step {int(state.step)}")
+            _check_data_position(extra, data, int(host(state.step)))
+            log.truncate_after(int(host(state.step)))  # records past the checkpoint get redone
+            echo(f"resuming {out} from step {int(host(state.step))}")
         else:
             state = steps.init_state()
         echo(f"model: {model.param_count(m):,} parameters | data: {data.meta['train_tokens']:,} "
@@ -63,14 +66,16 @@ def train(cfg: C.RunConfig, out_dir: str | Path, *, stop_at: int | None = None,
              f"device{'s' if steps.mesh.size > 1 else ''}) in {steps.compile_seconds:.1f}s")
         end = min(t.max_steps, stop_at or t.max_steps)
         val_loss = None
-        if int(state.step) < end:
+        if int(host(state.step)) < end:
             val_loss = _Loop(cfg, data, sampler, steps, ckpts, log, progress, echo).run(state, end)
         else:
-            echo(f"nothing to train: the run is at step {int(state.step)} of {t.max_steps}"
+            echo(f"nothing to train: the run is at step {int(host(state.step))} of {t.max_steps}"
                  + (f" and --stop-at is {stop_at}" if stop_at and stop_at < t.max_steps else ""))
     finally:
         ckpts.close()  # waits for asynchronous saves: never exit with one half-written
-    return _finish(out, cfg, val_loss, log, echo)
+    if not is_main():
+        return TrainResult(out, end, val_loss)
+    return _finish(out, cfg, val_loss, log, echo, end)
 
 
 def _setup(cfg: C.RunConfig, out: Path, progress: bool):
@@ -92,7 +97,9 @@ def _setup(cfg: C.RunConfig, out: Path, progress: bool):
         sampler = _sampler(data.train, cfg, f"training split of {data.path}")
         _sampler(data.val, cfg, f"validation split of {data.path}")
         steps = CompiledSteps(cfg)
-        if resuming:
+        if not is_main():
+            pass  # process 0 writes the run's files; the others train from their own data
+        elif resuming:
             C.save(cfg, out / "config.json")  # keeps changed resume-safe fields for next time
         else:
             if run.is_run(out):
@@ -115,6 +122,16 @@ def _sampler(tokens, cfg: C.RunConfig, what: str) -> WindowSampler:
                              t.stride, t.seed)
     except GptjaxError as e:
         raise GptjaxError(f"{what}: {e}; use a larger corpus or a smaller --context-length") from None
+
+
+class _NoLog:
+    """Processes other than 0 keep no metrics file."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def truncate_after(self, step: int) -> None:
+        pass
 
 
 class CompiledSteps:
@@ -159,9 +176,12 @@ class CompiledSteps:
             raise GptjaxError(f"this config does not compile on {jax.default_backend()}: {first}") from None
         self.compile_seconds = time.perf_counter() - started
 
-    def put_batch(self, batch: dict) -> dict:
-        """A host batch laid out by rows over the mesh's data axes."""
-        return jax.device_put(batch, self.batch_sharding)
+    def put_batch(self, rows_of, global_rows: int) -> dict:
+        """A global batch laid out by rows over the mesh's data axes, built from this
+        process's rows only: `rows_of(indices)` returns those rows as a dict of arrays."""
+        local = rows_of(local_rows(self.batch_sharding, (global_rows,)))
+        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+            self.batch_sharding, x, (global_rows, *x.shape[1:])), local)
 
 
 def _check_data_position(extra: dict, data: PreparedData, step: int) -> None:
@@ -183,8 +203,9 @@ class _Loop:
         self.say = tqdm.write if progress else echo  # tqdm.write keeps lines clear of the bar
         self.progress = progress
         self.train_step, self.put_batch = steps.train_step, steps.put_batch
-        val = [steps.put_batch(b) for b in eval_batches(
-            data.val, m.context_length, steps.eval_rows, t.eval_batches * t.grad_accum)]
+        val = [steps.put_batch(lambda rows, b=b: {k: v[rows] for k, v in b.items()}, steps.eval_rows)
+               for b in eval_batches(data.val, m.context_length, steps.eval_rows,
+                                     t.eval_batches * t.grad_accum)]
         self.evaluate = lambda params: mean_loss(steps.eval_step, params, val)
         self.tokens_per_step = t.batch_size * m.context_length
         self.flops_per_token = flops_per_token(m, model.param_count(m, exclude_position=True))
@@ -194,14 +215,16 @@ class _Loop:
 
     def run(self, state: TrainState, end: int) -> float | None:
         t, T = self.cfg.train, self.cfg.model.context_length
-        step = first = shown = int(state.step)
+        step = first = shown = int(host(state.step))
         bar = tqdm(total=end, initial=step, desc="train", unit="step", dynamic_ncols=True,
                    disable=not self.progress)
         pending, val_loss, train_loss = [], None, None
         clock, untimed = time.perf_counter(), 0
         try:
             while step < end:
-                batch = self.put_batch(gather(self.data.train, self.sampler.starts(step), T))
+                starts = self.sampler.starts(step)
+                batch = self.put_batch(lambda rows: gather(self.data.train, starts[rows], T),
+                                       len(starts))
                 state, metrics = self.train_step(state, batch)
                 pending.append(metrics)
                 step += 1
@@ -209,7 +232,7 @@ class _Loop:
                     jax.block_until_ready(metrics)
                     clock, untimed = time.perf_counter(), 1
                 if step % t.log_every == 0 or step == end:
-                    fetched = jax.device_get(pending)  # waits for the interval's steps
+                    fetched = [jax.tree.map(host, m_) for m_ in pending]  # waits for them
                     now = time.perf_counter()
                     rec = self._record(step, fetched, untimed, now - clock)
                     self.log.write(rec)
@@ -224,15 +247,16 @@ class _Loop:
         except KeyboardInterrupt:
             bar.close()
             if pending:  # keep the interval's losses; its timing is meaningless now
-                self.log.write(self._record(step, jax.device_get(pending), len(pending), 0.0))
-            if self.ckpts.latest_step() != int(state.step):
+                fetched = [jax.tree.map(host, m_) for m_ in pending]
+                self.log.write(self._record(step, fetched, len(pending), 0.0))
+            if self.ckpts.latest_step() != int(host(state.step)):
                 self._evaluate_and_save(state, None)
             raise
         bar.close()
         return val_loss
 
     def _evaluate_and_save(self, state: TrainState, train_loss: float | None) -> float:
-        step = int(state.step)
+        step = int(host(state.step))
         val_loss = self.evaluate(state.params)
         ppl = math.exp(min(val_loss, 50))
         self.log.write({"kind": "eval", "step": step, "val_loss": val_loss, "val_ppl": ppl})
@@ -254,8 +278,13 @@ class _Loop:
                 "mfu": tok_s * self.flops_per_token / self.peak if tok_s else None}
 
 
-def _finish(out: Path, cfg: C.RunConfig, val_loss, log: JsonlLog, echo) -> TrainResult:
+def _finish(out: Path, cfg: C.RunConfig, val_loss, log: JsonlLog, echo, end: int) -> TrainResult:
     """Sample from the latest checkpoint, plot the losses, and say where everything is."""
+    if jax.process_count() > 1:
+        # Restoring for the sample would need every process; generate from the run instead.
+        echo(f"(no sample from a {jax.process_count()}-process job: run `gptjax generate "
+             f"--run {out}`)")
+        return _report(TrainResult(out, end, val_loss), log, out, echo)
     loaded = run.load(out, "latest", cfg.data.gpt2_ranks or None)
     tokenizer = loaded.tokenizer
     result = TrainResult(out, loaded.step, val_loss)
@@ -270,6 +299,10 @@ def _finish(out: Path, cfg: C.RunConfig, val_loss, log: JsonlLog, echo) -> Train
         (out / "sample.txt").write_text(result.sample)
         result.files["sample"] = out / "sample.txt"
         echo("sample (temperature 0.8, top-k 40, from end-of-text):\n" + result.sample.strip() + "\n")
+    return _report(result, log, out, echo)
+
+
+def _report(result: TrainResult, log: JsonlLog, out: Path, echo) -> TrainResult:
     result.files["loss curve"] = plot_losses(log.read(), out / "loss.png")
     result.files["metrics"] = log.path
     result.files["checkpoints"] = out / "checkpoints"

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from gptjax import model, optim
+from gptjax.distributed import host
 from gptjax.config import ModelConfig, TrainConfig
 
 
@@ -88,7 +89,8 @@ def make_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig,
 
 def mean_loss(eval_step, params, batches: list[dict]) -> float:
     """Token-weighted mean loss of eval_step over batches (one device sync at the end)."""
-    total, count = jax.device_get(jax.tree.map(lambda *x: sum(x), *[eval_step(params, b) for b in batches]))
+    summed = jax.tree.map(lambda *x: sum(x), *[eval_step(params, b) for b in batches])
+    total, count = jax.tree.map(host, summed)  # replicated: each process reads its own copy
     return float(total / count)
 
 

@@ -155,3 +155,56 @@ def test_a_mesh_that_does_not_fit_the_devices_is_one_line_exit_2(char_data, tmp_
         "gptjax: error: mesh data=4,fsdp=1,tensor=1 needs 4 devices, but there are 2; change "
         "the sizes or use -1 for one axis"]
     assert not (tmp_path / "r").exists()
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_together_like_one(char_data, tmp_path):
+    """jax.distributed on localhost (CPU collectives): 2 processes x 4 devices, data=8."""
+    common = ["--data", char_data, "--preset", "tiny", "--batch-size", "8", "--max-steps", "4",
+              "--warmup-steps", "1", "--log-every", "1", "--eval-every", "2", "--eval-batches", "1",
+              "--sample-tokens", "0", "--no-progress"]
+    alone = _train_cli(1, *common, "--out", tmp_path / "alone")
+    assert alone.returncode == 0, alone.stderr
+    port, two = _free_port(), tmp_path / "two"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "gptjax", "train", *map(str, common), "--out", str(two),
+         "--mesh", "data=8", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+         "--process-id", str(i), "--join-timeout", "120"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert "for mesh data=8,fsdp=1,tensor=1 (8 devices)" in outs[0][0]
+    # Only process 0 speaks (gloo's own connection notices aside).
+    assert [line for line in outs[1][0].splitlines() if not line.startswith("[Gloo]")] == []
+    np.testing.assert_allclose(_losses(two), _losses(tmp_path / "alone"), rtol=1e-5)
+
+
+def test_an_unreachable_coordinator_is_one_line_exit_2(char_data, tmp_path):
+    done = _train_cli(1, "--data", char_data, "--preset", "tiny", "--out", tmp_path / "r",
+                      "--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2",
+                      "--process-id", "1", "--join-timeout", "5", "--no-progress")
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and lines[-1].startswith("gptjax: error: could not join the job")
+    assert not (tmp_path / "r").exists()
+
+
+def test_the_local_multiprocess_launch_script_runs(char_data, tmp_path):
+    script = Path(__file__).resolve().parents[1] / "scripts" / "launch_local_cpu.sh"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(
+        ["bash", str(script), "2", "1", "--", "--data", str(char_data), "--preset", "tiny",
+         "--batch-size", "4", "--max-steps", "2", "--warmup-steps", "1", "--eval-every", "2",
+         "--eval-batches", "1", "--sample-tokens", "0", "--log-every", "1",
+         "--out", str(tmp_path / "run"),
+         "--no-progress"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "for mesh data=2,fsdp=1,tensor=1 (2 devices)" in done.stdout
+    assert len(_losses(tmp_path / "run")) == 2
