@@ -13,7 +13,7 @@ import numpy as np
 
 from gptjax.config import ModelConfig, TrainConfig
 from gptjax.mesh import make_mesh
-from gptjax.sharding import check_batch, check_divisible, make_sharded_train_step
+from gptjax.sharding import check_batch, check_divisible, make_sharded_train_step, shardings
 from gptjax.train_step import init_state, make_train_step
 
 CFG = ModelConfig(vocab_size=64, context_length=16, n_layer=2, n_head=4, d_model=32)
@@ -67,6 +67,31 @@ def pmap_losses(steps: int):
     return losses
 
 
+def restore_elsewhere(state, state_sh_of) -> dict:
+    """Save `state` from its mesh; restore onto 4 devices and onto 1; compare exactly."""
+    import tempfile
+
+    from gptjax.checkpoint import Checkpoints
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpts = Checkpoints(f"{tmp}/ckpt")
+        ckpts.save(state, {"note": "mesh test"}, 0.0)
+        ckpts.close()
+        saved = jax.tree.map(np.asarray, jax.device_get(state))
+        for name, mesh in [("data=2,fsdp=2 on 4", make_mesh("data=2,fsdp=2", jax.devices()[:4])),
+                           ("one device", make_mesh("data=1", jax.devices()[:1]))]:
+            target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                                  state, state_sh_of(mesh))
+            reader = Checkpoints(f"{tmp}/ckpt", create=False)
+            restored, _ = reader.restore(target)
+            reader.close()
+            same = all(np.array_equal(a, np.asarray(b)) for a, b in
+                       zip(jax.tree.leaves(saved), jax.tree.leaves(jax.device_get(restored))))
+            placed = {d for x in jax.tree.leaves(restored) for d in x.sharding.device_set}
+            out[name] = {"identical": same, "devices": len(placed)}
+    return out
+
+
 def main():
     steps, specs = int(sys.argv[1]), sys.argv[2:]
     single, _ = train_on(make_mesh("data=1", jax.devices()[:1]), steps)
@@ -75,6 +100,8 @@ def main():
     for spec in specs:
         losses, state = train_on(make_mesh(spec), steps)
         out["meshes"][spec] = {"losses": losses, "max_device_fraction": per_device_fraction(state)}
+        if spec == "fsdp=8":
+            out["restored_from_fsdp8"] = restore_elsewhere(state, lambda mesh: shardings(state, mesh))
     print(json.dumps(out))
 
 

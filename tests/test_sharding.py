@@ -56,6 +56,12 @@ def test_fsdp_holds_an_eighth_of_parameters_and_moments_per_device(eight_devices
     assert fsdp <= 1 / 8 + 0.05, fsdp
 
 
+def test_a_checkpoint_saved_on_8_devices_restores_identically_on_4_and_on_1(eight_devices):
+    assert eight_devices["restored_from_fsdp8"] == {
+        "data=2,fsdp=2 on 4": {"identical": True, "devices": 4},
+        "one device": {"identical": True, "devices": 1}}
+
+
 @pytest.mark.parametrize("spec,sizes", [
     ("data=2,fsdp=-1", {"data": 2, "fsdp": -1, "tensor": 1}),
     ("tensor=4", {"data": 1, "fsdp": 1, "tensor": 4}),
@@ -131,21 +137,23 @@ def _losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in records if "loss" in r]
 
 
-def test_a_run_moves_from_8_to_4_to_1_devices_with_the_single_device_losses(char_data, tmp_path):
+def test_a_run_moves_from_8_to_4_to_1_and_back_to_8_devices_with_the_single_device_losses(
+        char_data, tmp_path):
     """Checkpoints saved from one mesh restore onto another; the trajectory is unchanged."""
-    common = ["--data", char_data, "--preset", "tiny", "--batch-size", "8", "--max-steps", "9",
+    common = ["--data", char_data, "--preset", "tiny", "--batch-size", "8", "--max-steps", "12",
               "--warmup-steps", "2", "--log-every", "1", "--eval-every", "3", "--eval-batches", "1",
               "--sample-tokens", "4", "--no-progress"]
     alone = _train_cli(1, *common, "--out", tmp_path / "alone")
     assert alone.returncode == 0, alone.stderr
     moved = tmp_path / "moved"
-    for devices, mesh, stop in [(8, "fsdp=8", 3), (4, "data=2,fsdp=2", 6), (1, "data=1", 9)]:
+    moves = [(8, "fsdp=8", 3), (4, "data=2,fsdp=2", 6), (1, "data=1", 9), (8, "data=2,fsdp=4", 12)]
+    for devices, mesh, stop in moves:
         done = _train_cli(devices, *common, "--out", moved, "--mesh", mesh, "--stop-at", stop)
         assert done.returncode == 0, done.stderr
         sizes = {"data": 1, "fsdp": 1, "tensor": 1, **dict(a.split("=") for a in mesh.split(","))}
         assert f"for mesh data={sizes['data']},fsdp={sizes['fsdp']},tensor=1 " in done.stdout
     np.testing.assert_allclose(_losses(moved), _losses(tmp_path / "alone"), rtol=1e-5)
-    assert len(_losses(moved)) == 9
+    assert len(_losses(moved)) == 12
 
 
 def test_a_mesh_that_does_not_fit_the_devices_is_one_line_exit_2(char_data, tmp_path):
