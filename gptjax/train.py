@@ -97,6 +97,10 @@ def _setup(cfg: C.RunConfig, out: Path, progress: bool):
         sampler = _sampler(data.train, cfg, f"training split of {data.path}")
         _sampler(data.val, cfg, f"validation split of {data.path}")
         steps = CompiledSteps(cfg)
+        if jax.process_count() > 1:
+            # Every process has looked at `out` before process 0 writes into it.
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("gptjax: run checked")
         if not is_main():
             pass  # process 0 writes the run's files; the others train from their own data
         elif resuming:
