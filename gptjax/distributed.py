@@ -29,9 +29,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         raise GptjaxError(f"--process-id {process_id} is not in [0, {num_processes})")
     if not auto and process_id != 0:
         _wait_for_coordinator(coordinator, timeout)
-    if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms):
-        # CPU devices of different processes talk through gloo (no-op for GPUs/TPUs).
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # CPU devices of different processes talk through gloo; GPU/TPU collectives ignore this.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(coordinator, num_processes, process_id,
                                    initialization_timeout=timeout)

@@ -106,9 +106,6 @@ def _emit(s: _Static, state: _State, logits_bv, temperature, top_p) -> _State:
 @partial(jax.jit, static_argnames="s")
 def _start(params, tokens_bn, pad_b, key, temperature, top_p, s: _Static) -> _State:
     """Prefill the cache with the prompts and sample each row's first new id."""
-    # Decoding reads the decode layout (model.GPT); parameters as trained are converted once
-    # per call here, and callers that decode repeatedly pass model.decode_params(params).
-    params = model.decode_params(params)
     batch = tokens_bn.shape[0]
     col_s = jnp.arange(s.cache_len)
     cache = model.init_cache(s.config, batch, s.cache_len, col_s[None, :] >= pad_b[:, None])
@@ -123,7 +120,6 @@ def _start(params, tokens_bn, pad_b, key, temperature, top_p, s: _Static) -> _St
 @partial(jax.jit, static_argnames="s", donate_argnames="state")
 def _advance(params, state: _State, pad_b, stop_at, temperature, top_p, s: _Static) -> _State:
     """Decode until `stop_at` steps have been taken or every row is done."""
-    params = model.decode_params(params)  # no-op for callers that converted already
 
     def running(st):
         return (st.n < stop_at) & ~jnp.all(st.done)
@@ -138,8 +134,8 @@ def _advance(params, state: _State, pad_b, stop_at, temperature, top_p, s: _Stat
 class Decoder:
     """A batch of prompts being continued; `advance(k)` runs up to k steps in one device call.
 
-    `params` are as trained or `model.decode_params(params)`, which saves
-    a copy of the weights per call when the same model decodes many times.
+    `params` are as trained (converted to the decode layout here, once) or already
+    `model.decode_params(params)`, which saves that copy when a model decodes many times.
 
     Prompts longer than the context keep their last context_length ids (with a warning);
     an empty prompt starts from `eot_id`. Rows stop at `eot_id` when `stop_at_eot`.
@@ -176,6 +172,7 @@ class Decoder:
         self.max_new_tokens = max_new_tokens
         self._seen = np.zeros(len(rows), np.int64)
         self._state = None
+        params = model.decode_params(params)  # once, not in every chunk's call
         if max_new_tokens:
             self._state = _start(params, jnp.asarray(tokens), self._pad,
                                  jax.random.PRNGKey(sampling.seed), *self._dynamic, s=self._static)

@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gptjax.config import ModelConfig
 from gptjax.errors import GptjaxError
-from gptjax.mesh import BATCH_AXES
+from gptjax.mesh import BATCH_AXES, batch_shards
 
 F, T = "fsdp", "tensor"
 # (module, parameter) -> spec of one layer's array (the stacked layer axis is prepended).
@@ -75,7 +75,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def check_batch(batch_rows: int, mesh: Mesh, grad_accum: int = 1) -> None:
     """Every micro-batch must split evenly over the data-sharding axes."""
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = batch_shards(mesh)
     if batch_rows % (shards * grad_accum):
         raise GptjaxError(f"batch_size {batch_rows} is not divisible by data x fsdp = {shards}"
                           + (f" times grad_accum {grad_accum}" if grad_accum > 1 else ""))

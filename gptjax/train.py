@@ -101,11 +101,10 @@ def _setup(cfg: C.RunConfig, out: Path, progress: bool):
             # Every process has looked at `out` before process 0 writes into it.
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices("gptjax: run checked")
-        if not is_main():
-            pass  # process 0 writes the run's files; the others train from their own data
-        elif resuming:
+        # Process 0 writes the run's files; the others train from their own copy of the data.
+        if is_main() and resuming:
             C.save(cfg, out / "config.json")  # keeps changed resume-safe fields for next time
-        else:
+        elif is_main():
             if run.is_run(out):
                 run.start_over(out)  # it has no checkpoint: nothing trained to lose
             data = run.create(out, cfg, data)
