@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from gptjax import cli_convert
+from gptjax import cli_bench, cli_convert, cli_finetune
 from gptjax import config as C
 from gptjax.cli_options import add_config_flags, apply_overrides, explicit_overrides
 from gptjax.errors import GptjaxError
@@ -108,6 +108,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--batches", type=int, help="validation batches (default: the run's eval_batches)")
     ev.add_argument("--gpt2-ranks", help="local GPT-2 ranks file (else $GPTJAX_GPT2_RANKS)")
     cli_convert.add_parser(sub)
+    cli_bench.add_parser(sub)
+    cli_finetune.add_parsers(sub)
     return p
 
 
@@ -217,7 +219,7 @@ def _eval(args) -> int:
 
 
 COMMANDS = {"train": _train, "prepare": _prepare, "generate": _generate, "eval": _eval,
-            "convert": cli_convert.run}
+            "convert": cli_convert.run, "bench": cli_bench.run, **cli_finetune.COMMANDS}
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):

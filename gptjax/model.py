@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from functools import partial
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -32,10 +33,12 @@ from gptjax.config import ModelConfig
 from gptjax.kv_cache import KVCache, cached_attention, init_cache
 from gptjax.mesh import constrain_rows
 
-__all__ = ["GPT", "KVCache", "apply", "apply_cached", "cast", "decode_params", "init",
+__all__ = ["GPT", "KVCache", "LoRA", "apply", "apply_cached", "cast", "decode_params", "init",
            "init_cache", "loss", "loss_sum", "param_count"]
 
 INIT_STD = 0.02
+LORA_SUFFIX = "_lora"  # adapter of projection "qkv" is module "qkv_lora" in the "lora" collection
+PROJECTIONS = ("qkv", "out", "fc", "proj")  # the block's linear layers (attention, MLP)
 
 
 class OutMajorDense(nn.Module):
@@ -69,24 +72,61 @@ class OutMajorDense(nn.Module):
         return y
 
 
+class LoRA(nn.Module):
+    """The low-rank update scale * (x @ a) @ b of one projection (Hu et al., 2021).
+
+    Its variables live in the "lora" collection, beside the projection's "params", so the
+    base weights stay one tree that adapters never touch. `a` starts Gaussian and `b` at
+    zero: a fresh adapter changes nothing.
+    """
+
+    out_shape: tuple[int, ...]
+    in_ndim: int
+    rank: int
+    scale: float
+    dtype: str
+
+    @nn.compact
+    def __call__(self, x):
+        in_shape = x.shape[x.ndim - self.in_ndim:]
+        fan_in = math.prod(in_shape)
+        a = self.variable("lora", "a", lambda: jax.random.normal(
+            self.make_rng("params"), (*in_shape, self.rank)) / math.sqrt(fan_in)).value
+        b = self.variable("lora", "b", lambda: jnp.zeros((self.rank, *self.out_shape))).value
+        x_ri = x.reshape(-1, fan_in).astype(self.dtype)
+        y_ro = (x_ri @ a.reshape(fan_in, self.rank).astype(self.dtype)) @ b.reshape(
+            self.rank, -1).astype(self.dtype)
+        return (self.scale * y_ro).reshape(*x.shape[:x.ndim - self.in_ndim], *self.out_shape)
+
+
 def _projection(cfg: ModelConfig, out_major: bool, out_shape: tuple[int, ...], in_ndim: int,
-                init, name: str) -> nn.Module:
+                init, name: str, lora=None):
+    """The projection `name` as a function of its input: dense, plus an adapter when `lora`
+    (a gptjax.finetune.LoRAConfig) targets it."""
     if out_major:
+        if lora is not None:
+            raise ValueError("the decode layout has no adapters: merge them first (finetune.lora.merge)")
         return OutMajorDense(cfg, out_shape, in_ndim, name=name)
-    return nn.DenseGeneral(out_shape, axis=tuple(range(-in_ndim, 0)), use_bias=cfg.bias,
-                           dtype=cfg.dtype, param_dtype=cfg.param_dtype, kernel_init=init,
-                           name=name)
+    dense = nn.DenseGeneral(out_shape, axis=tuple(range(-in_ndim, 0)), use_bias=cfg.bias,
+                            dtype=cfg.dtype, param_dtype=cfg.param_dtype, kernel_init=init,
+                            name=name)
+    if lora is None or name not in lora.targets:
+        return dense
+    adapter = LoRA(out_shape, in_ndim, lora.rank, lora.alpha / lora.rank, cfg.dtype,
+                   name=f"{name}{LORA_SUFFIX}")
+    return lambda x: dense(x) + adapter(x)
 
 
 class CausalSelfAttention(nn.Module):
     cfg: ModelConfig
     out_major: bool = False  # the decode layout (see OutMajorDense)
+    lora: Any = None  # a LoRAConfig: adapters on the projections it targets
 
     @nn.compact
     def __call__(self, x_btd, deterministic: bool, cache: KVCache | None = None, layer=None):
         c = self.cfg
         qkv_btkhd = _projection(c, self.out_major, (3, c.n_head, c.head_dim), 1,
-                                nn.initializers.normal(INIT_STD), "qkv")(x_btd)
+                                nn.initializers.normal(INIT_STD), "qkv", self.lora)(x_btd)
         q_bthd, k_bthd, v_bthd = (qkv_btkhd[:, :, i] for i in range(3))
         if cache is None:
             impl = None if c.attention_impl == "auto" else c.attention_impl
@@ -96,22 +136,23 @@ class CausalSelfAttention(nn.Module):
             y_bthd, cache = cached_attention(q_bthd, k_bthd, v_bthd, cache, layer)
         # GPT-2's scaled init for projections that write into the residual stream.
         proj_init = nn.initializers.normal(INIT_STD / math.sqrt(2 * c.n_layer))
-        out = _projection(c, self.out_major, (c.d_model,), 2, proj_init, "out")
+        out = _projection(c, self.out_major, (c.d_model,), 2, proj_init, "out", self.lora)
         return out(y_bthd), cache
 
 
 class MLP(nn.Module):
     cfg: ModelConfig
     out_major: bool = False
+    lora: Any = None
 
     @nn.compact
     def __call__(self, x_btd):
         c = self.cfg
         h_btf = _projection(c, self.out_major, (c.d_mlp,), 1, nn.initializers.normal(INIT_STD),
-                            "fc")(x_btd)
+                            "fc", self.lora)(x_btd)
         h_btf = nn.gelu(h_btf, approximate=True)  # GPT-2's tanh approximation
         proj_init = nn.initializers.normal(INIT_STD / math.sqrt(2 * c.n_layer))
-        return _projection(c, self.out_major, (c.d_model,), 1, proj_init, "proj")(h_btf)
+        return _projection(c, self.out_major, (c.d_model,), 1, proj_init, "proj", self.lora)(h_btf)
 
 
 class Block(nn.Module):
@@ -120,6 +161,7 @@ class Block(nn.Module):
 
     cfg: ModelConfig
     out_major: bool = False
+    lora: Any = None
 
     @nn.compact
     def __call__(self, x_btd, deterministic: bool, cache: KVCache | None = None, layer: int = 0):
@@ -127,10 +169,10 @@ class Block(nn.Module):
         norm = partial(nn.LayerNorm, epsilon=c.layer_norm_eps, use_bias=c.bias, dtype=c.dtype,
                        param_dtype=c.param_dtype)
         drop = nn.Dropout(c.dropout)
-        attn = CausalSelfAttention(c, self.out_major, name="attn")
+        attn = CausalSelfAttention(c, self.out_major, self.lora, name="attn")
         h, cache = attn(norm(name="ln1")(x_btd), deterministic, cache, layer)
         x_btd = constrain_rows(x_btd + drop(h, deterministic=deterministic))
-        h = MLP(c, self.out_major, name="mlp")(norm(name="ln2")(x_btd))
+        h = MLP(c, self.out_major, self.lora, name="mlp")(norm(name="ln2")(x_btd))
         x_btd = constrain_rows(x_btd + drop(h, deterministic=deterministic))
         return x_btd, cache
 
@@ -144,11 +186,14 @@ class GPT(nn.Module):
 
     cfg: ModelConfig
     decode_layout: bool = False
+    lora: Any = None  # a LoRAConfig: low-rank adapters (the "lora" collection) on its targets
 
     @nn.compact
     def __call__(self, tokens_bt, positions_bt=None, deterministic: bool = True,
-                 cache: KVCache | None = None, logits_at=None):
-        """Logits (batch, time, vocab); with a cache, (logits at column `logits_at`, cache)."""
+                 cache: KVCache | None = None, logits_at=None, features: bool = False):
+        """Logits (batch, time, vocab); with a cache, (logits at column `logits_at`, cache);
+        with `features`, the final LayerNorm's output (batch, time, d_model) instead of logits
+        (what a classification head reads)."""
         c = self.cfg
         if c.vocab_size <= 0:
             raise ValueError("ModelConfig.vocab_size must be set (resolve it from the tokenizer)")
@@ -166,13 +211,13 @@ class GPT(nn.Module):
                 raise ValueError("decoding with a KV cache needs decode_params(params)")
             blocks = nn.scan(
                 Block,
-                variable_axes={"params": 0},
+                variable_axes={"params": 0, "lora": 0},
                 split_rngs={"params": True, "dropout": True},
                 in_axes=nn.broadcast,
                 length=c.n_layer,
                 unroll=min(c.scan_unroll, c.n_layer),
             )
-            x_btd, _ = blocks(c, name="blocks")(x_btd, deterministic)
+            x_btd, _ = blocks(c, lora=self.lora, name="blocks")(x_btd, deterministic)
         else:
             for i in range(c.n_layer):
                 block = Block(c, out_major=True, name=f"blocks_{i}")
@@ -182,6 +227,8 @@ class GPT(nn.Module):
             x_btd = jax.lax.dynamic_slice_in_dim(x_btd, logits_at, 1, axis=1)
         x_btd = nn.LayerNorm(epsilon=c.layer_norm_eps, use_bias=c.bias, dtype=c.dtype,
                              param_dtype=c.param_dtype, name="ln_f")(x_btd)
+        if features:
+            return x_btd
         if cache is None:
             return constrain_rows(wte.attend(x_btd).astype(jnp.float32))
         return _decode_head(x_btd[:, 0], wte), cache._replace(index=cache.index + tokens_bt.shape[1])
@@ -210,11 +257,22 @@ def init(config: ModelConfig, key: jax.Array) -> dict:
 
 
 def apply(params: dict, tokens_bt: jax.Array, config: ModelConfig, *, positions_bt=None,
-          deterministic: bool = True, rng: jax.Array | None = None) -> jax.Array:
-    """Float32 logits (batch, time, vocab). `rng` is needed only when dropout is active."""
+          deterministic: bool = True, rng: jax.Array | None = None, lora=None,
+          adapters: dict | None = None, features: bool = False) -> jax.Array:
+    """Float32 logits (batch, time, vocab). `rng` is needed only when dropout is active.
+
+    With `lora` (a LoRAConfig) and its `adapters` (gptjax.finetune.lora.init_adapters), the
+    targeted projections add their low-rank updates; `features` returns the final hidden
+    states (batch, time, d_model) instead of logits.
+    """
     rngs = {"dropout": rng} if rng is not None else None
-    return GPT(config).apply({"params": params}, tokens_bt, positions_bt,
-                             deterministic=deterministic, rngs=rngs)
+    variables = {"params": params}
+    if lora is not None:
+        if adapters is None:
+            raise ValueError("apply with lora needs its adapters")
+        variables["lora"] = adapters
+    return GPT(config, lora=lora).apply(variables, tokens_bt, positions_bt,
+                                        deterministic=deterministic, rngs=rngs, features=features)
 
 
 # Kernels of each block and how many of their leading axes are inputs.
@@ -257,9 +315,11 @@ def apply_cached(params: dict, tokens_bt: jax.Array, positions_bt: jax.Array, ca
         logits_at=logits_at)
 
 
-def loss_sum(params, batch: dict, config: ModelConfig, *, deterministic=True, rng=None):
+def loss_sum(params, batch: dict, config: ModelConfig, *, deterministic=True, rng=None,
+             lora=None, adapters=None):
     """(sum of token cross-entropies, number of weighted tokens) for exact averaging."""
-    logits_btv = apply(params, batch["inputs"], config, deterministic=deterministic, rng=rng)
+    logits_btv = apply(params, batch["inputs"], config, deterministic=deterministic, rng=rng,
+                       lora=lora, adapters=adapters)
     ce_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv, batch["targets"])
     weights_bt = batch.get("weights")
     if weights_bt is None:

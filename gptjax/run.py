@@ -47,9 +47,9 @@ def check_out_dir(out: Path) -> bool:
     """True when `out` is a run with a checkpoint to resume; error if it is something else."""
     if is_run(out):
         if has_checkpoint(out) and not has_train_state(out):
-            raise GptjaxError(f"{out} holds imported weights without optimizer state, so it cannot "
-                              "be resumed; training from imported weights (fine-tuning) is not "
-                              "supported yet")
+            raise GptjaxError(f"{out} holds imported or fine-tuned weights without optimizer "
+                              "state, so gptjax train cannot resume it; to train it further, "
+                              "start a new run from it with gptjax finetune-lm/-sft/-cls --base")
         return has_checkpoint(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise GptjaxError(f"{out} exists and is not a gptjax run; choose another --out")
@@ -146,6 +146,12 @@ def load(run_dir: str | Path, which: str | int = "latest", gpt2_ranks: str | Non
     if not is_run(path):
         raise GptjaxError(f"{path} is not a gptjax run (no config.json)")
     which = parse_checkpoint(str(which))
+    from gptjax.finetune import store
+    if store.is_finetuned(path):  # its checkpoint holds what trained; the rest is its base's
+        tuned = store.load(path, which, gpt2_ranks)
+        if tuned.spec.task == "cls":
+            raise GptjaxError(f"{path} is a classifier (gptjax finetune-cls): use gptjax classify")
+        return LoadedRun(path, tuned.config, tuned.tokenizer, tuned.lm_params(), tuned.step)
     cfg = C.load(path / "config.json")
     tokenizer = tok.from_spec(json.loads((path / "tokenizer.json").read_text()),
                               gpt2_ranks or cfg.data.gpt2_ranks or None)

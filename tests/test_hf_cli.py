@@ -82,7 +82,7 @@ def test_generate_hf_reads_the_folder_directly_and_matches_the_imported_run(
 def test_training_an_imported_run_is_refused_without_touching_it(imported_run, capsys):
     before = {p: p.read_bytes() for p in imported_run.rglob("*") if p.is_file()}
     fails_cleanly(capsys, "train", "--out", imported_run, "--no-progress",
-                  match="imported weights without optimizer state")
+                  match="weights without optimizer state")
     assert {p: p.read_bytes() for p in imported_run.rglob("*") if p.is_file()} == before
 
 

@@ -1,0 +1,184 @@
+"""Classification fine-tuning: labelled texts in, a classifier run out.
+
+finetune_cls reads and checks the data, splits it (stratified, seeded), trains with early
+stopping on a validation metric, then reports the best checkpoint on the test split:
+accuracy, per-class precision/recall/F1, macro F1 and the confusion matrix (table + PNG).
+`classify` loads such a run and returns class probabilities for new texts.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from gptjax.errors import GptjaxError
+from gptjax.finetune import batching, cls_data, cls_metrics, session, store
+from gptjax.finetune.classifier import POOLINGS, make_loss_sum, make_predict
+from gptjax.finetune.params import join
+from gptjax.finetune.settings import Tuning
+
+METRICS = ("accuracy", "macro_f1", "loss")
+
+
+@dataclass(frozen=True)
+class ClsData:
+    path: str
+    text_column: str = "text"
+    label_column: str = "label"
+    format: str | None = None
+    split: tuple[float, float, float] = (0.7, 0.1, 0.2)
+    balance: bool = False  # undersample the training split to the rarest class
+    class_weights: bool = False  # weight the loss by inverse class frequency
+    pooling: str = "last"
+    metric: str = "accuracy"  # what early stopping watches on the validation split
+    max_length: int = 0  # tokens kept per text; 0 = the model's context
+
+
+@dataclass
+class Prepared:
+    """Texts as token ids with their labels, and the split into train/val/test rows."""
+
+    ids: list[np.ndarray]
+    labels: np.ndarray
+    classes: tuple[str, ...]
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    truncated: int
+
+
+def prepare(d: ClsData, tokenizer, context_length: int, seed: int) -> Prepared:
+    if d.pooling not in POOLINGS:
+        raise GptjaxError(f"--pooling must be one of {', '.join(POOLINGS)}, got {d.pooling!r}")
+    if d.metric not in METRICS:
+        raise GptjaxError(f"--metric must be one of {', '.join(METRICS)}, got {d.metric!r}")
+    if not 0 <= d.max_length:
+        raise GptjaxError(f"--max-length must be >= 0, got {d.max_length}")
+    data = cls_data.read_labeled(d.path, text_column=d.text_column, label_column=d.label_column,
+                                 fmt=d.format)
+    train, val, test = cls_data.stratified_split(data.labels, d.split, seed)
+    if d.balance:
+        train = cls_data.balance(train, data.labels, seed)
+    limit = min(d.max_length or context_length, context_length)
+    ids, truncated = batching.encode_all(data.texts, tokenizer, limit)
+    return Prepared(ids, data.labels, data.classes, train, val, test, truncated)
+
+
+def _class_weights(labels: np.ndarray, n_classes: int, on: bool) -> np.ndarray:
+    if not on:
+        return np.ones(n_classes, np.float32)
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    return (counts.sum() / (n_classes * np.maximum(counts, 1))).astype(np.float32)
+
+
+def _batch(p: Prepared, rows: np.ndarray, size: int, context: int, pad_id: int, class_w: np.ndarray) -> dict:
+    seqs = [p.ids[r] for r in rows]
+    length = batching.bucket(max(len(s) for s in seqs), context)
+    tokens, lengths = batching.pad_rows(seqs, size, length, pad_id)
+    labels = np.zeros(size, np.int32)
+    labels[:len(rows)] = p.labels[rows]
+    weights = np.zeros(size, np.float32)
+    weights[:len(rows)] = class_w[labels[:len(rows)]]
+    return {"tokens": tokens, "lengths": lengths, "labels": labels, "weights": weights}
+
+
+def predict_rows(predict, params: dict, p: Prepared, rows: np.ndarray, size: int, context: int,
+                 pad_id: int) -> np.ndarray:
+    """Class probabilities (len(rows), classes), in fixed-size batches."""
+    out = []
+    ones = np.ones(len(p.classes), np.float32)
+    for chunk in batching.order(len(rows), size, None, drop_last=False):
+        b = _batch(p, rows[chunk], size, context, pad_id, ones)
+        out.append(np.asarray(predict(params, b["tokens"], b["lengths"]))[:len(chunk)])
+    return np.concatenate(out)
+
+
+def evaluate_rows(predict, params, p: Prepared, rows, size, context, pad_id) -> dict:
+    probs = predict_rows(predict, params, p, rows, size, context, pad_id)
+    y = p.labels[rows]
+    report = cls_metrics.classification_report(y, probs.argmax(-1), p.classes)
+    loss = float(-np.log(np.maximum(probs[np.arange(len(y)), y], 1e-12)).mean())
+    return {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"], "loss": loss,
+            "report": report}
+
+
+def finetune_cls(base: store.Base, data: ClsData, tuning: Tuning, out: str | Path, *,
+                 progress: bool = True, say=print) -> dict:
+    """Fine-tune `base` as a classifier on `data`; returns the test report of the best checkpoint."""
+    from gptjax.hf import check_new_dir
+    out = Path(out)
+    check_new_dir(out)
+    tuning.check()
+    m = base.config.model
+    p = prepare(data, base.tokenizer, m.context_length, tuning.seed)
+    if p.truncated:
+        warnings.warn(f"{p.truncated} of {len(p.ids)} texts are longer than {data.max_length or m.context_length} "
+                      "tokens and were cut to that length")
+    if len(p.train) < tuning.batch_size:
+        raise GptjaxError(f"the training split has {len(p.train)} texts, fewer than --batch-size "
+                          f"{tuning.batch_size}")
+    s = session.setup(base, tuning, "cls", classes=p.classes, pooling=data.pooling,
+                      settings={"data": {**asdict(data), "path": str(Path(data.path).absolute())},
+                                "tuning": asdict(tuning)})
+    pad = base.tokenizer.eot_id if base.tokenizer.eot_id is not None else 0
+    class_w = _class_weights(p.labels[p.train], len(p.classes), data.class_weights)
+    predict = jax.jit(make_predict(s.spec.model, data.pooling, s.spec.lora))
+    size, T = tuning.batch_size, m.context_length
+
+    def epoch_batches(epoch):
+        rng = np.random.default_rng([tuning.seed, epoch])
+        for chunk in batching.order(len(p.train), size, rng, drop_last=True):
+            yield _batch(p, p.train[chunk], size, T, pad, class_w)
+
+    def evaluate(trainable):
+        metrics = evaluate_rows(predict, join(trainable, s.frozen), p, p.val, size, T, pad)
+        return {f"val_{k}" if k != "report" else k: v for k, v in metrics.items() if k != "report"}
+
+    counts = np.bincount(p.labels, minlength=len(p.classes))
+    say(f"data: {len(p.ids):,} texts, classes " + ", ".join(f"{c} ({n:,})" for c, n in zip(p.classes, counts))
+        + f"; split {len(p.train):,} train{' (balanced)' if data.balance else ''} / {len(p.val):,} val / "
+        f"{len(p.test):,} test (seed {tuning.seed})")
+    result = session.run(out, s, tuning, base, make_loss_sum(s.spec.model, data.pooling, s.spec.lora),
+                         epoch_batches, len(p.train) // size, evaluate, f"val_{data.metric}",
+                         data.metric != "loss", progress, say)
+    params = join(result.best, s.frozen)
+    test = evaluate_rows(predict, params, p, p.test, size, T, pad)
+    report = {**test["report"], "loss": test["loss"], "best_step": result.best_step,
+              "steps": result.steps, "stopped_early": result.stopped_early,
+              "val": {k: v for k, v in result.best_metrics.items()}}
+    (out / "test_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    png = cls_metrics.plot_confusion(np.asarray(report["confusion"]), p.classes, out / "confusion.png")
+    say(f"test split ({len(p.test):,} texts), best checkpoint (step {result.best_step}):")
+    say(cls_metrics.format_report(report, p.classes))
+    say(f"wrote {out / 'test_report.json'}, {png}, {out / 'metrics.jsonl'}, {out / 'checkpoints'}")
+    return report
+
+
+def classify(run_dir: str | Path, texts: list[str], *, checkpoint: str = "latest",
+             gpt2_ranks: str | None = None) -> tuple[tuple[str, ...], np.ndarray]:
+    """(class names, probabilities (len(texts), classes)) from a classifier run."""
+    ft = store.load(run_dir, checkpoint, gpt2_ranks)
+    if ft.spec.task != "cls":
+        raise GptjaxError(f"{run_dir} is not a classifier (it was fine-tuned for {ft.spec.task}); "
+                          "use gptjax generate --run")
+    if not texts:
+        raise GptjaxError("give at least one text to classify")
+    for i, text in enumerate(texts):
+        if not text.strip():
+            raise GptjaxError(f"text {i + 1} is empty")
+    m = ft.spec.model
+    limit = ft.spec.settings.get("data", {}).get("max_length") or m.context_length
+    ids, truncated = batching.encode_all(texts, ft.tokenizer, min(limit, m.context_length))
+    if truncated:
+        warnings.warn(f"{truncated} text(s) longer than {limit} tokens were cut to that length")
+    p = Prepared(ids, np.zeros(len(ids), np.int32), ft.spec.classes, np.arange(len(ids)), np.arange(0),
+                 np.arange(0), truncated)
+    pad = ft.tokenizer.eot_id if ft.tokenizer.eot_id is not None else 0
+    predict = jax.jit(make_predict(m, ft.spec.pooling, ft.spec.lora))
+    probs = predict_rows(predict, ft.params, p, np.arange(len(ids)), min(len(ids), 32), m.context_length, pad)
+    return ft.spec.classes, probs

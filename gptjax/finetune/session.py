@@ -1,0 +1,100 @@
+"""What every fine-tuning task shares: building the parameter tree from a base, choosing
+what trains, writing the run, and fitting with the best checkpoint kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from gptjax import config as C
+from gptjax.checkpoint import Checkpoints
+from gptjax.finetune import optim, store
+from gptjax.finetune.lora import LoRAConfig, count, parse_targets
+from gptjax.finetune.params import parse_trainable
+from gptjax.finetune.settings import Tuning
+from gptjax.finetune.step import init_state, make_step
+from gptjax.finetune.trainer import FitResult, Schedule, fit
+from gptjax.metrics import JsonlLog
+
+
+@dataclasses.dataclass
+class Setup:
+    spec: store.Spec
+    trainable: dict
+    frozen: dict
+    n_trainable: int
+    n_total: int
+
+    def describe(self) -> str:
+        s = self.spec
+        what = (f"LoRA rank {s.lora.rank} (alpha {s.lora.alpha:g}) on {', '.join(s.lora.targets)}"
+                + (" + the head" if s.task == "cls" else "")) if s.lora else s.trainable.describe(s.model.n_layer)
+        return (f"trainable: {self.n_trainable:,} of {self.n_total:,} parameters "
+                f"({100 * self.n_trainable / self.n_total:.2f}%): {what}")
+
+
+def setup(base: store.Base, tuning: Tuning, task: str, *, classes: tuple[str, ...] = (),
+          pooling: str = "last", settings: dict | None = None) -> Setup:
+    """The full parameter tree {"gpt", ["head"], ["lora"]} split into trainable and frozen."""
+    tuning.check()
+    m = dataclasses.replace(base.config.model, dropout=tuning.dropout)
+    trainable_spec = parse_trainable(tuning.train, m.n_layer, head=task == "cls")
+    lora = None
+    if tuning.lora_rank:
+        lora = LoRAConfig(tuning.lora_rank, tuning.lora_alpha, parse_targets(tuning.lora_targets)).check()
+    spec = store.Spec(task, m, trainable_spec, lora, base.origin, store.fingerprint(base.params),
+                      classes, pooling, settings or {})
+    tree = store.full_tree(spec, base.params, jax.random.PRNGKey(tuning.seed))
+    trainable, frozen = store.trainable_part(spec, tree)
+    return Setup(spec, trainable, frozen, _trained_count(spec, trainable), count(tree))
+
+
+def _trained_count(spec: store.Spec, trainable: dict) -> int:
+    """Parameters that can change: only the trained layers' rows of stacked block weights."""
+    total = count(trainable)
+    blocks = trainable.get("gpt", {}).get("blocks")
+    if blocks is not None:
+        n = count(blocks)
+        total -= n - n * spec.trainable.blocks // spec.model.n_layer
+    return total
+
+
+def run(out: Path, s: Setup, tuning: Tuning, base: store.Base, loss_sum, epoch_batches,
+        steps_per_epoch: int, evaluate, monitor: str, higher_is_better: bool,
+        progress: bool, say=print) -> FitResult:
+    """Create the run in `out` and fit; the best trainable parameters are checkpointed."""
+    eval_every = tuning.eval_every or steps_per_epoch
+    schedule = Schedule(tuning.epochs, steps_per_epoch, eval_every, tuning.patience, monitor,
+                        higher_is_better)
+    warmup = min(tuning.warmup_steps, max(schedule.total_steps - 1, 0))
+    tx = optim.optimizer(s.trainable, lr=tuning.lr, base_lr=tuning.base_lr, warmup_steps=warmup,
+                         total_steps=schedule.total_steps, weight_decay=tuning.weight_decay,
+                         grad_clip=tuning.grad_clip, blocks_trained=s.spec.trainable.blocks,
+                         n_layer=s.spec.model.n_layer)
+    step = jax.jit(make_step(loss_sum, tx), donate_argnums=0)
+    state = init_state(s.trainable, tx, tuning.seed)
+    data_cfg = C.DataConfig(tokenizer=base.tokenizer.spec()["kind"], gpt2_ranks=base.config.data.gpt2_ranks)
+    store.write_run(out, s.spec, base.tokenizer.spec(), data_cfg)
+    ckpts = Checkpoints(out / "checkpoints", keep=1)
+
+    def on_best(best, at, metrics):
+        ckpts.save_params(at, best, {"metrics": _jsonable(metrics)})
+
+    say(s.describe())
+    say(f"{tuning.epochs} epoch(s) of {steps_per_epoch} steps, validating every {eval_every} steps "
+        f"on {monitor}" + (f", stopping after {tuning.patience} without improvement" if tuning.patience else ""))
+    try:
+        return fit(state, s.frozen, step, epoch_batches, evaluate, schedule, on_best=on_best,
+                   log=JsonlLog(out / "metrics.jsonl"), progress=progress, say=say)
+    finally:
+        ckpts.close()  # waits for the asynchronous save of the best checkpoint
+
+
+def _jsonable(metrics: dict) -> dict:
+    return {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in metrics.items()
+            if isinstance(v, (int, float, str, np.floating)) and not (isinstance(v, float) and math.isnan(v))}

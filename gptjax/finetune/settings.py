@@ -1,0 +1,55 @@
+"""Settings shared by every fine-tuning task: what trains, how fast, for how long.
+
+Plain frozen dataclasses (recorded in finetune.json); `check` reports the first bad
+value as one GptjaxError before anything is loaded or written.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from gptjax.errors import GptjaxError
+
+
+@dataclass(frozen=True)
+class Tuning:
+    train: str = "all"  # all | head (classification) | last-N
+    lora_rank: int = 0  # 0 = no LoRA; else adapters train and the base is frozen
+    lora_alpha: float = 16.0
+    lora_targets: str = "attn"  # attn, mlp, all, or projection names (qkv, out, fc, proj)
+    lr: float = 1e-3  # new parameters: the task head, LoRA adapters
+    base_lr: float = 1e-4  # pretrained weights that train
+    epochs: int = 5
+    batch_size: int = 16
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    dropout: float = 0.0
+    eval_every: int = 0  # steps between validations; 0 = once per epoch
+    patience: int = 3  # validations without improvement before stopping; 0 = run all epochs
+    seed: int = 0
+
+    def check(self) -> "Tuning":
+        for name in ("epochs", "batch_size"):
+            _require(getattr(self, name) >= 1, f"--{_flag(name)} must be at least 1, got {getattr(self, name)}")
+        for name in ("lr", "base_lr", "lora_alpha"):
+            v = getattr(self, name)
+            _require(math.isfinite(v) and v > 0, f"--{_flag(name)} must be positive, got {v}")
+        for name in ("lora_rank", "warmup_steps", "eval_every", "patience", "seed"):
+            _require(getattr(self, name) >= 0, f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        for name in ("weight_decay", "grad_clip"):
+            v = getattr(self, name)
+            _require(math.isfinite(v) and v >= 0, f"--{_flag(name)} must be >= 0, got {v}")
+        _require(0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1), got {self.dropout}")
+        _require(self.seed < 2**31, f"--seed must be below 2**31, got {self.seed}")
+        return self
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise GptjaxError(message)

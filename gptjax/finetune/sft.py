@@ -1,0 +1,139 @@
+"""Instruction fine-tuning (SFT) on Alpaca-style records, and answering with the result.
+
+Records are formatted with the book's prompt template, split train/val/test (seeded),
+tokenized as prompt + response + end-of-text (cut to the context, with a count), and
+batched with end-of-text padding whose targets carry no loss (the first end-of-text, the
+record's own, does). The untuned model's validation loss is measured first, so the
+report shows what fine-tuning changed. The test records are stored in the run for
+`respond`, which writes the model's answers to JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from gptjax.errors import GptjaxError
+from gptjax.finetune import batching, session, sft_data, store
+from gptjax.finetune.lm_loss import make_loss_sum, mean_loss
+from gptjax.finetune.params import join
+from gptjax.finetune.settings import Tuning
+from gptjax.finetune.step import make_eval
+from gptjax.finetune.trainer import perplexity
+
+TEST_RECORDS = "test_records.json"
+
+
+@dataclass(frozen=True)
+class SftData:
+    path: str
+    split: tuple[float, float, float] = (0.85, 0.05, 0.10)
+    mask_prompt: bool = False  # no loss on the prompt's tokens, only on the response
+
+
+def _batch(examples, eot: int, rows: int, context: int, mask_prompt: bool) -> dict:
+    """A collated batch of a fixed number of rows (extra rows carry zero weight)."""
+    length = batching.bucket(max(len(e.ids) for e in examples) - 1, context)
+    b = sft_data.collate(examples, eot, length, mask_prompt=mask_prompt)
+    missing = rows - len(examples)
+    if missing:
+        b = {k: np.concatenate([v, np.zeros((missing, length), v.dtype)]) for k, v in b.items()}
+    return b
+
+
+def finetune_sft(base: store.Base, data: SftData, tuning: Tuning, out: str | Path, *,
+                 progress: bool = True, say=print) -> dict:
+    """Fine-tune `base` on instruction records; returns val losses before and after."""
+    from gptjax.hf import check_new_dir
+    out = Path(out)
+    check_new_dir(out)
+    tuning.check()
+    tokenizer, m = base.tokenizer, base.config.model
+    if tokenizer.eot_id is None:
+        raise GptjaxError("instruction tuning needs a tokenizer with an end-of-text id")
+    records = sft_data.read_records(data.path)
+    train, val, test = sft_data.split_records(len(records), data.split, tuning.seed)
+    examples, truncated = sft_data.encode_examples(records, tokenizer.encode, tokenizer.eot_id,
+                                                   m.context_length)
+    if truncated:
+        warnings.warn(f"{truncated} of {len(records)} records are longer than the context "
+                      f"({m.context_length} tokens) and were cut to fit")
+    if len(train) < tuning.batch_size:
+        raise GptjaxError(f"the training split has {len(train)} records, fewer than --batch-size "
+                          f"{tuning.batch_size}")
+    s = session.setup(base, tuning, "sft", settings={
+        "data": {**asdict(data), "path": str(Path(data.path).absolute())}, "tuning": asdict(tuning)})
+    loss_sum = make_loss_sum(s.spec.model, s.spec.lora)
+    eval_fn = jax.jit(make_eval(loss_sum))
+    size, T, eot = tuning.batch_size, m.context_length, tokenizer.eot_id
+    val_batches = [_batch([examples[i] for i in val[c]], eot, size, T, data.mask_prompt)
+                   for c in batching.order(len(val), size, None, drop_last=False)]
+
+    def epoch_batches(epoch):
+        rng = np.random.default_rng([tuning.seed, epoch])
+        for chunk in batching.order(len(train), size, rng, drop_last=True):
+            yield _batch([examples[i] for i in train[chunk]], eot, size, T, data.mask_prompt)
+
+    def evaluate(trainable):
+        loss = mean_loss(eval_fn, join(trainable, s.frozen), val_batches)
+        return {"val_loss": loss, "val_ppl": perplexity(loss)}
+
+    say(f"data: {len(records):,} records; split {len(train):,} train / {len(val):,} val / "
+        f"{len(test):,} test (seed {tuning.seed}); loss on "
+        + ("responses only" if data.mask_prompt else "prompts and responses"))
+    before = evaluate(s.trainable)
+    say(f"before fine-tuning: val loss {before['val_loss']:.4f}, perplexity {before['val_ppl']:.2f}")
+    result = session.run(out, s, tuning, base, loss_sum, epoch_batches, len(train) // size,
+                         evaluate, "val_loss", False, progress, say)
+    (out / TEST_RECORDS).write_text(json.dumps([records[i] for i in test], indent=1,
+                                               ensure_ascii=False) + "\n")
+    report = {"val_loss_before": before["val_loss"], "val_ppl_before": before["val_ppl"],
+              "val_loss": result.best_metrics["val_loss"], "val_ppl": result.best_metrics["val_ppl"],
+              "best_step": result.best_step, "steps": result.steps,
+              "stopped_early": result.stopped_early, "truncated": truncated}
+    (out / "sft_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    say(f"val loss {report['val_loss_before']:.4f} -> {report['val_loss']:.4f} (perplexity "
+        f"{report['val_ppl_before']:.2f} -> {report['val_ppl']:.2f}), best at step {result.best_step}")
+    say(f"wrote {out / 'sft_report.json'}, {out / TEST_RECORDS}, {out / 'checkpoints'}; answer the "
+        f"test records with: gptjax respond --run {out} --out responses.json")
+    return report
+
+
+def respond(run_dir: str | Path, records: list[dict], *, max_new_tokens: int = 256,
+            checkpoint: str = "latest", gpt2_ranks: str | None = None, batch_size: int = 8,
+            progress: bool = True) -> list[dict]:
+    """Each record with the model's greedy "model_response" to its formatted prompt."""
+    from tqdm import tqdm
+
+    from gptjax import run
+    from gptjax.model import decode_params
+    from gptjax.sampling import Sampling, check_max_new_tokens
+    from gptjax.textgen import generate_text
+
+    check_max_new_tokens(max_new_tokens)
+    loaded = run.load(run_dir, checkpoint, gpt2_ranks)
+    params = decode_params(loaded.params)
+    out = []
+    bar = tqdm(total=len(records), desc="respond", unit="record", disable=not progress)
+    for start in range(0, len(records), batch_size):
+        chunk = records[start:start + batch_size]
+        prompts = [sft_data.format_prompt(r) for r in chunk]
+        # The template's next section header ends an answer that forgot its end-of-text.
+        texts = generate_text(params, loaded.config.model, loaded.tokenizer, prompts, max_new_tokens,
+                              Sampling(0.0, None, None, 0), stop=["\n\n### "])
+        out += [{**r, "model_response": t.strip()} for r, t in zip(chunk, texts)]
+        bar.update(len(chunk))
+    bar.close()
+    return out
+
+
+def test_records(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / TEST_RECORDS
+    if not path.is_file():
+        raise GptjaxError(f"{run_dir} has no {TEST_RECORDS} (not a finetune-sft run); pass --records FILE")
+    return json.loads(path.read_text())
