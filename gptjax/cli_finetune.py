@@ -69,7 +69,6 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def add_parsers(sub) -> None:
-    from gptjax.finetune.cls import ClsData
     fc = sub.add_parser(
         "finetune-cls", help="fine-tune a pretrained GPT as a text classifier",
         description="Replace the language-model head with a classification head and fine-tune "
@@ -106,7 +105,6 @@ def add_parsers(sub) -> None:
     cl.add_argument("--checkpoint", default="latest", help="latest (the best kept), or a step")
     cl.add_argument("--gpt2-ranks", help="local GPT-2 ranks file (else $GPTJAX_GPT2_RANKS)")
     cl.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
-    del ClsData
 
     fs = sub.add_parser(
         "finetune-sft", help="instruction-tune a pretrained GPT on Alpaca-style records",

@@ -55,3 +55,10 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
         code = e.code
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def fails_cleanly(capsys, *argv, match: str) -> None:
+    """The command fails as bad input: exit 2 and one error line on stderr containing `match`."""
+    code, _, err = run_cli(capsys, *argv)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "error" in lines[0] and match in lines[0], err

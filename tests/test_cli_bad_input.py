@@ -3,16 +3,8 @@
 import numpy as np
 import pytest
 
-from conftest import TINY_RUN, run_cli
+from conftest import TINY_RUN, fails_cleanly, run_cli
 from gptjax.cli import main
-
-
-def fails_cleanly(capsys, *argv, match: str):
-    code, _, err = run_cli(capsys, *argv)
-    assert code == 2, err
-    lines = [l for l in err.splitlines() if l.strip()]
-    assert len(lines) == 1 and "error" in lines[0], err
-    assert match in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -11,18 +11,12 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import TINY_RUN, run_cli
+from conftest import TINY_RUN, fails_cleanly, run_cli
 from gptjax import run
 from gptjax.cli import main
 from gptjax.finetune import store
 
 WORDS = "apple river stone cloud paper glass music table light green".split()
-
-
-def fails_cleanly(capsys, *argv, match: str):
-    code, _, err = run_cli(capsys, *argv)
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2 and len(lines) == 1 and match in lines[0], err
 
 
 @pytest.fixture(scope="module")

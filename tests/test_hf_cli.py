@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import fails_cleanly, run_cli
 from gptjax import config as C
 from gptjax import run
 from gptjax.checkpoint import Checkpoints
@@ -26,12 +26,6 @@ def random_params(cfg: C.ModelConfig, seed: int = 0) -> dict:
 def same_tree(a, b) -> bool:
     return jax.tree.structure(a) == jax.tree.structure(b) and all(
         np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
-
-def fails_cleanly(capsys, *argv, match: str):
-    code, _, err = run_cli(capsys, *argv)
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2 and len(lines) == 1 and match in lines[0], err
 
 
 @pytest.fixture(scope="module")
