@@ -19,7 +19,7 @@ MIN_BUCKET = 16
 
 def bucket(length: int, context: int) -> int:
     """The padded length for a longest row of `length` tokens."""
-    return min(context, max(MIN_BUCKET, 1 << max(length - 1, 0).bit_length()))
+    return min(context, max(MIN_BUCKET, 1 << max(int(length) - 1, 0).bit_length()))
 
 
 def encode_all(texts: Sequence[str], tokenizer, limit: int, what: str = "text") -> tuple[list[np.ndarray], int]:
@@ -39,12 +39,30 @@ def encode_all(texts: Sequence[str], tokenizer, limit: int, what: str = "text") 
     return out, cut
 
 
-def order(n: int, batch_size: int, rng: np.random.Generator | None, drop_last: bool) -> list[np.ndarray]:
-    """Row indices of each batch: shuffled when `rng` is given; the last partial batch is
-    dropped for training (`drop_last`) and kept for evaluation."""
-    idx = rng.permutation(n) if rng is not None else np.arange(n)
-    stop = n - n % batch_size if drop_last else n
-    return [idx[i:i + batch_size] for i in range(0, stop, batch_size)]
+def by_length(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Evaluation batches: every row once, shortest first, so each batch pads little."""
+    idx = np.argsort(lengths, kind="stable")
+    return [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
+
+
+def grouped_order(lengths: np.ndarray, batch_size: int, rng: np.random.Generator,
+                  group: int = 32) -> list[np.ndarray]:
+    """Training batches of rows with similar lengths, in random order.
+
+    Rows are shuffled, cut into groups of `group` batches, sorted by length within each
+    group and then batched, and the batches shuffled: still a fresh random partition every
+    epoch, but most batches pad to a short bucket instead of the longest text's (on the
+    SMS spam set, half the padded tokens of plain shuffling). The last partial batch
+    is dropped.
+    """
+    idx = rng.permutation(len(lengths))
+    idx = idx[:len(idx) - len(idx) % batch_size]
+    span = group * batch_size
+    for start in range(0, len(idx), span):
+        part = idx[start:start + span]
+        idx[start:start + span] = part[np.argsort(lengths[part], kind="stable")]
+    batches = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
 
 
 def pad_rows(seqs: Sequence[np.ndarray], rows: int, length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:

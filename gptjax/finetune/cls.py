@@ -90,12 +90,12 @@ def _batch(p: Prepared, rows: np.ndarray, size: int, context: int, pad_id: int, 
 def predict_rows(predict, params: dict, p: Prepared, rows: np.ndarray, size: int, context: int,
                  pad_id: int) -> np.ndarray:
     """Class probabilities (len(rows), classes), in fixed-size batches."""
-    out = []
     ones = np.ones(len(p.classes), np.float32)
-    for chunk in batching.order(len(rows), size, None, drop_last=False):
+    probs = np.zeros((len(rows), len(p.classes)), np.float32)
+    for chunk in batching.by_length(np.array([len(p.ids[r]) for r in rows]), size):
         b = _batch(p, rows[chunk], size, context, pad_id, ones)
-        out.append(np.asarray(predict(params, b["tokens"], b["lengths"]))[:len(chunk)])
-    return np.concatenate(out)
+        probs[chunk] = np.asarray(predict(params, b["tokens"], b["lengths"]))[:len(chunk)]
+    return probs
 
 
 def evaluate_rows(predict, params, p: Prepared, rows, size, context, pad_id) -> dict:
@@ -130,9 +130,11 @@ def finetune_cls(base: store.Base, data: ClsData, tuning: Tuning, out: str | Pat
     predict = jax.jit(make_predict(s.spec.model, data.pooling, s.spec.lora))
     size, T = tuning.batch_size, m.context_length
 
+    train_lengths = np.array([len(p.ids[i]) for i in p.train])
+
     def epoch_batches(epoch):
         rng = np.random.default_rng([tuning.seed, epoch])
-        for chunk in batching.order(len(p.train), size, rng, drop_last=True):
+        for chunk in batching.grouped_order(train_lengths, size, rng):
             yield _batch(p, p.train[chunk], size, T, pad, class_w)
 
     def evaluate(trainable):

@@ -71,12 +71,15 @@ def finetune_sft(base: store.Base, data: SftData, tuning: Tuning, out: str | Pat
     loss_sum = make_loss_sum(s.spec.model, s.spec.lora)
     eval_fn = jax.jit(make_eval(loss_sum))
     size, T, eot = tuning.batch_size, m.context_length, tokenizer.eot_id
+    val_lengths = np.array([len(examples[i].ids) for i in val])
     val_batches = [_batch([examples[i] for i in val[c]], eot, size, T, data.mask_prompt)
-                   for c in batching.order(len(val), size, None, drop_last=False)]
+                   for c in batching.by_length(val_lengths, size)]
+
+    train_lengths = np.array([len(examples[i].ids) for i in train])
 
     def epoch_batches(epoch):
         rng = np.random.default_rng([tuning.seed, epoch])
-        for chunk in batching.order(len(train), size, rng, drop_last=True):
+        for chunk in batching.grouped_order(train_lengths, size, rng):
             yield _batch([examples[i] for i in train[chunk]], eot, size, T, data.mask_prompt)
 
     def evaluate(trainable):

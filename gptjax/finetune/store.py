@@ -149,8 +149,8 @@ def load(run_dir: str | Path, which: str | int = "latest", gpt2_ranks: str | Non
     path = Path(run_dir)
     spec = Spec.from_json(json.loads((path / FILE).read_text()))
     cfg = C.load(path / "config.json")
-    tokenizer = tok.from_spec(json.loads((path / "tokenizer.json").read_text()),
-                              gpt2_ranks or cfg.data.gpt2_ranks or None)
+    gpt2_ranks = gpt2_ranks or cfg.data.gpt2_ranks or None
+    tokenizer = tok.from_spec(json.loads((path / "tokenizer.json").read_text()), gpt2_ranks)
     one = SingleDeviceSharding(jax.devices()[0])
     shapes = jax.eval_shape(lambda: full_tree(spec, model.init(spec.model, jax.random.PRNGKey(0)),
                                               jax.random.PRNGKey(0)))
