@@ -1,0 +1,416 @@
+"""Benchmark measurements: train-step throughput and MFU, compile time, memory, decode latency.
+
+The train step is the one training runs: `make_train_step` with `optim.optimizer` and
+`init_state`, jitted with the state donated and laid out on the mesh exactly as
+`gptjax.train.CompiledSteps` does, and compiled ahead of time so compile time is measured
+apart from run time. The timing protocol (benchmarks/ and `gptjax bench` share it):
+warm-up steps first; then each repeat dispatches `steps` steps back to back and blocks
+once, on the final state and metrics; `no_compiles` asserts that nothing was traced or
+compiled while the clock ran; results are the median (with min and max) of the repeats.
+
+FLOPs use the PaLM formula (`gptjax.metrics.MFU_FORMULA`). The MFU denominator is the
+data-sheet bf16 peak of a known accelerator, else the float32 matmul rate measured in
+the same run (the best of a measurement before and one after the timed cases).
+
+Compile time with and without JAX's persistent compilation cache is measured in fresh
+processes (`python -m gptjax.bench compile ...`): in-process, jit's own caches and the
+already-imported code would flatter the second compile. This module never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from gptjax import model, optim
+from gptjax.config import ModelConfig, TrainConfig
+from gptjax.data import WindowSampler, gather
+from gptjax.mesh import make_mesh
+from gptjax.metrics import MFU_FORMULA, PEAK_BF16, flops_per_token, measure_matmul_flops
+from gptjax.sharding import batch_sharding, check_batch, check_divisible, shardings
+from gptjax.train_step import init_state, make_train_step
+
+__all__ = ["MFU_FORMULA", "RecompileError", "TrainStepBench", "build_train_step",
+           "compile_in_subprocess", "decode_lengths", "machine_info", "median_min_max",
+           "no_compiles", "peak_rss_mib", "random_batches", "remeasure_peak", "resolve_peak",
+           "run_decode_bench", "run_train_bench", "throughput", "time_steps"]
+
+# jax.monitoring duration events: tracing a Python function to a jaxpr, and an XLA compile
+# (recorded for persistent-cache hits too, which still load an executable).
+TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+
+
+class RecompileError(AssertionError):
+    """Something was traced or compiled inside a region that must only run compiled code."""
+
+
+@dataclass
+class CompileGuard:
+    """What `no_compiles` saw: filled in when its block exits."""
+
+    what: str
+    checked: bool = False
+    events: list = dataclasses.field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {"checked": self.checked, "compiles": len(self.events), "region": self.what}
+
+
+@contextlib.contextmanager
+def no_compiles(what: str = "the timed region"):
+    """Raise RecompileError if JAX traces or compiles anything inside the block.
+
+    A listener on jax.monitoring's trace and backend-compile events, so it catches
+    recompiles of jitted functions, new shapes, and any stray eager op compiled on first
+    use. Calls of an AOT-compiled executable record neither event.
+    """
+    guard = CompileGuard(what)
+
+    def listener(event, duration, **kwargs):
+        if event in (TRACE_EVENT, COMPILE_EVENT):
+            guard.events.append((event.rsplit("/", 1)[-1], kwargs.get("fun_name", "?"), duration))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield guard
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    if guard.events:
+        names = sorted({f"{name} ({kind})" for kind, name, _ in guard.events})
+        raise RecompileError(f"{len(guard.events)} trace/compile event(s) in {what}: "
+                             + ", ".join(names))
+    guard.checked = True
+
+
+@dataclass
+class TrainStepBench:
+    """A compiled train step and everything needed to run and account for it."""
+
+    model_cfg: ModelConfig
+    train_cfg: TrainConfig
+    step: Any  # the AOT-compiled executable: (state, batch) -> (state, metrics)
+    init_state: Any  # jitted () -> fresh state on the step's shardings
+    batch_sharding: NamedSharding
+    lower_seconds: float  # trace + lower to StableHLO
+    compile_seconds: float  # XLA compile (or persistent-cache load)
+    memory: dict
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.train_cfg.batch_size * self.model_cfg.context_length
+
+    @property
+    def flops_per_token(self) -> float:
+        return flops_per_token(self.model_cfg, model.param_count(self.model_cfg, exclude_position=True))
+
+    def put(self, batch: dict) -> dict:
+        """A host batch placed the way the compiled step expects it."""
+        return {k: jax.device_put(v, self.batch_sharding) for k, v in batch.items()}
+
+
+def build_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig) -> TrainStepBench:
+    """Lower and compile the training step as `gptjax.train.CompiledSteps` builds it."""
+    mesh = make_mesh(train_cfg.mesh)
+    check_divisible(model_cfg, mesh)
+    check_batch(train_cfg.batch_size, mesh, train_cfg.grad_accum)
+    tx = optim.optimizer(train_cfg)
+    abstract = jax.eval_shape(lambda: init_state(model_cfg, train_cfg, tx))
+    state_sharding = shardings(abstract, mesh)
+    rows = batch_sharding(mesh)
+    tokens = jax.ShapeDtypeStruct((train_cfg.batch_size, model_cfg.context_length), jnp.int32)
+    batch = {"inputs": tokens, "targets": tokens}
+    with jax.set_mesh(mesh):
+        jitted = jax.jit(make_train_step(model_cfg, train_cfg, tx), donate_argnums=0,
+                         in_shardings=(state_sharding, rows),
+                         out_shardings=(state_sharding, NamedSharding(mesh, P())))
+        t0 = time.perf_counter()
+        lowered = jitted.lower(abstract, batch)
+        t1 = time.perf_counter()
+        compiled = lowered.compile()
+        t2 = time.perf_counter()
+        fresh = jax.jit(lambda: init_state(model_cfg, train_cfg, tx), out_shardings=state_sharding)
+    return TrainStepBench(model_cfg, train_cfg, compiled, fresh, rows, t1 - t0, t2 - t1,
+                          memory_stats(compiled))
+
+
+def memory_stats(compiled) -> dict:
+    """Bytes XLA planned for the step (arguments, outputs, temporaries), where reported."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # not every backend implements it
+        m = None
+    if m is None:
+        return {}
+    out = {k: int(getattr(m, f"{k}_size_in_bytes", 0) or 0)
+           for k in ("argument", "output", "alias", "temp", "generated_code")}
+    # Donated outputs reuse argument buffers (alias): count them once.
+    out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+    return out
+
+
+def device_peak_bytes() -> int | None:
+    """Peak bytes in use on the first device (GPU/TPU allocators report it; CPU does not)."""
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+    except Exception:
+        return None
+    peak = stats.get("peak_bytes_in_use")
+    return int(peak) if peak is not None else None
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far (MiB; Linux reports KiB, macOS bytes)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def random_batches(n: int, batch_size: int, context: int, vocab: int, seed: int = 0,
+                   corpus_tokens: int = 1 << 16) -> list[dict]:
+    """`n` host batches of windows (WindowSampler, as training draws them) from random tokens."""
+    rng = np.random.default_rng(seed)
+    corpus = rng.integers(0, vocab, max(corpus_tokens, context + 1), dtype=np.int32)
+    sampler = WindowSampler(len(corpus), context, batch_size, "random", seed=seed)
+    return [gather(corpus, sampler.starts(i), context) for i in range(n)]
+
+
+def time_steps(bench: TrainStepBench, state, batches: list[dict], steps: int):
+    """Run `steps` steps back to back, block once at the end: (seconds, state, metrics)."""
+    t0 = time.perf_counter()
+    metrics = None
+    for i in range(steps):
+        state, metrics = bench.step(state, batches[i % len(batches)])
+    jax.block_until_ready((state, metrics))
+    return time.perf_counter() - t0, state, metrics
+
+
+def median_min_max(values) -> dict:
+    values = list(values)
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def throughput(bench: TrainStepBench, seconds: list[float], steps: int, peak: float) -> dict:
+    """Tokens/s, ms/step, achieved FLOP/s and MFU from per-repeat wall times of `steps` steps."""
+    tok = [bench.tokens_per_step * steps / s for s in seconds]
+    fpt = bench.flops_per_token
+    return {"tokens_per_s": median_min_max(tok),
+            "ms_per_step": median_min_max(1000 * s / steps for s in seconds),
+            "flops_per_s": statistics.median(tok) * fpt,
+            "mfu": statistics.median(tok) * fpt / peak,
+            "flops_per_token": fpt, "repeat_seconds": seconds}
+
+
+def run_train_bench(bench: TrainStepBench, *, steps: int, repeats: int, warmup: int,
+                    peak: float, n_batches: int = 4):
+    """The protocol on one compiled step: warm up, time `repeats` x `steps`, summarize.
+
+    Returns (summary dict, the final train state).
+    """
+    m, t = bench.model_cfg, bench.train_cfg
+    batches = [bench.put(b) for b in random_batches(n_batches, t.batch_size, m.context_length,
+                                                    m.vocab_size, t.seed)]
+    state = bench.init_state()
+    _, state, _ = time_steps(bench, state, batches, max(warmup, 1))
+    seconds = []
+    with no_compiles("the timed train steps") as guard:
+        for _ in range(repeats):
+            elapsed, state, metrics = time_steps(bench, state, batches, steps)
+            seconds.append(elapsed)
+    loss = float(metrics["loss"])
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"the benchmarked train step produced a non-finite loss ({loss})")
+    out = throughput(bench, seconds, steps, peak)
+    out.update(steps=steps, repeats=repeats, warmup_steps=max(warmup, 1), last_loss=loss,
+               no_recompile_guard=guard.summary())
+    return out, state
+
+
+def resolve_peak(configured: float = 0.0) -> dict:
+    """The MFU denominator: configured, the data-sheet bf16 peak of a known chip, or measured."""
+    if configured > 0:
+        return {"flops_per_s": configured, "source": "configured"}
+    kind = jax.devices()[0].device_kind
+    for name, peak in PEAK_BF16.items():
+        if name.lower() in kind.lower():
+            return {"flops_per_s": peak * jax.device_count(),
+                    "source": f"data sheet: {name} dense bf16 x {jax.device_count()} device(s)"}
+    rate = measure_matmul_flops() * jax.device_count()
+    return {"flops_per_s": rate, "source": "measured float32 matmul (1024^3, best of 10)",
+            "measured": [rate]}
+
+
+def remeasure_peak(peak: dict) -> dict:
+    """Measure the matmul rate again (after the cases) and keep the better of the two."""
+    if "measured" not in peak:
+        return peak
+    rate = measure_matmul_flops() * jax.device_count()
+    measured = peak["measured"] + [rate]
+    return {**peak, "flops_per_s": max(measured), "measured": measured}
+
+
+# ---- decode -----------------------------------------------------------------------------
+
+def decode_lengths(context: int, prompt_len: int | None = None, new_tokens: int | None = None):
+    """Default prompt and generation lengths that stay inside the context (no sliding)."""
+    prompt = prompt_len or max(1, min(32, context // 4))
+    new = new_tokens or max(2, min(128, context - prompt))
+    return prompt, new
+
+
+def run_decode_bench(model_cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int,
+                     repeats: int, seed: int = 0, params=None) -> dict:
+    """Time to first token and ms per later token of gptjax's Decoder (greedy, exactly
+    `new_tokens` ids per row), median of `repeats` after a warm-up call. `params`: any
+    weights of this config (speed does not depend on the values); default: freshly
+    initialised."""
+    from gptjax.generate import Decoder
+    from gptjax.sampling import Sampling
+
+    if new_tokens < 2:
+        raise ValueError("decode timing needs at least 2 new tokens")
+    if params is None:
+        params = model.init(model_cfg, jax.random.PRNGKey(seed))
+    params = model.decode_params(params)  # the decode layout once, as callers that decode do
+    rng = np.random.default_rng(seed)
+    prompts = rng.integers(0, model_cfg.vocab_size, (batch, prompt_len)).tolist()
+
+    def once():
+        t0 = time.perf_counter()
+        decoder = Decoder(params, model_cfg, prompts, new_tokens, Sampling(temperature=0.0))
+        first = decoder.advance(0)  # fetching the ids waits for prefill + first sample
+        t1 = time.perf_counter()
+        rest = decoder.advance()
+        t2 = time.perf_counter()
+        if any(len(a) + len(b) != new_tokens for a, b in zip(first, rest)):
+            raise RuntimeError("the decoder stopped early")
+        return t1 - t0, t2 - t1
+
+    t0 = time.perf_counter()
+    once()  # compiles prefill and the decode loop
+    warm = time.perf_counter() - t0
+    runs = []
+    with no_compiles("the timed decode calls") as guard:
+        for _ in range(repeats):
+            runs.append(once())
+    ttft = [1000 * a for a, _ in runs]
+    per_token = [1000 * b / (new_tokens - 1) for _, b in runs]
+    total = statistics.median(a + b for a, b in runs)
+    return {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+            "repeats": repeats, "first_call_seconds": warm,
+            "ttft_ms": median_min_max(ttft), "ms_per_token": median_min_max(per_token),
+            "tokens_per_s": batch * new_tokens / total, "no_recompile_guard": guard.summary()}
+
+
+# ---- where and with what the numbers were taken -------------------------------------------
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def machine_info() -> dict:
+    """Hardware, versions and flags to record with every result."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    def ver(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    dev = jax.devices()[0]
+    return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "backend": jax.default_backend(),
+            "device_kind": dev.device_kind, "device_count": jax.device_count(),
+            "cpu": cpu_model(), "cores": usable_cores(),
+            # XLA:CPU sizes its intra-op thread pool to the usable cores.
+            "threads": usable_cores() if jax.default_backend() == "cpu" else None,
+            "python": platform.python_version(), "jax": jax.__version__,
+            "jaxlib": ver("jaxlib"), "flax": ver("flax"), "optax": ver("optax"),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            # Other work on a shared host skews absolute numbers (ratios suffer less).
+            "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+            "jax_env": {k: v for k, v in os.environ.items() if k.startswith("JAX_")}}
+
+
+# ---- compile time in fresh processes ----------------------------------------------------
+
+def compile_in_subprocess(model_cfg: ModelConfig, train_cfg: TrainConfig,
+                          cache_dir: str | None = None, timeout: float = 1800) -> dict:
+    """Lower + compile the train step in a new Python process (optionally with JAX's
+    persistent compilation cache in `cache_dir`); its timings as a dict."""
+    cmd = [sys.executable, "-m", "gptjax.bench", "compile",
+           "--model", json.dumps(dataclasses.asdict(model_cfg)),
+           "--train", json.dumps(dataclasses.asdict(train_cfg))]
+    if cache_dir:
+        cmd += ["--cache-dir", str(cache_dir)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    wall = time.perf_counter() - t0
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"compile subprocess failed ({proc.returncode}): {tail}")
+    return {**json.loads(lines[-1]), "process_seconds": wall}
+
+
+def _compile_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m gptjax.bench compile")
+    ap.add_argument("--model", required=True, help="ModelConfig fields as JSON")
+    ap.add_argument("--train", default="{}", help="TrainConfig fields as JSON")
+    ap.add_argument("--cache-dir", help="use JAX's persistent compilation cache here")
+    args = ap.parse_args(argv)
+    if args.cache_dir:
+        jax.config.update("jax_compilation_cache_dir", args.cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    hits = []
+
+    def on_event(event, **kwargs):
+        if event == CACHE_HIT_EVENT:
+            hits.append(event)
+
+    jax.monitoring.register_event_listener(on_event)
+    bench = build_train_step(ModelConfig(**json.loads(args.model)), TrainConfig(**json.loads(args.train)))
+    print(json.dumps({"lower_seconds": bench.lower_seconds, "compile_seconds": bench.compile_seconds,
+                      "seconds": bench.lower_seconds + bench.compile_seconds,
+                      "cache": bool(args.cache_dir), "cache_hits": len(hits),
+                      "memory": bench.memory}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["compile"]:
+        sys.exit("usage: python -m gptjax.bench compile --model JSON [--train JSON] [--cache-dir DIR]")
+    sys.exit(_compile_main(sys.argv[2:]))
