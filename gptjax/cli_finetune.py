@@ -15,8 +15,8 @@ from gptjax.finetune.settings import Tuning
 
 TUNING_HELP = {
     "train": "what of the pretrained model trains: all, head (classification only: the new "
-             "head alone) or last-N (the last N blocks, the final norm and the head); ignored "
-             "with LoRA, which freezes the base",
+             "head alone) or last-N (the last N blocks and the final norm, plus the head of a "
+             "classifier); ignored with LoRA, which freezes the base",
     "lora_rank": "LoRA adapter rank; 0 = no LoRA (full or partial fine-tuning)",
     "lora_alpha": "LoRA scale numerator: updates are scaled by alpha / rank",
     "lora_targets": "comma-separated layers that get adapters: attn (= qkv,out), mlp (= fc,proj), "
@@ -155,9 +155,9 @@ def add_parsers(sub) -> None:
                     help="API base URL, e.g. http://localhost:11434/v1 (default: $GPTJAX_JUDGE_URL)")
     ju.add_argument("--judge-model", default=os.environ.get("GPTJAX_JUDGE_MODEL"),
                     help="model name at that endpoint (default: $GPTJAX_JUDGE_MODEL)")
-    ju.add_argument("--api-key-env", default="OPENAI_API_KEY",
-                    help="environment variable holding the API key, if the endpoint needs one "
-                    "(default: OPENAI_API_KEY)")
+    ju.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the "
+                    "endpoint's API key, e.g. OPENAI_API_KEY; sent as a bearer token only when "
+                    "given (default: no key, as local servers need none)")
     ju.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -68,6 +68,18 @@ def test_classifier_learns_and_reports(classifier, capsys):
     assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-4 for r in rows)
 
 
+def test_a_classifier_is_a_starting_point_and_the_base_object_survives(base, classifier, records, tmp_path):
+    from gptjax.finetune.settings import Tuning
+    from gptjax.finetune.sft import SftData, finetune_sft
+    start = store.load_base(str(classifier))
+    assert start.origin["kind"] == "run" and "head" not in start.params
+    tuning = Tuning(epochs=1, batch_size=8, base_lr=1e-3)
+    finetune_sft(start, SftData(str(records)), tuning, tmp_path / "a", progress=False, say=lambda *a: None)
+    # the step donates its state, not the caller's weights: the same Base starts a second run
+    assert not any(x.is_deleted() for x in jax.tree.leaves(start.params))
+    finetune_sft(start, SftData(str(records)), tuning, tmp_path / "b", progress=False, say=lambda *a: None)
+
+
 def test_head_only_saves_just_the_head_and_keeps_the_base(base, labelled, tmp_path):
     out = tmp_path / "head"
     assert main(["finetune-cls", "--base", str(base / "base"), "--data", str(labelled), *CLS,

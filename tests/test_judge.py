@@ -84,8 +84,10 @@ def test_config_needs_url_and_model_and_reads_the_key(monkeypatch):
     for url, model in ((None, "m"), ("http://h/v1", None), ("", "")):
         assert error_of(judge_config, url, model).startswith("no judge endpoint configured: "
                                                              "pass --judge-url URL")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-not-for-this-endpoint")
+    assert judge_config("http://h:1/v1/", "m") == JudgeConfig("http://h:1/v1", "m")  # no key named
     monkeypatch.delenv("JUDGE_TEST_KEY", raising=False)
-    assert judge_config("http://h:1/v1/", "m", "JUDGE_TEST_KEY") == JudgeConfig("http://h:1/v1", "m")
+    assert "$JUDGE_TEST_KEY, which is not set" in error_of(judge_config, "http://h/v1", "m", "JUDGE_TEST_KEY")
     monkeypatch.setenv("JUDGE_TEST_KEY", "sk-123")
     cfg = judge_config("http://h:1/v1/chat/completions", "m", "JUDGE_TEST_KEY")
     assert cfg.url == "http://h:1/v1" and cfg.api_key == "sk-123"

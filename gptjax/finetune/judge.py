@@ -30,20 +30,24 @@ NOT_CONFIGURED = ("no judge endpoint configured: pass --judge-url URL (an OpenAI
 class JudgeConfig:
     url: str            # base URL ending before /chat/completions, e.g. http://localhost:11434/v1
     model: str
-    api_key: str = ""   # taken from the env var named by the CLI (default OPENAI_API_KEY) by the caller
+    api_key: str = ""   # read from the environment variable the user names (--api-key-env)
     timeout: float = 60.0
 
 
 def judge_config(url: str | None, model: str | None,
-                 api_key_env: str = "OPENAI_API_KEY") -> JudgeConfig:
-    """A JudgeConfig from CLI values, the key read from `api_key_env` (absent is fine)."""
+                 api_key_env: str | None = None) -> JudgeConfig:
+    """A JudgeConfig from CLI values. A key is sent only when the user names the variable
+    holding it, so a key meant for one provider never reaches another endpoint."""
     if not url or not model:
         raise GptjaxError(NOT_CONFIGURED)
     if not url.startswith(("http://", "https://")):
         raise GptjaxError(f"judge URL must start with http:// or https://, got {url!r}")
     # A pasted full endpoint URL is taken as its base rather than doubled.
     base = url.rstrip("/").removesuffix(ENDPOINT)
-    return JudgeConfig(base, model, os.environ.get(api_key_env, ""))
+    key = os.environ.get(api_key_env, "") if api_key_env else ""
+    if api_key_env and not key:
+        raise GptjaxError(f"--api-key-env names ${api_key_env}, which is not set")
+    return JudgeConfig(base, model, key)
 
 
 def judge_prompt(record: dict, response: str) -> str:

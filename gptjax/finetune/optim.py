@@ -24,14 +24,16 @@ def schedule(peak: float, warmup_steps: int, total_steps: int) -> optax.Schedule
 
 
 def train_last_layers(n_train: int, n_layer: int) -> optax.GradientTransformation:
-    """Zero the updates of all but the last `n_train` layers of stacked block weights."""
+    """Zero all but the last `n_train` layers of the stacked pretrained block weights
+    ({"gpt": {"blocks": ...}}) in whatever passes through: gradients or updates."""
     if n_train >= n_layer:
         return optax.identity()
     keep = jnp.arange(n_layer) >= n_layer - n_train
 
     def update(updates, state, params=None):
         def mask(path, u):
-            if any(getattr(k, "key", None) == "blocks" for k in path):
+            # Pretrained block weights only: adapters are stacked over layers too.
+            if getattr(path[0], "key", None) == "gpt" and any(getattr(k, "key", None) == "blocks" for k in path):
                 return u * keep.reshape(-1, *[1] * (u.ndim - 1)).astype(u.dtype)
             return u
         return jax.tree_util.tree_map_with_path(mask, updates), state
@@ -49,7 +51,10 @@ def optimizer(trainable: dict, *, lr: float, base_lr: float, warmup_steps: int, 
     labels = {key: jax.tree.map(lambda _, k=key: "new" if k in NEW_PARTS else "base", sub)
               for key, sub in trainable.items()}
     clip = optax.clip_by_global_norm(grad_clip) if grad_clip > 0 else optax.identity()
-    return optax.chain(clip, optax.multi_transform(
+    # Layers that do not train are masked twice: their gradients before clipping (so they do
+    # not count in the global norm), and their updates after AdamW (its weight decay).
+    frozen_rows = train_last_layers(blocks_trained, n_layer)
+    return optax.chain(frozen_rows, clip, optax.multi_transform(
         {"new": adamw(lr),
          "base": optax.chain(adamw(base_lr), train_last_layers(blocks_trained, n_layer))},
         labels))

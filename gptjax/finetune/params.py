@@ -24,12 +24,13 @@ class Trainable:
     blocks: int
     embeddings: bool
 
-    def describe(self, n_layer: int) -> str:
+    def describe(self, n_layer: int, head: bool) -> str:
         if self.embeddings:
             return "everything"
         if self.blocks == 0:
             return "the head only"
-        return f"the last {self.blocks} of {n_layer} blocks, the final norm and the head"
+        return (f"the last {self.blocks} of {n_layer} blocks and the final norm"
+                + (", and the head" if head else ""))
 
 
 def parse_trainable(text: str, n_layer: int, *, head: bool = True) -> Trainable:

@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from gptjax import config as C
@@ -33,7 +34,8 @@ class Setup:
     def describe(self) -> str:
         s = self.spec
         what = (f"LoRA rank {s.lora.rank} (alpha {s.lora.alpha:g}) on {', '.join(s.lora.targets)}"
-                + (" + the head" if s.task == "cls" else "")) if s.lora else s.trainable.describe(s.model.n_layer)
+                + (" + the head" if s.task == "cls" else "")) if s.lora else s.trainable.describe(
+                    s.model.n_layer, head=s.task == "cls")
         return (f"trainable: {self.n_trainable:,} of {self.n_total:,} parameters "
                 f"({100 * self.n_trainable / self.n_total:.2f}%): {what}")
 
@@ -77,7 +79,8 @@ def run(out: Path, s: Setup, tuning: Tuning, base: store.Base, loss_sum, epoch_b
                          grad_clip=tuning.grad_clip, blocks_trained=s.spec.trainable.blocks,
                          n_layer=s.spec.model.n_layer)
     step = jax.jit(make_step(loss_sum, tx), donate_argnums=0)
-    state = init_state(s.trainable, tx, tuning.seed)
+    # The step donates its state: give it its own copy, so the caller's base survives.
+    state = init_state(jax.tree.map(jnp.copy, s.trainable), tx, tuning.seed)
     data_cfg = C.DataConfig(tokenizer=base.tokenizer.spec()["kind"], gpt2_ranks=base.config.data.gpt2_ranks)
     store.write_run(out, s.spec, base.tokenizer.spec(), data_cfg)
     ckpts = Checkpoints(out / "checkpoints", keep=1)

@@ -56,10 +56,15 @@ def load_base(run_dir: str | None = None, hf: str | None = None, checkpoint: str
         loaded = load_pretrained(hf, gpt2_ranks)
         source = str(Path(hf).absolute()) if Path(hf).exists() else hf
         origin = {"kind": "hf", "source": source}
+        return Base(loaded.config, loaded.tokenizer, loaded.params, origin)
+    if is_finetuned(run_dir):  # a classifier too: its fine-tuned trunk is the starting point
+        tuned = load(run_dir, checkpoint, gpt2_ranks)
+        config, tokenizer, params, step = tuned.config, tuned.tokenizer, tuned.lm_params(), tuned.step
     else:
         loaded = run.load(run_dir, checkpoint, gpt2_ranks)
-        origin = {"kind": "run", "path": str(Path(run_dir).absolute()), "checkpoint": loaded.step}
-    return Base(loaded.config, loaded.tokenizer, loaded.params, origin)
+        config, tokenizer, params, step = loaded.config, loaded.tokenizer, loaded.params, loaded.step
+    origin = {"kind": "run", "path": str(Path(run_dir).absolute()), "checkpoint": step}
+    return Base(config, tokenizer, params, origin)
 
 
 def fingerprint(params: dict) -> str:

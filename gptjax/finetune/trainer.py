@@ -53,7 +53,8 @@ def fit(state: FinetuneState, frozen: dict, step_fn, epoch_batches: Callable[[in
     metrics)` runs at each new best (e.g. to checkpoint it).
     """
     s = schedule
-    say = tqdm.write if progress else say
+    if progress and say is print:
+        say = tqdm.write  # keeps lines clear of the bar
     bar = tqdm(total=s.total_steps, desc="fine-tune", unit="step", dynamic_ncols=True,
                disable=not progress)
     best, best_value, best_step, best_metrics = None, None, 0, {}
@@ -79,6 +80,20 @@ def fit(state: FinetuneState, frozen: dict, step_fn, epoch_batches: Callable[[in
         say(f"step {step}: {shown}{' (best)' if improved else ''}")
         return since_best >= s.patience > 0
 
+    def flush(epoch):
+        nonlocal losses, clock
+        if not losses:
+            return
+        fetched = np.asarray(jax.device_get(losses), np.float64)
+        now = time.perf_counter()
+        if log is not None:
+            log.write({"kind": "train", "step": step, "epoch": epoch, "loss": float(fetched.mean()),
+                       "steps_per_s": len(fetched) / (now - clock)})
+        bar.set_postfix(epoch=epoch + 1, loss=f"{fetched.mean():.4f}", refresh=False)
+        bar.update(len(fetched))
+        losses, clock = [], now
+
+    epoch = 0
     try:
         for epoch in range(s.epochs):
             for batch in epoch_batches(epoch):
@@ -86,20 +101,16 @@ def fit(state: FinetuneState, frozen: dict, step_fn, epoch_batches: Callable[[in
                 losses.append(metrics["loss"])
                 step += 1
                 if step % 10 == 0 or step % s.eval_every == 0:
-                    fetched = np.asarray(jax.device_get(losses), np.float64)
-                    now = time.perf_counter()
-                    if log is not None:
-                        log.write({"kind": "train", "step": step, "epoch": epoch,
-                                   "loss": float(fetched.mean()), "steps_per_s": len(fetched) / (now - clock)})
-                    bar.set_postfix(epoch=epoch + 1, loss=f"{fetched.mean():.4f}", refresh=False)
-                    bar.update(len(fetched))
-                    losses, clock = [], now
-                if step % s.eval_every == 0 and validate():
-                    stopped = True
-                    break
+                    flush(epoch)  # the only host syncs: every 10 steps
+                if step % s.eval_every == 0:
+                    stopped = validate()
+                    clock = time.perf_counter()  # keep validation out of steps/s
+                    if stopped:
+                        break
             if stopped:
                 say(f"stopped early: no better {s.monitor} in {s.patience} validations")
                 break
+        flush(epoch)
         if step % s.eval_every:
             validate()
     finally:
