@@ -129,3 +129,18 @@ def test_existing_output_is_refused(hf_dir, tmp_path, capsys):
     fails_cleanly(capsys, "convert", hf_dir[0], "--out", tmp_path / "out", match="not empty")
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_fine_tuning_starts_from_hugging_face_weights(hf_dir, gpt2_ranks, tmp_path, capsys):
+    data = tmp_path / "texts.csv"
+    data.write_text("text,label\n" + "".join(f"{'free prize' if i % 2 else 'see you'} {i},"
+                                             f"{'spam' if i % 2 else 'ham'}\n" for i in range(40)))
+    code, out, err = run_cli(capsys, "finetune-cls", "--hf", hf_dir[0], "--gpt2-ranks", gpt2_ranks,
+                             "--data", data, "--epochs", "1", "--batch-size", "8", "--train", "head",
+                             "--no-progress", "--out", tmp_path / "cls")
+    assert code == 0, err
+    spec = json.loads((tmp_path / "cls" / "finetune.json").read_text())
+    assert spec["base"] == {"kind": "hf", "source": str(hf_dir[0].absolute())}
+    code, out, err = run_cli(capsys, "classify", "--run", tmp_path / "cls", "--gpt2-ranks", gpt2_ranks,
+                             "free prize 7")
+    assert code == 0 and out.split()[0] in ("ham", "spam"), err
