@@ -16,7 +16,6 @@ Nothing is allocated: the step is compiled from abstract shapes.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -74,13 +73,7 @@ def main(argv=None) -> int:
                         "vocab": cfg.vocab_size, "context": cfg.context_length, "batch": args.batch,
                         "scan_unroll": args.scan_unroll, "dtype": cfg.dtype},
               "repeats": args.repeats, "target_ratio": TARGET_RATIO, "results": rows}
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    table = markdown(report)
-    print(table)
-    if args.results:
-        with open(args.results, "a") as f:
-            f.write("\n" + table)
+    bench.publish(report, markdown(report), args.json, args.results)
     return 0
 
 

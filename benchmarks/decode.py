@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax import model
+from gptjax import bench, model
 from gptjax.generate import Decoder, _advance, _start
 from gptjax.hf import load_hf
 from gptjax.sampling import Sampling
@@ -152,13 +152,7 @@ def main(argv=None) -> int:
     report = {"machine": machine(args.threads), "bandwidth_gbs": bandwidth,
               "prompt_len": args.prompt_len, "new_tokens": args.new, "repeats": args.repeats,
               "weights": args.weights or "random GPT-2 124M", "results": results}
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    table = markdown(report)
-    print(table)
-    if args.results:
-        with open(args.results, "a") as f:
-            f.write("\n" + table)
+    bench.publish(report, markdown(report), args.json, args.results)
     return 0
 
 

@@ -334,13 +334,7 @@ def main(argv=None) -> int:
     report = {"machine": machine, "command": " ".join(["python", "benchmarks/train_throughput.py",
                                                        *(argv if argv is not None else sys.argv[1:])]),
               "flops_formula": MFU_FORMULA, "matmul_peak": peak, "dtype": "float32", "results": rows}
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    table = markdown(report)
-    print(table)
-    if args.results:
-        with open(args.results, "a") as f:
-            f.write("\n" + table)
+    bench.publish(report, markdown(report), args.json, args.results)
     return 0
 
 

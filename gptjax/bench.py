@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -337,6 +338,16 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
+
+
+def publish(report: dict, table: str, json_path=None, results_path=None) -> None:
+    """Write the JSON report, print the markdown table, and append it to a results file."""
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
+    print(table)
+    if results_path:
+        with open(results_path, "a") as f:
+            f.write("\n" + table)
 
 
 def machine_info() -> dict:
