@@ -140,14 +140,14 @@ def run(args) -> int:
     decode_batches = _ints(args.decode_batch, "--decode-batch") if args.decode else []
     configs = [(_model_config(name, ctx, args), name, batch) for name, batch, ctx in cases]
 
-    from gptjax import bench
+    from gptjax import bench, bench_decode
     from gptjax.config import TrainConfig
     from gptjax.model import param_count
 
     decode_models = []  # distinct (config, preset name): the batch does not change a decode row
     for cfg, name, _ in configs:
         if decode_batches and all(cfg != c for c, _ in decode_models):
-            prompt, new = bench.decode_lengths(cfg.context_length, args.decode_prompt, args.decode_new)
+            prompt, new = bench_decode.decode_lengths(cfg.context_length, args.decode_prompt, args.decode_new)
             if prompt + new > cfg.context_length:
                 raise GptjaxError(f"decode prompt {prompt} + {new} new tokens exceed {name}'s "
                                   f"context {cfg.context_length}")
@@ -192,9 +192,9 @@ def run(args) -> int:
               f"{result['ms_per_step']['median']:.1f} ms/step, MFU {100 * result['mfu']:.1f}%, "
               f"compile {row['compile']['seconds']:.1f}s" + _cache_note(row["compile"]), flush=True)
     for j, (cfg, name) in enumerate(decode_models):
-        prompt, new = bench.decode_lengths(cfg.context_length, args.decode_prompt, args.decode_new)
+        prompt, new = bench_decode.decode_lengths(cfg.context_length, args.decode_prompt, args.decode_new)
         for batch in decode_batches:
-            d = bench.run_decode_bench(cfg, batch, prompt, new, args.repeats,
+            d = bench_decode.run_decode_bench(cfg, batch, prompt, new, args.repeats,
                                        params=decode_params.get(j))
             d.update(preset=name, context=cfg.context_length, dtype=cfg.dtype)
             decode_rows.append(d)
