@@ -42,8 +42,9 @@ class ModelConfig:
     param_dtype: str = _f("float32", "parameter storage dtype", choices=("float32", "bfloat16"))
     scan_unroll: int = _f(1, "layers unrolled per scan iteration (n_layer = fully unrolled)")
     attention_impl: str = _f(
-        "xla", "jax.nn.dot_product_attention implementation", choices=("xla", "cudnn", "auto")
-    )
+        "auto", "causal attention: blocked (query blocks that skip masked keys), xla or cudnn "
+        "(jax.nn.dot_product_attention), auto = blocked on CPU, jax's choice elsewhere",
+        choices=("auto", "blocked", "xla", "cudnn"))
 
     @property
     def head_dim(self) -> int:

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gptjax.attention import causal_attention
 from gptjax.config import ModelConfig
 from gptjax.kv_cache import KVCache, cached_attention, init_cache
 from gptjax.mesh import constrain_rows
@@ -129,9 +130,7 @@ class CausalSelfAttention(nn.Module):
                                 nn.initializers.normal(INIT_STD), "qkv", self.lora)(x_btd)
         q_bthd, k_bthd, v_bthd = (qkv_btkhd[:, :, i] for i in range(3))
         if cache is None:
-            impl = None if c.attention_impl == "auto" else c.attention_impl
-            y_bthd = jax.nn.dot_product_attention(q_bthd, k_bthd, v_bthd, is_causal=True,
-                                                  implementation=impl)
+            y_bthd = causal_attention(q_bthd, k_bthd, v_bthd, c.attention_impl)
         else:
             y_bthd, cache = cached_attention(q_bthd, k_bthd, v_bthd, cache, layer)
         # GPT-2's scaled init for projections that write into the residual stream.

@@ -1,0 +1,55 @@
+"""The blocked causal attention equals jax.nn.dot_product_attention, values and gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptjax.attention import QUERY_BLOCK, causal_attention
+
+
+def _qkv(t: int, dtype=jnp.float32, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return tuple(jnp.asarray(rng.normal(size=(2, t, 3, 16)), dtype) for _ in range(3))
+
+
+@pytest.mark.parametrize("t", [1, 7, QUERY_BLOCK, QUERY_BLOCK + 1, 3 * QUERY_BLOCK - 5])
+def test_blocked_equals_dot_product_attention(t):
+    q, k, v = _qkv(t)
+    np.testing.assert_allclose(causal_attention(q, k, v, "blocked"),
+                               causal_attention(q, k, v, "xla"), atol=1e-6)
+
+
+def test_blocked_gradients_equal_dot_product_attention_gradients():
+    q, k, v = _qkv(2 * QUERY_BLOCK + 3, seed=1)
+    w = jnp.asarray(np.random.default_rng(2).normal(size=q.shape), jnp.float32)
+
+    def grads(impl):
+        return jax.grad(lambda *qkv: jnp.sum(w * causal_attention(*qkv, impl)), argnums=(0, 1, 2))(
+            q, k, v)
+
+    for a, b in zip(grads("blocked"), grads("xla")):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_blocked_bfloat16_is_close_to_float32():
+    q, k, v = _qkv(QUERY_BLOCK + 9, jnp.bfloat16)
+    out = causal_attention(q, k, v, "blocked")
+    assert out.dtype == jnp.bfloat16
+    exact = causal_attention(*(x.astype(jnp.float32) for x in (q, k, v)), "xla")
+    np.testing.assert_allclose(out.astype(jnp.float32), exact, atol=3e-2)
+
+
+def test_a_query_never_sees_later_keys():
+    q, k, v = _qkv(QUERY_BLOCK + 10)
+    changed = v.at[:, -1].set(100.0)  # only the last position's value differs
+    a, b = causal_attention(q, k, v, "blocked"), causal_attention(q, k, changed, "blocked")
+    np.testing.assert_array_equal(a[:, :-1], b[:, :-1])
+    assert not np.allclose(a[:, -1], b[:, -1])
+
+
+def test_auto_is_blocked_on_cpu_and_jax_s_choice_elsewhere():
+    q, k, v = _qkv(QUERY_BLOCK + 3)
+    expected = (causal_attention(q, k, v, "blocked") if jax.default_backend() == "cpu"
+                else jax.nn.dot_product_attention(q, k, v, is_causal=True))
+    np.testing.assert_array_equal(causal_attention(q, k, v, "auto"), expected)
