@@ -4,11 +4,18 @@ Each variant is the train step `gptjax train` builds (gptjax.bench.build_train_s
 compiled in this one process and timed alternately (the order flips every repeat), so the
 machine's drift hits every variant alike. A variant is a comma-separated list of config
 overrides; the empty variant is the preset as it stands. Reported: median ms/step (min-max)
-and each variant's ratio to the first, from the same repeats. This is the measurement
-behind the entries of benchmarks/NOTES.md.
+tokens/s, MFU (PaLM formula over gptjax.bench's peak: a data sheet on accelerators, the
+measured float32 matmul rate on CPU), each variant's ratio to the first from the same
+repeats, and XLA's planned temporaries. With --compile-only nothing runs: only the
+memory plans (e.g. GPT-2 XL's remat policies on a machine that could never run it). This
+is the measurement behind the entries of benchmarks/NOTES.md.
 
     python benchmarks/train_step_ab.py --case mini:8:256 attention_impl=xla attention_impl=blocked
     python benchmarks/train_step_ab.py --case baby:12:64 scan_unroll=1 scan_unroll=4
+    python benchmarks/train_step_ab.py --case gpt2:8:1024 --vocab 50304 --compile-only \
+        remat=none remat=dots_no_batch remat=full
+    # on a GPU: python benchmarks/train_step_ab.py --case gpt2:16:1024 --vocab 50304 \
+    #     dtype=bfloat16 dtype=bfloat16,attention_impl=cudnn dtype=bfloat16,remat=dots_no_batch
 """
 
 from __future__ import annotations
@@ -34,7 +41,13 @@ def parse_variant(text: str, model_cfg: ModelConfig, train_cfg: TrainConfig):
             raise GptjaxError(f"bad variant item {item!r}: expected FIELD=VALUE of a model or "
                               "train config field")
         kind = type(getattr(target, name))
-        value = raw.lower() in ("1", "true", "yes") if kind is bool else kind(raw)
+        try:
+            value = raw.lower() in ("1", "true", "yes") if kind is bool else kind(raw)
+        except ValueError:
+            raise GptjaxError(f"bad variant item {item!r}: {name} takes a {kind.__name__}") from None
+        choices = next(f for f in dataclasses.fields(target) if f.name == name).metadata.get("choices")
+        if choices and value not in choices:
+            raise GptjaxError(f"bad variant item {item!r}: {name} is one of {', '.join(choices)}")
         if target is model_cfg:
             model_cfg = dataclasses.replace(model_cfg, **{name: value})
         else:
@@ -49,6 +62,7 @@ def main(argv=None) -> None:
     ap.add_argument("--vocab", type=int, default=65)
     ap.add_argument("--steps", type=int, default=0, help="steps per repeat (0: about 1 s)")
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--compile-only", action="store_true", help="print memory plans, run nothing")
     args = ap.parse_args(argv)
     name, batch, context = args.case.split(":")
     base_model = preset(name, vocab_size=args.vocab, context_length=int(context))
@@ -57,12 +71,20 @@ def main(argv=None) -> None:
     for text in args.variants:
         m, t = parse_variant(text, base_model, base_train)
         step = bench.build_train_step(m, t)
+        temp = step.memory.get("temp", 0) / 2**30
+        if args.compile_only:
+            print(f"| {text or '(as is)'} | temporaries {temp:.2f} GiB | compile "
+                  f"{step.lower_seconds + step.compile_seconds:.1f} s |")
+            continue
         batches = [step.put(b) for b in bench.random_batches(4, t.batch_size, m.context_length,
                                                              m.vocab_size)]
         state = step.init_state()
         warm, state, _ = bench.time_steps(step, state, batches, 2)
         runs.append({"label": text or "(as is)", "step": step, "batches": batches,
-                     "state": state, "warm": warm / 2, "ms": []})
+                     "state": state, "warm": warm / 2, "ms": [], "temp": temp})
+    if args.compile_only:
+        return
+    peak = bench.resolve_peak()
     steps = args.steps or max(1, round(1.0 / min(r["warm"] for r in runs)))
     with bench.no_compiles("the timed train steps"):
         for rep in range(args.repeats):
@@ -73,12 +95,19 @@ def main(argv=None) -> None:
     print(f"case {args.case}, vocab {args.vocab}, {steps} steps x {args.repeats} alternating "
           f"repeats; {info.get('cpu', jax.default_backend())}, jax {jax.__version__}")
     first = statistics.median(runs[0]["ms"])
-    print("| variant | ms/step median (min-max) | vs first |\n|---|---|---|")
+    print(f"MFU over {peak['flops_per_s'] / 1e12:.3g} TFLOP/s ({peak['source']})")
+    print("| variant | ms/step median (min-max) | tokens/s | MFU | vs first | temporaries GiB |\n"
+          "|---|---|---|---|---|---|")
     for r in runs:
         med = statistics.median(r["ms"])
+        tokens_per_s = r["step"].tokens_per_step / (med / 1000)
+        mfu = tokens_per_s * r["step"].flops_per_token / peak["flops_per_s"]
         print(f"| {r['label']} | {med:.1f} ({min(r['ms']):.1f}-{max(r['ms']):.1f}) | "
-              f"{first / med:.2f}x |")
+              f"{tokens_per_s:,.0f} | {mfu:.1%} | {first / med:.2f}x | {r['temp']:.2f} |")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except GptjaxError as e:
+        raise SystemExit(f"train_step_ab: error: {e}") from None

@@ -41,6 +41,12 @@ class ModelConfig:
     dtype: str = _f("float32", "activation/compute dtype", choices=("float32", "bfloat16", "float16"))
     param_dtype: str = _f("float32", "parameter storage dtype", choices=("float32", "bfloat16"))
     scan_unroll: int = _f(1, "layers unrolled per scan iteration (n_layer = fully unrolled)")
+    remat: str = _f(
+        "none", "recompute each block's activations in the backward pass to save memory: none, "
+        "full (keep only block inputs), dots (keep every product), dots_no_batch (keep the "
+        "linear layers' products, recompute attention); saves memory under a rolled layer "
+        "scan (--scan-unroll below --n-layer)",
+        choices=("none", "full", "dots", "dots_no_batch"))
     attention_impl: str = _f(
         "auto", "causal attention: blocked (query blocks that skip masked keys), xla or cudnn "
         "(jax.nn.dot_product_attention), auto = blocked on CPU, jax's choice elsewhere",

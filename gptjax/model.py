@@ -218,7 +218,7 @@ class GPT(nn.Module):
             if cache is not None:
                 raise ValueError("decoding with a KV cache needs decode_params(params)")
             blocks = nn.scan(
-                Block,
+                _remat(Block, c),
                 variable_axes={"params": 0, "lora": 0},
                 split_rngs={"params": True, "dropout": True},
                 in_axes=nn.broadcast,
@@ -240,6 +240,28 @@ class GPT(nn.Module):
         if cache is None:
             return constrain_rows(wte.attend(x_btd).astype(jnp.float32))
         return _decode_head(x_btd[:, 0], wte), cache._replace(index=cache.index + tokens_bt.shape[1])
+
+
+# What a rematerialised block keeps from its forward pass (jax.checkpoint policies).
+REMAT_POLICIES = {
+    "full": None,  # nothing: the whole block is recomputed from its input
+    "dots": jax.checkpoint_policies.dots_saveable,
+    # Products without batch dimensions: the linear layers (their inputs are one rows axis),
+    # not attention's per-(batch, head) products, which are cheap to redo and large to keep.
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _remat(block_cls, cfg: ModelConfig):
+    if cfg.remat == "none":
+        return block_cls
+    # Under a rolled scan (the GPT-2 presets) the backward loop is apart from the forward
+    # one, so CSE barriers are not needed (flax's advice for remat under scan). Fully
+    # unrolled (the small presets) XLA:CPU planned no saving with or without them
+    # (measured on 2-4 layers), and those models are small anyway.
+    # Argument 2 (counting self) is `deterministic`, a Python bool.
+    return nn.remat(block_cls, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False,
+                    static_argnums=(2,))
 
 
 def _decode_head(x_bd, wte: nn.Embed) -> jax.Array:

@@ -16,6 +16,13 @@ from conftest import REPO, run_cli
 from gptjax.bench import RecompileError, no_compiles
 
 
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_bench_smoke_writes_json_and_appends_the_table(capsys, tmp_path):
     results = tmp_path / "RESULTS.md"
     results.write_text("# earlier results\n")
@@ -91,10 +98,7 @@ def test_bad_flags_exit_2_with_one_line(capsys, tmp_path, flags, message):
 
 def test_torch_side_by_side_smoke(tmp_path):
     pytest.importorskip("torch")
-    spec = importlib.util.spec_from_file_location(
-        "train_throughput", REPO / "benchmarks" / "train_throughput.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _script("train_throughput")
     out_json, results = tmp_path / "tt.json", tmp_path / "RESULTS.md"
     assert script.main(["--cases", "tiny:2:16", "--repeats", "2", "--steps", "1", "--warmup", "1",
                         "--threads", "1",  # torch on 2 threads crawls when CI shares the cores
@@ -109,3 +113,21 @@ def test_torch_side_by_side_smoke(tmp_path):
     text = results.read_text()
     assert "### Train-step throughput, gptjax vs PyTorch eager" in text and "| tiny:2:16 |" in text
     assert "tiny:2:16" not in (REPO / "benchmarks" / "RESULTS.md").read_text()
+
+
+
+def test_variant_ab_smoke_times_every_variant(capsys):
+    ab = _script("train_step_ab")
+    ab.main(["--case", "tiny:2:16", "--steps", "1", "--repeats", "2", "", "remat=full,lr=0.01"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [r.split(" | ")[0] for r in rows[1:]] == ["| (as is)", "| remat=full,lr=0.01"]
+    assert rows[1].split(" | ")[4] == "1.00x"
+
+
+@pytest.mark.parametrize("item,message", [
+    ("bogus=1", "expected FIELD=VALUE"), ("remat=foo", "remat is one of"),
+    ("n_layer=x", "n_layer takes a int")])
+def test_variant_ab_rejects_bad_items(item, message):
+    from gptjax.config import TrainConfig, preset
+    with pytest.raises(Exception, match=message):
+        _script("train_step_ab").parse_variant(item, preset("tiny", vocab_size=65), TrainConfig())
