@@ -3,7 +3,9 @@
 Each variant is the train step `gptjax train` builds (gptjax.bench.build_train_step), all
 compiled in this one process and timed alternately (the order flips every repeat), so the
 machine's drift hits every variant alike. A variant is a comma-separated list of config
-overrides; the empty variant is the preset as it stands. Reported: median ms/step (min-max)
+overrides (so a multi-axis `mesh` cannot be one: use a one-axis mesh); the empty variant is
+the preset as it stands. Every variant's state stays in memory at once, so on an
+accelerator compare sizes that fit together. Reported: median ms/step (min-max)
 tokens/s, MFU (PaLM formula over gptjax.bench's peak: a data sheet on accelerators, the
 measured float32 matmul rate on CPU), each variant's ratio to the first from the same
 repeats, and XLA's planned temporaries. With --compile-only nothing runs: only the
@@ -44,7 +46,7 @@ def parse_variant(text: str, model_cfg: ModelConfig, train_cfg: TrainConfig):
         try:
             value = raw.lower() in ("1", "true", "yes") if kind is bool else kind(raw)
         except ValueError:
-            raise GptjaxError(f"bad variant item {item!r}: {name} takes a {kind.__name__}") from None
+            raise GptjaxError(f"bad variant item {item!r}: {name} takes {kind.__name__} values") from None
         choices = next(f for f in dataclasses.fields(target) if f.name == name).metadata.get("choices")
         if choices and value not in choices:
             raise GptjaxError(f"bad variant item {item!r}: {name} is one of {', '.join(choices)}")
@@ -59,14 +61,20 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("variants", nargs="+", help="FIELD=VALUE[,FIELD=VALUE] per variant ('' = as is)")
     ap.add_argument("--case", default="mini:8:256", help="preset:batch:context")
-    ap.add_argument("--vocab", type=int, default=65)
+    ap.add_argument("--vocab", type=int, help="vocabulary size (default: the preset's, else 65)")
     ap.add_argument("--steps", type=int, default=0, help="steps per repeat (0: about 1 s)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--compile-only", action="store_true", help="print memory plans, run nothing")
     args = ap.parse_args(argv)
-    name, batch, context = args.case.split(":")
-    base_model = preset(name, vocab_size=args.vocab, context_length=int(context))
-    base_train = TrainConfig(batch_size=int(batch), max_steps=10_000, warmup_steps=10)
+    try:
+        name, batch, context = args.case.split(":")
+        batch, context = int(batch), int(context)
+    except ValueError:
+        raise GptjaxError(f"--case {args.case!r}: expected preset:batch:context") from None
+    base_model = preset(name, context_length=context)
+    vocab = args.vocab or base_model.vocab_size or 65
+    base_model = dataclasses.replace(base_model, vocab_size=vocab)
+    base_train = TrainConfig(batch_size=batch, max_steps=10_000, warmup_steps=10)
     runs = []
     for text in args.variants:
         m, t = parse_variant(text, base_model, base_train)
@@ -92,7 +100,7 @@ def main(argv=None) -> None:
                 seconds, r["state"], _ = bench.time_steps(r["step"], r["state"], r["batches"], steps)
                 r["ms"].append(1000 * seconds / steps)
     info = bench.machine_info()
-    print(f"case {args.case}, vocab {args.vocab}, {steps} steps x {args.repeats} alternating "
+    print(f"case {args.case}, vocab {vocab}, {steps} steps x {args.repeats} alternating "
           f"repeats; {info.get('cpu', jax.default_backend())}, jax {jax.__version__}")
     first = statistics.median(runs[0]["ms"])
     print(f"MFU over {peak['flops_per_s'] / 1e12:.3g} TFLOP/s ({peak['source']})")

@@ -2,7 +2,8 @@
 
 Every field carries a one-line `help` in its metadata so the CLI can expose it with
 its default. Fields marked `resume_safe` may change when a run is resumed because
-they do not affect the sequence of parameter updates.
+they do not affect the sequence of parameter updates (beyond float summation order, as a
+different mesh, attention formulation or rematerialisation policy changes it).
 """
 
 from __future__ import annotations
@@ -45,12 +46,12 @@ class ModelConfig:
         "none", "recompute each block's activations in the backward pass to save memory: none, "
         "full (keep only block inputs), dots (keep every product), dots_no_batch (keep the "
         "linear layers' products, recompute attention); saves memory under a rolled layer "
-        "scan (--scan-unroll below --n-layer)",
-        choices=("none", "full", "dots", "dots_no_batch"))
+        "scan (--scan-unroll below --n-layer); may change on resume",
+        choices=("none", "full", "dots", "dots_no_batch"), resume_safe=True)
     attention_impl: str = _f(
         "auto", "causal attention: blocked (query blocks that skip masked keys), xla or cudnn "
-        "(jax.nn.dot_product_attention), auto = blocked on CPU, jax's choice elsewhere",
-        choices=("auto", "blocked", "xla", "cudnn"))
+        "(jax.nn.dot_product_attention), auto = blocked on CPU, xla elsewhere; may change on "
+        "resume", choices=("auto", "blocked", "xla", "cudnn"), resume_safe=True)
 
     @property
     def head_dim(self) -> int:
@@ -143,6 +144,12 @@ def preset(name: str, **overrides) -> ModelConfig:
 def validate(cfg: RunConfig) -> RunConfig:
     """Raise GptjaxError for the first inconsistent or out-of-range field."""
     m, t, d = cfg.model, cfg.train, cfg.data
+    for section, cls in SECTIONS.items():  # a hand-edited or older config.json included
+        for f in dataclasses.fields(cls):
+            value, choices = getattr(getattr(cfg, section), f.name), f.metadata.get("choices")
+            if choices and value not in choices and value != f.default:  # "" = resolved later
+                raise GptjaxError(f"{section}.{f.name} must be one of {', '.join(choices)}, "
+                                  f"got {value!r}")
     for name in ("context_length", "n_layer", "n_head", "d_model", "mlp_ratio", "scan_unroll"):
         _positive(f"model.{name}", getattr(m, name))
     if m.vocab_size < 0:

@@ -246,8 +246,8 @@ class GPT(nn.Module):
 REMAT_POLICIES = {
     "full": None,  # nothing: the whole block is recomputed from its input
     "dots": jax.checkpoint_policies.dots_saveable,
-    # Products without batch dimensions: the linear layers (their inputs are one rows axis),
-    # not attention's per-(batch, head) products, which are cheap to redo and large to keep.
+    # Products without dot batch dimensions: the linear layers, not attention's
+    # per-(batch, head) products, which are cheap to redo and large to keep.
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax.attention import QUERY_BLOCK, causal_attention
+from gptjax.attention import QUERY_BLOCK, causal_attention, resolve_impl
 
 
 def _qkv(t: int, dtype=jnp.float32, seed: int = 0):
@@ -20,24 +20,35 @@ def test_blocked_equals_dot_product_attention(t):
                                causal_attention(q, k, v, "xla"), atol=1e-6)
 
 
+def _grads(impl, q, k, v):
+    w = jnp.asarray(np.random.default_rng(2).normal(size=q.shape), q.dtype)
+    loss = lambda *qkv: jnp.sum((w * causal_attention(*qkv, impl)).astype(jnp.float32))
+    return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+
 def test_blocked_gradients_equal_dot_product_attention_gradients():
-    q, k, v = _qkv(2 * QUERY_BLOCK + 3, seed=1)
-    w = jnp.asarray(np.random.default_rng(2).normal(size=q.shape), jnp.float32)
-
-    def grads(impl):
-        return jax.grad(lambda *qkv: jnp.sum(w * causal_attention(*qkv, impl)), argnums=(0, 1, 2))(
-            q, k, v)
-
-    for a, b in zip(grads("blocked"), grads("xla")):
+    qkv = _qkv(2 * QUERY_BLOCK + 3, seed=1)
+    for a, b in zip(_grads("blocked", *qkv), _grads("xla", *qkv)):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-def test_blocked_bfloat16_is_close_to_float32():
+def test_blocked_bfloat16_is_as_close_to_float32_as_dot_product_attention():
     q, k, v = _qkv(QUERY_BLOCK + 9, jnp.bfloat16)
     out = causal_attention(q, k, v, "blocked")
     assert out.dtype == jnp.bfloat16
     exact = causal_attention(*(x.astype(jnp.float32) for x in (q, k, v)), "xla")
     np.testing.assert_allclose(out.astype(jnp.float32), exact, atol=3e-2)
+    # Gradients: within twice the error jax's own bfloat16 attention makes.
+    exact_grads = _grads("xla", *(x.astype(jnp.float32) for x in (q, k, v)))
+    for blocked, xla, want in zip(_grads("blocked", q, k, v), _grads("xla", q, k, v), exact_grads):
+        assert blocked.dtype == jnp.bfloat16
+        err = float(jnp.max(jnp.abs(blocked.astype(jnp.float32) - want)))
+        assert err <= 2 * float(jnp.max(jnp.abs(xla.astype(jnp.float32) - want))) + 1e-3
+
+
+def test_an_empty_sequence_gives_an_empty_output():
+    q, k, v = _qkv(0)
+    assert causal_attention(q, k, v, "blocked").shape == q.shape
 
 
 def test_a_query_never_sees_later_keys():
@@ -48,8 +59,11 @@ def test_a_query_never_sees_later_keys():
     assert not np.allclose(a[:, -1], b[:, -1])
 
 
-def test_auto_is_blocked_on_cpu_and_jax_s_choice_elsewhere():
+def test_auto_is_blocked_on_cpu_and_xla_elsewhere():
+    assert resolve_impl("auto", "cpu") == "blocked"
+    assert resolve_impl("auto", "gpu") == resolve_impl("auto", "tpu") == "xla"
+    assert resolve_impl("cudnn", "gpu") == "cudnn" and resolve_impl("xla", "cpu") == "xla"
     q, k, v = _qkv(QUERY_BLOCK + 3)
-    expected = (causal_attention(q, k, v, "blocked") if jax.default_backend() == "cpu"
-                else jax.nn.dot_product_attention(q, k, v, is_causal=True))
-    np.testing.assert_array_equal(causal_attention(q, k, v, "auto"), expected)
+    expected = resolve_impl("auto", jax.default_backend())
+    np.testing.assert_array_equal(causal_attention(q, k, v, "auto"),
+                                  causal_attention(q, k, v, expected))
