@@ -118,8 +118,9 @@ def _projection(cfg: ModelConfig, out_major: bool, out_shape: tuple[int, ...], i
 
     def project(x):
         # Batch and time merged into one rows axis: the weight gradient then contracts one
-        # axis, a product XLA:CPU runs ~6% faster than the (batch, time) contraction
-        # (benchmarks/NOTES.md). Under a mesh, rows stay split as batch was.
+        # axis, which XLA:CPU runs at its matmul rate; contracting (batch, time) it fell to
+        # ~2/3 of that (the whole train step: 1.06-1.09x, benchmarks/NOTES.md). Under a
+        # mesh, rows stay split as the batch was.
         lead, in_shape = x.shape[:x.ndim - in_ndim], x.shape[x.ndim - in_ndim:]
         x_r = x.reshape(-1, *in_shape)
         y_r = dense(x_r) if adapter is None else dense(x_r) + adapter(x_r)
