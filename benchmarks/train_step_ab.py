@@ -29,16 +29,18 @@ import statistics
 import jax
 
 from gptjax import bench
+from gptjax import config as C
 from gptjax.config import ModelConfig, TrainConfig, preset
 from gptjax.errors import GptjaxError
 
 
 def parse_variant(text: str, model_cfg: ModelConfig, train_cfg: TrainConfig):
-    """'field=value,field=value' applied to whichever config has the field."""
+    """'field=value,field=value' applied to whichever config has the field, then validated
+    as `gptjax train` validates a run's config."""
     for item in filter(None, text.split(",")):
         name, sep, raw = item.partition("=")
-        target = next((c for c in (model_cfg, train_cfg) if name in
-                       {f.name for f in dataclasses.fields(c)}), None)
+        target = next((c for c in (model_cfg, train_cfg)  # fields, not properties
+                       if name in {f.name for f in dataclasses.fields(c)}), None)
         if not sep or target is None:
             raise GptjaxError(f"bad variant item {item!r}: expected FIELD=VALUE of a model or "
                               "train config field")
@@ -47,13 +49,11 @@ def parse_variant(text: str, model_cfg: ModelConfig, train_cfg: TrainConfig):
             value = raw.lower() in ("1", "true", "yes") if kind is bool else kind(raw)
         except ValueError:
             raise GptjaxError(f"bad variant item {item!r}: {name} takes {kind.__name__} values") from None
-        choices = next(f for f in dataclasses.fields(target) if f.name == name).metadata.get("choices")
-        if choices and value not in choices:
-            raise GptjaxError(f"bad variant item {item!r}: {name} is one of {', '.join(choices)}")
         if target is model_cfg:
             model_cfg = dataclasses.replace(model_cfg, **{name: value})
         else:
             train_cfg = dataclasses.replace(train_cfg, **{name: value})
+    C.validate(C.RunConfig(model=model_cfg, train=train_cfg))
     return model_cfg, train_cfg
 
 

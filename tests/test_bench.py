@@ -127,7 +127,7 @@ def test_variant_ab_smoke_times_every_variant(capsys):
 
 
 @pytest.mark.parametrize("item,message", [
-    ("bogus=1", "expected FIELD=VALUE"), ("remat=foo", "remat is one of"),
+    ("bogus=1", "expected FIELD=VALUE"), ("remat=foo", "model.remat must be one of"),
     ("n_layer=x", "n_layer takes int values")])
 def test_variant_ab_rejects_bad_items(item, message):
     from gptjax.config import TrainConfig, preset
