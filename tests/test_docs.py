@@ -13,7 +13,7 @@ def readme_commands() -> list[str]:
 
 def test_readme_has_exactly_two_setup_commands():
     assert readme_commands() == ["pip install -e . && gptjax train",
-                                 "pip install -e '.[test]' && pytest -q"]
+                                 "pip install -e '.[test]' && pytest -q -n 2 --dist loadfile"]
 
 
 def test_ci_runs_the_readme_test_command_verbatim():
