@@ -12,11 +12,15 @@ measured in the same run (a large array sum).
 
     python benchmarks/decode.py                      # the issue's CPU cases
     python benchmarks/decode.py --cases 1:float32 --repeats 3 --new 16   # a quick check
+    python benchmarks/decode.py --cases 1:bfloat16:xla 1:bfloat16:auto   # XLA vs native kernel
+
+A case is BATCH:DTYPE[:MATMUL], MATMUL being ModelConfig.decode_matmul (default auto).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -36,7 +40,7 @@ from gptjax.hf import load_hf
 from gptjax.sampling import Sampling
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_CASES = ["1:float32", "1:bfloat16", "8:float32"]  # batch:gptjax weight dtype
+DEFAULT_CASES = ["1:float32", "1:bfloat16", "8:float32"]  # batch:gptjax weight dtype[:matmul]
 
 
 def read_bandwidth_gbs(mbytes: int = 1024, repeats: int = 5) -> float:
@@ -99,6 +103,18 @@ def summarize(runs, batch, new):
             "tokens_per_s": batch * new / (ttft + rest)}
 
 
+def parse_case(case: str) -> tuple[int, str, str]:
+    parts = case.split(":")
+    if len(parts) not in (2, 3) or not parts[0].isdigit() or int(parts[0]) < 1:
+        raise SystemExit(f"decode.py: bad case {case!r}: expected BATCH:DTYPE[:MATMUL], e.g. 1:bfloat16")
+    if parts[1] not in ("float32", "bfloat16"):
+        raise SystemExit(f"decode.py: bad dtype in {case!r}: float32 or bfloat16")
+    matmul = parts[2] if len(parts) == 3 else "auto"
+    if matmul not in ("auto", "xla"):
+        raise SystemExit(f"decode.py: bad matmul in {case!r}: auto or xla")
+    return int(parts[0]), parts[1], matmul
+
+
 def random_gpt2(directory: Path) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel
     import torch
@@ -131,10 +147,10 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     results = []
     for case in args.cases:
-        batch, dtype = case.split(":")
-        batch = int(batch)
+        batch, dtype, matmul = parse_case(case)
         prompts = rng.integers(0, cfg32.vocab_size, (batch, args.prompt_len)).tolist()
         params, cfg = (params32, cfg32) if dtype == "float32" else model.cast(params32, cfg32, dtype)
+        cfg = dataclasses.replace(cfg, decode_matmul=matmul)
         params = model.decode_params(params)  # the decode layout, once, like loading
         time_gptjax(params, cfg, prompts, args.new, warm=False)  # compile
         time_transformers(hf_model, prompts, 2)  # warm up
@@ -142,7 +158,7 @@ def main(argv=None) -> int:
         for _ in range(args.repeats):
             ours.append(time_gptjax(params, cfg, prompts, args.new))
             theirs.append(time_transformers(hf_model, prompts, args.new))
-        row = {"batch": batch, "gptjax_dtype": dtype, "gptjax": summarize(ours, batch, args.new),
+        row = {"batch": batch, "gptjax_dtype": dtype, "decode_matmul": matmul, "gptjax": summarize(ours, batch, args.new),
                "transformers_float32": summarize(theirs, batch, args.new),
                "floor_ms_per_token": 1000 * decode_bytes(params) / (bandwidth * 1e9)}
         row["ratio"] = row["gptjax"]["tokens_per_s"] / row["transformers_float32"]["tokens_per_s"]
@@ -185,12 +201,12 @@ def markdown(report: dict) -> str:
              f"{report['repeats']} alternating repeats; weights: {report['weights']}; read "
              f"bandwidth {report['bandwidth_gbs']:.1f} GB/s. Command: `python benchmarks/decode.py"
              f"{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}`.", "",
-             "| batch | gptjax weights | gptjax TTFT ms | gptjax ms/token | gptjax tok/s | "
+             "| batch | gptjax weights | decode matmul | gptjax TTFT ms | gptjax ms/token | gptjax tok/s | "
              "transformers f32 TTFT ms | ms/token | tok/s | ratio | floor ms/token | vs floor |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
         g, t = r["gptjax"], r["transformers_float32"]
-        lines.append(f"| {r['batch']} | {r['gptjax_dtype']} | {g['ttft_ms']:.0f} | "
+        lines.append(f"| {r['batch']} | {r['gptjax_dtype']} | {r['decode_matmul']} | {g['ttft_ms']:.0f} | "
                      f"{g['ms_per_token']:.1f} | {g['tokens_per_s']:.1f} | {t['ttft_ms']:.0f} | "
                      f"{t['ms_per_token']:.1f} | {t['tokens_per_s']:.1f} | {r['ratio']:.2f}x | "
                      f"{r['floor_ms_per_token']:.1f} | {r['vs_floor']:.2f}x |")

@@ -6,6 +6,7 @@ Exit codes: 0 success, 2 bad input (one line on stderr, nothing written), 130 in
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -96,6 +97,9 @@ def _parser() -> argparse.ArgumentParser:
     ge.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     ge.add_argument("--dtype", choices=("float32", "bfloat16"), help="cast weights and compute "
                     "to this dtype (default: as stored)")
+    ge.add_argument("--decode-matmul", choices=("auto", "xla"), help="decode steps' products: "
+                    "auto = the native CPU kernel where it builds, xla = XLA's (default: the "
+                    "run's config, normally auto)")
     ge.add_argument("--no-stream", action="store_true", help="print only when finished")
     ge.add_argument("--checkpoint", default="latest", help="with --run: latest, best or a step "
                     "(default: latest)")
@@ -170,6 +174,8 @@ def _generate(args) -> int:
     params, model_cfg = loaded.params, loaded.config.model
     if args.dtype:
         params, model_cfg = cast(params, model_cfg, args.dtype)
+    if args.decode_matmul:
+        model_cfg = dataclasses.replace(model_cfg, decode_matmul=args.decode_matmul)
     params = decode_params(params)  # the decode layout, once (see gptjax.generate)
     loaded.params = None  # let the stacked copy go
     stream = len(prompts) == 1 and not args.no_stream

@@ -52,6 +52,10 @@ class ModelConfig:
         "auto", "causal attention: blocked (query blocks that skip masked keys), xla or cudnn "
         "(jax.nn.dot_product_attention), auto = blocked on CPU, xla elsewhere; may change on "
         "resume", choices=("auto", "blocked", "xla", "cudnn"), resume_safe=True)
+    decode_matmul: str = _f(
+        "auto", "decoding's few-row products: auto = gptjax's native kernel on x86 CPUs with "
+        "AVX-512 (built on first use; XLA where it cannot be), xla = XLA's dot always",
+        choices=("auto", "xla"), resume_safe=True)
 
     @property
     def head_dim(self) -> int:

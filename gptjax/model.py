@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gptjax import native
 from gptjax.attention import causal_attention
 from gptjax.config import ModelConfig
 from gptjax.kv_cache import KVCache, cached_attention, init_cache
@@ -43,13 +44,8 @@ PROJECTIONS = ("qkv", "out", "fc", "proj")  # the block's linear layers (attenti
 
 
 class OutMajorDense(nn.Module):
-    """A projection whose kernel is stored output-major, (out..., in...): the decode layout.
-
-    The product is formed output-major too, (out, rows), and transposed after a barrier
-    (else XLA folds the transpose back in): for the few rows of a decode step XLA:CPU's
-    matrix products read an (out, in) kernel this way at ~20-26 GB/s, against ~14-21 GB/s
-    for the (in, out) kernel and row-major product of training (benchmarks/NOTES.md).
-    """
+    """A projection whose kernel is stored output-major, (out..., in...): the decode layout,
+    multiplied by `out_major_product`."""
 
     cfg: ModelConfig
     out_shape: tuple[int, ...]
@@ -62,11 +58,10 @@ class OutMajorDense(nn.Module):
         # Values come from decode_params(); the initialiser only fixes the shape.
         kernel = self.param("kernel", nn.initializers.zeros, (*self.out_shape, *in_shape),
                             c.param_dtype)
-        kernel_oi = kernel.reshape(math.prod(self.out_shape), -1).astype(c.dtype)
+        kernel_oi = kernel.reshape(math.prod(self.out_shape), -1)
         x_ri = x.reshape(-1, math.prod(in_shape)).astype(c.dtype)
-        y_or = jnp.einsum("oi,ri->or", kernel_oi, x_ri)
-        y = jax.lax.optimization_barrier(y_or).T.reshape(*x.shape[:x.ndim - self.in_ndim],
-                                                          *self.out_shape)
+        y = out_major_product(kernel_oi, x_ri, c, c.dtype).reshape(
+            *x.shape[:x.ndim - self.in_ndim], *self.out_shape)
         if c.bias:
             y = y + self.param("bias", nn.initializers.zeros, self.out_shape,
                                c.param_dtype).astype(c.dtype)
@@ -240,7 +235,7 @@ class GPT(nn.Module):
             return x_btd
         if cache is None:
             return constrain_rows(wte.attend(x_btd).astype(jnp.float32))
-        return _decode_head(x_btd[:, 0], wte), cache._replace(index=cache.index + tokens_bt.shape[1])
+        return _decode_head(x_btd[:, 0], wte, c), cache._replace(index=cache.index + tokens_bt.shape[1])
 
 
 # What a rematerialised block keeps from its forward pass (jax.checkpoint policies).
@@ -265,19 +260,36 @@ def _remat(block_cls, cfg: ModelConfig):
                     static_argnums=(2,))
 
 
-def _decode_head(x_bd, wte: nn.Embed) -> jax.Array:
-    """Logits (batch, vocab) of one position per row.
+def _decode_head(x_bd, wte: nn.Embed, cfg: ModelConfig) -> jax.Array:
+    """Logits (batch, vocab) of one position per row: the tied embedding, read as an
+    output-major (vocab, d_model) kernel."""
+    return out_major_product(wte.embedding, x_bd, cfg, jnp.float32)
 
-    For several rows the product is formed vocabulary-major, (vocab, batch), and only then
-    transposed: XLA:CPU's skinny matrix product reads the embedding at 14 GB/s that way
-    against 8 GB/s batch-major, for 8 rows of GPT-2 (the barrier keeps XLA from folding
-    the transpose back into the product). One row is a matrix-vector product either way.
+
+# Most rows the native kernel takes, by weight dtype: beyond them XLA's products were as
+# fast or faster (benchmarks/NOTES.md, decode change 11).
+NATIVE_MAX_ROWS = {jnp.dtype(jnp.float32): 2, jnp.dtype(jnp.bfloat16): 4}
+
+
+def out_major_product(w_oi, x_ri, cfg: ModelConfig, out_dtype) -> jax.Array:
+    """(rows, out) = x (rows, in) times an output-major kernel (out, in): decoding's products.
+
+    On CPU, few rows go to gptjax's native kernel (gptjax.native) when it is available.
+    XLA's product is formed output-major, (out, rows), and transposed after a barrier (else
+    XLA folds the transpose back in): for few rows XLA:CPU reads an (out, in) kernel that
+    way at ~20-26 GB/s, against ~14-21 GB/s in training's (in, out) orientation. A single
+    row is a matrix-vector product, faster without the barrier (6.4 vs 7.7 ms for GPT-2's
+    head).
     """
-    if x_bd.shape[0] == 1:
-        return wte.attend(x_bd).astype(jnp.float32)
-    table_vd = jnp.asarray(wte.embedding, x_bd.dtype)
-    logits_vb = jnp.einsum("vd,bd->vb", table_vd, x_bd, preferred_element_type=jnp.float32)
-    return jax.lax.optimization_barrier(logits_vb).T
+    rows = x_ri.shape[0]
+    if (cfg.decode_matmul == "auto" and rows <= NATIVE_MAX_ROWS.get(jnp.dtype(w_oi.dtype), 0)
+            and jax.default_backend() == "cpu" and native.available()):
+        return native.skinny_matmul(x_ri, w_oi).astype(out_dtype)
+    w_oi = jnp.asarray(w_oi, x_ri.dtype)
+    if rows == 1:
+        return jnp.einsum("ri,oi->ro", x_ri, w_oi, preferred_element_type=out_dtype)
+    y_or = jnp.einsum("oi,ri->or", w_oi, x_ri, preferred_element_type=out_dtype)
+    return jax.lax.optimization_barrier(y_or).T
 
 
 @partial(jax.jit, static_argnums=0)

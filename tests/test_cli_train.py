@@ -113,6 +113,8 @@ def test_generate_batches_prompts_and_cuts_at_stop_strings(full_run, capsys):
     lines = batch.splitlines()
     assert lines[0] == "--- 1 ---" and "--- 2 ---" in lines
     assert batch.startswith("--- 1 ---\n" + single)  # streamed alone = batched
+    code, with_xla, err = run_cli(capsys, *args, "--prompt", "The quick", "--decode-matmul", "xla")
+    assert (code, with_xla) == (0, single), err  # the native kernel's products decode alike
     stop = single[len("The quick") + 3:len("The quick") + 5]
     code, cut, err = run_cli(capsys, *args, "--prompt", "The quick", "--stop", stop)
     assert code == 0, err

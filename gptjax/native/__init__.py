@@ -1,0 +1,112 @@
+"""gptjax's one native kernel: few-row matrix products for CPU decoding (skinny_matmul.cc).
+
+A decode step is a chain of (rows, in) x (in, out) products with one to a few rows, so its
+speed is how fast the weights are read. XLA:CPU reads float32 weights that way at ~20-25
+GB/s and has no fast bfloat16 product (benchmarks/NOTES.md), which left bfloat16 weights
+no faster than float32. The kernel streams each output-major weight row once and widens
+bfloat16 in registers.
+
+It is compiled on first use with the machine's C++ compiler (`$CXX`, else `c++`) against
+jaxlib's XLA FFI headers, for this CPU (-march=native), and cached under
+`$GPTJAX_CACHE_DIR` (default `~/.cache/gptjax`), keyed by the source, flags, compiler,
+jaxlib and CPU. Where that fails, or the CPU lacks AVX-512, `available()` is False with a
+one-time warning saying why and decoding keeps XLA's products: the kernel only ever
+speeds up, never gates, a working path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from importlib import metadata
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+SOURCE = Path(__file__).with_name("skinny_matmul.cc")
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+TARGETS = {jnp.dtype(jnp.float32): "gptjax_skinny_matmul_f32",
+           jnp.dtype(jnp.bfloat16): "gptjax_skinny_matmul_bf16"}
+_SYMBOLS = {"gptjax_skinny_matmul_f32": "GptjaxSkinnyMatmulF32",
+            "gptjax_skinny_matmul_bf16": "GptjaxSkinnyMatmulBF16"}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("GPTJAX_CACHE_DIR") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gptjax"
+    return Path(root) / "native"
+
+
+def _cpu_identity() -> str:
+    """The CPU's model and feature flags: -march=native code is only valid on their like."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    keep = [ln for ln in lines if ln.startswith(("model name", "flags"))][:2]
+    return "\n".join(keep)
+
+
+def _build(compiler: str) -> Path:
+    """Compile the kernel into the cache (once per key) and return the library's path."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+                             check=True).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version,
+                                    metadata.version("jaxlib"), _cpu_identity()]).encode())
+    library = cache_dir() / f"skinny_matmul-{key.hexdigest()[:16]}.so"
+    if library.exists():
+        return library
+    library.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: concurrent first uses (test workers, hosts
+    # sharing a home) each finish a whole file, and a reader never sees half of one.
+    fd, partial = tempfile.mkstemp(suffix=".so.partial", dir=library.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE),
+                               "-o", partial], capture_output=True, text=True, timeout=300)
+        if done.returncode:
+            first = (done.stderr.strip().splitlines() or ["(no output)"])[0]
+            raise RuntimeError(f"{compiler} failed: {first}")
+        os.replace(partial, library)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return library
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the kernel is built, AVX-512 vectorised and registered with XLA (once)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False  # the kernel is x86 AVX-512 code; elsewhere XLA's products stay
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    try:
+        if not compiler:
+            raise RuntimeError("no C++ compiler found (set CXX)")
+        lib = ctypes.cdll.LoadLibrary(str(_build(compiler)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+        warnings.warn(f"gptjax's CPU decode kernel is unavailable, decoding uses XLA's "
+                      f"products: {err}", RuntimeWarning, stacklevel=2)
+        return False
+    if not lib.gptjax_skinny_matmul_vectorized():
+        return False  # compiled without AVX-512: slower than XLA, so not used
+    for target, symbol in _SYMBOLS.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                    platform="cpu")
+    return True
+
+
+def skinny_matmul(x_ri: jax.Array, w_oi: jax.Array) -> jax.Array:
+    """x (rows, in) times output-major w (out, in), as float32 (rows, out). CPU only;
+    w float32 or bfloat16. Call only when `available()`."""
+    target = TARGETS[jnp.dtype(w_oi.dtype)]
+    out = jax.ShapeDtypeStruct((x_ri.shape[0], w_oi.shape[0]), jnp.float32)
+    return jax.ffi.ffi_call(target, out)(x_ri.astype(jnp.float32), w_oi)

@@ -1,0 +1,111 @@
+"""The native CPU decode kernel (gptjax.native) against float64 products, inside jit and
+a decode loop, and its fallback to XLA when it cannot be built."""
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptjax import model, native
+from gptjax.config import preset
+from gptjax.generate import generate_batch
+from gptjax.sampling import Sampling
+
+
+def _cpu_has_avx512() -> bool:
+    try:
+        return " avx512f " in Path("/proc/cpuinfo").read_text().replace("\n", " ")
+    except OSError:
+        return False
+
+
+BUILDABLE = (os.uname().machine == "x86_64" and _cpu_has_avx512()
+             and bool(os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")))
+needs_kernel = pytest.mark.skipif(not BUILDABLE, reason="no AVX-512 CPU or C++ compiler here")
+
+
+def test_the_kernel_is_available_exactly_where_it_can_be_built():
+    assert native.available() == BUILDABLE
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+# Input widths with and without a tail beyond the 64/16-float loops; output counts across
+# the 64-output work chunks; 1-5 rows (the kernel's 8/4/2/1-row paths).
+@pytest.mark.parametrize("rows,n_out,n_in", [(1, 7, 5), (2, 130, 37), (3, 64, 784),
+                                             (5, 200, 768), (1, 1, 1)])
+def test_products_equal_float64_products_of_the_same_weights(dtype, rows, n_out, n_in):
+    rng = np.random.default_rng(rows * n_out + n_in)
+    x = jnp.asarray(rng.standard_normal((rows, n_in), dtype=np.float32))
+    w = jnp.asarray(rng.standard_normal((n_out, n_in), dtype=np.float32)).astype(dtype)
+    expected = np.asarray(x, np.float64) @ np.asarray(w.astype(jnp.float32), np.float64).T
+    got = jax.jit(native.skinny_matmul)(x, w)
+    assert got.dtype == jnp.float32 and got.shape == (rows, n_out)
+    # float32 accumulation over n_in terms of unit-variance products
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=0, atol=1e-5 * np.sqrt(n_in) * 4)
+
+
+@needs_kernel
+def test_in_a_loop_the_weights_are_read_each_step():
+    """Inside lax.fori_loop (how decoding calls it) every step's product is right."""
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.standard_normal((96, 96), dtype=np.float32) / 10).astype(jnp.bfloat16)
+
+    def steps(x, multiply):
+        return jax.lax.fori_loop(0, 5, lambda _, h: jnp.tanh(multiply(h, w)), x)
+
+    x = jnp.asarray(rng.standard_normal((1, 96), dtype=np.float32))
+    ours = jax.jit(lambda x: steps(x, native.skinny_matmul))(x)
+    xla = jax.jit(lambda x: steps(x, lambda h, w: h @ w.astype(jnp.float32).T))(x)
+    np.testing.assert_allclose(ours, xla, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype,rows", [("float32", 1), ("float32", 2), ("bfloat16", 3)])
+def test_decoding_with_the_kernel_equals_decoding_with_xla(dtype, rows):
+    cfg = preset("tiny", vocab_size=50, context_length=16)
+    params, cfg = model.cast(model.init(cfg, jax.random.PRNGKey(1)), cfg, dtype)
+    params = model.decode_params(params)
+    prompts = [[1, 2, 3], [4, 5], [6]][:rows]
+    ids = {m: generate_batch(params, dataclasses.replace(cfg, decode_matmul=m), prompts, 10,
+                             Sampling(temperature=0.0)) for m in ("auto", "xla")}
+    assert ids["auto"] == ids["xla"]
+    cache = model.init_cache(cfg, rows, 8, np.ones((rows, 8), bool))
+    tokens = jnp.ones((rows, 1), jnp.int32)
+    logits = {m: model.apply_cached(params, tokens, jnp.zeros((rows, 1), jnp.int32), cache,
+                                    dataclasses.replace(cfg, decode_matmul=m))[0]
+              for m in ("auto", "xla")}
+    tolerance = 1e-5 if dtype == "float32" else 2e-2  # bfloat16 activations round differently
+    np.testing.assert_allclose(logits["auto"], logits["xla"], atol=tolerance)
+
+
+def test_without_a_compiler_decoding_falls_back_to_xla_with_one_warning(tmp_path):
+    script = (
+        "import warnings, jax\n"
+        "from gptjax import model, native\n"
+        "from gptjax.config import preset\n"
+        "from gptjax.generate import generate\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    cfg = preset('tiny', vocab_size=20, context_length=8)\n"
+        "    ids = generate(model.init(cfg, jax.random.PRNGKey(0)), cfg, [1, 2], 4,"
+        " temperature=0.0)\n"
+        "    again = native.available()\n"
+        "print(len(ids), again, [str(w.message) for w in caught if 'kernel' in str(w.message)])\n")
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-c++"), "GPTJAX_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    count, again, messages = done.stdout.strip().split(" ", 2)
+    assert (count, again) == ("4", "False")
+    if os.uname().machine == "x86_64":  # elsewhere the kernel is not even tried
+        assert messages.count("decoding uses XLA's products") == 1, messages
+        assert "no-such-c++" in messages
+    assert not list(tmp_path.glob("native/*.so"))  # nothing half-built left behind
