@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax import bench, model
+from gptjax import bench, model, native
 from gptjax.generate import Decoder, _advance, _start
 from gptjax.hf import load_hf
 from gptjax.sampling import Sampling
@@ -189,7 +189,8 @@ def machine(threads: int) -> dict:
             "threads": threads, "device": str(jax.devices()[0].device_kind),
             "python": platform.python_version(), "jax": jax.__version__,
             "torch": torch.__version__, "transformers": transformers.__version__,
-            "xla_flags": os.environ.get("XLA_FLAGS", "")}
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "native_kernel": native.available()}
 
 
 def markdown(report: dict) -> str:
@@ -199,7 +200,8 @@ def markdown(report: dict) -> str:
              f"{m['cpu']} ({m['device']}), {m['cores']} cores, {m['threads']} threads; jax {m['jax']}, torch "
              f"{m['torch']}, transformers {m['transformers']}, Python {m['python']}; median of "
              f"{report['repeats']} alternating repeats; weights: {report['weights']}; read "
-             f"bandwidth {report['bandwidth_gbs']:.1f} GB/s. Command: `python benchmarks/decode.py"
+             f"bandwidth {report['bandwidth_gbs']:.1f} GB/s; native kernel "
+             f"{'available' if m['native_kernel'] else 'unavailable'}. Command: `python benchmarks/decode.py"
              f"{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}`.", "",
              "| batch | gptjax weights | decode matmul | gptjax TTFT ms | gptjax ms/token | gptjax tok/s | "
              "transformers f32 TTFT ms | ms/token | tok/s | ratio | floor ms/token | vs floor |",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,11 @@ from gptjax.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_RANKS = REPO.parent / "shared" / "data" / "gpt2.tiktoken"
+
+# The native decode kernel is built on first use; keep the suite's build out of the user's
+# home (one directory for all test workers, so it is built once per machine).
+os.environ.setdefault("GPTJAX_CACHE_DIR",
+                      str(Path(tempfile.gettempdir()) / f"gptjax-test-cache-{os.getuid()}"))
 
 STORY = (
     "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins "

@@ -3,6 +3,7 @@ a decode loop, and its fallback to XLA when it cannot be built."""
 
 import dataclasses
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -26,8 +27,13 @@ def _cpu_has_avx512() -> bool:
         return False
 
 
-BUILDABLE = (os.uname().machine == "x86_64" and _cpu_has_avx512()
-             and bool(os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")))
+def _compiler_found() -> bool:
+    command = shlex.split(os.environ.get("CXX", "")) or ["c++"]
+    return bool(shutil.which(command[0]) or shutil.which("g++"))
+
+
+KERNEL_CPU = os.uname().machine == "x86_64" and _cpu_has_avx512()
+BUILDABLE = KERNEL_CPU and _compiler_found()
 needs_kernel = pytest.mark.skipif(not BUILDABLE, reason="no AVX-512 CPU or C++ compiler here")
 
 
@@ -84,9 +90,18 @@ def test_decoding_with_the_kernel_equals_decoding_with_xla(dtype, rows):
               for m in ("auto", "xla")}
     tolerance = 1e-5 if dtype == "float32" else 2e-2  # bfloat16 activations round differently
     np.testing.assert_allclose(logits["auto"], logits["xla"], atol=tolerance)
+    for m, expected in (("auto", True), ("xla", False)):  # auto really took the kernel
+        step = jax.jit(lambda p, t, c, m=m: model.apply_cached(
+            p, t, jnp.zeros_like(t), c, dataclasses.replace(cfg, decode_matmul=m)))
+        assert ("gptjax_skinny_matmul" in step.lower(params, tokens, cache).as_text()) == expected
 
 
-def test_without_a_compiler_decoding_falls_back_to_xla_with_one_warning(tmp_path):
+def test_a_failing_build_falls_back_to_xla_with_one_warning_and_leaves_nothing(tmp_path):
+    fake = tmp_path / "fake-c++"
+    fake.write_text('#!/bin/sh\n[ "$1" = --version ] && { echo fake 1.0; exit 0; }\n'
+                    'echo "In file included from x.h" >&2\n'
+                    'echo "skinny_matmul.cc:1:1: error: this compiler always fails" >&2\nexit 1\n')
+    fake.chmod(0o755)
     script = (
         "import warnings, jax\n"
         "from gptjax import model, native\n"
@@ -99,13 +114,24 @@ def test_without_a_compiler_decoding_falls_back_to_xla_with_one_warning(tmp_path
         " temperature=0.0)\n"
         "    again = native.available()\n"
         "print(len(ids), again, [str(w.message) for w in caught if 'kernel' in str(w.message)])\n")
-    env = {**os.environ, "CXX": str(tmp_path / "no-such-c++"), "GPTJAX_CACHE_DIR": str(tmp_path)}
+    cache = tmp_path / "cache"
+    env = {**os.environ, "CXX": str(fake), "GPTJAX_CACHE_DIR": str(cache)}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     count, again, messages = done.stdout.strip().split(" ", 2)
     assert (count, again) == ("4", "False")
-    if os.uname().machine == "x86_64":  # elsewhere the kernel is not even tried
+    if KERNEL_CPU:  # elsewhere the kernel is not even tried
         assert messages.count("decoding uses XLA's products") == 1, messages
-        assert "no-such-c++" in messages
-    assert not list(tmp_path.glob("native/*.so"))  # nothing half-built left behind
+        assert "error: this compiler always fails" in messages  # the error line, not the first
+        assert list((cache / "native").iterdir()) == []  # no partial library left behind
+
+
+@needs_kernel
+def test_the_kernel_refuses_mismatched_shapes_instead_of_reading_past_them():
+    assert native.available()
+    x, w = jnp.ones((2, 8)), jnp.ones((5, 8))
+    for out_shape in ((2, 6), (3, 5)):
+        call = jax.ffi.ffi_call(native.TARGETS[w.dtype], jax.ShapeDtypeStruct(out_shape, jnp.float32))
+        with pytest.raises(Exception, match=r"expected x \(rows, in\), w \(out, in\), y \(rows, out\)"):
+            jax.block_until_ready(jax.jit(call)(x, w))

@@ -6,12 +6,13 @@ GB/s and has no fast bfloat16 product (benchmarks/NOTES.md), which left bfloat16
 no faster than float32. The kernel streams each output-major weight row once and widens
 bfloat16 in registers.
 
-It is compiled on first use with the machine's C++ compiler (`$CXX`, else `c++`) against
-jaxlib's XLA FFI headers, for this CPU (-march=native), and cached under
-`$GPTJAX_CACHE_DIR` (default `~/.cache/gptjax`), keyed by the source, flags, compiler,
-jaxlib and CPU. Where that fails, or the CPU lacks AVX-512, `available()` is False with a
-one-time warning saying why and decoding keeps XLA's products: the kernel only ever
-speeds up, never gates, a working path.
+It is compiled on first use with the machine's C++ compiler (`$CXX`, else `c++` or `g++`)
+against jaxlib's XLA FFI headers, for this CPU (-march=native), and cached in
+`$GPTJAX_CACHE_DIR/native` (default `$XDG_CACHE_HOME/gptjax`, else `~/.cache/gptjax`),
+keyed by the source, flags, compiler, jaxlib and CPU. Off x86 or without AVX-512 it is not
+used; where the build fails `available()` is False with one warning saying why. Either
+way decoding keeps XLA's products: the kernel only ever speeds up, never gates, a working
+path.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -55,9 +57,9 @@ def _cpu_identity() -> str:
     return "\n".join(keep)
 
 
-def _build(compiler: str) -> Path:
+def _build(compiler: list[str]) -> Path:
     """Compile the kernel into the cache (once per key) and return the library's path."""
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+    version = subprocess.run([*compiler, "--version"], capture_output=True, text=True,
                              check=True).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version,
                                     metadata.version("jaxlib"), _cpu_identity()]).encode())
@@ -70,11 +72,12 @@ def _build(compiler: str) -> Path:
     fd, partial = tempfile.mkstemp(suffix=".so.partial", dir=library.parent)
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE),
+        done = subprocess.run([*compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE),
                                "-o", partial], capture_output=True, text=True, timeout=300)
         if done.returncode:
-            first = (done.stderr.strip().splitlines() or ["(no output)"])[0]
-            raise RuntimeError(f"{compiler} failed: {first}")
+            lines = done.stderr.strip().splitlines() or ["(no output)"]
+            first = next((ln for ln in lines if "error:" in ln), lines[0])  # g++/clang
+            raise RuntimeError(f"{' '.join(compiler)} failed: {first}")
         os.replace(partial, library)
     finally:
         if os.path.exists(partial):
@@ -82,22 +85,41 @@ def _build(compiler: str) -> Path:
     return library
 
 
+def _compiler() -> list[str] | None:
+    """The C++ compiler command: $CXX (which may carry a launcher or flags), else c++/g++."""
+    if os.environ.get("CXX"):
+        return shlex.split(os.environ["CXX"])
+    found = shutil.which("c++") or shutil.which("g++")
+    return [found] if found else None
+
+
+def cpu_has_avx512() -> bool:
+    try:
+        return " avx512f " in Path("/proc/cpuinfo").read_text().replace("\n", " ")
+    except OSError:
+        return False
+
+
 @functools.cache
 def available() -> bool:
-    """Whether the kernel is built, AVX-512 vectorised and registered with XLA (once)."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False  # the kernel is x86 AVX-512 code; elsewhere XLA's products stay
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    """Whether the kernel is built and registered with XLA (decided once per process).
+
+    False, silently, off x86 or without AVX-512 (where it would be slower than XLA);
+    False with one warning when the build fails."""
+    if platform.machine().lower() not in ("x86_64", "amd64") or not cpu_has_avx512():
+        return False
     try:
+        compiler = _compiler()
         if not compiler:
             raise RuntimeError("no C++ compiler found (set CXX)")
         lib = ctypes.cdll.LoadLibrary(str(_build(compiler)))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+    except (OSError, RuntimeError, subprocess.SubprocessError,
+            metadata.PackageNotFoundError) as err:
         warnings.warn(f"gptjax's CPU decode kernel is unavailable, decoding uses XLA's "
                       f"products: {err}", RuntimeWarning, stacklevel=2)
         return False
     if not lib.gptjax_skinny_matmul_vectorized():
-        return False  # compiled without AVX-512: slower than XLA, so not used
+        return False  # the compiler did not enable AVX-512 after all
     for target, symbol in _SYMBOLS.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
                                     platform="cpu")
@@ -107,6 +129,9 @@ def available() -> bool:
 def skinny_matmul(x_ri: jax.Array, w_oi: jax.Array) -> jax.Array:
     """x (rows, in) times output-major w (out, in), as float32 (rows, out). CPU only;
     w float32 or bfloat16. Call only when `available()`."""
+    if not available():
+        raise RuntimeError("gptjax's CPU decode kernel is not available on this machine "
+                           "(see gptjax.native.available)")
     target = TARGETS[jnp.dtype(w_oi.dtype)]
     out = jax.ShapeDtypeStruct((x_ri.shape[0], w_oi.shape[0]), jnp.float32)
     return jax.ffi.ffi_call(target, out)(x_ri.astype(jnp.float32), w_oi)

@@ -118,7 +118,6 @@ template <typename W>
 ffi::Error Multiply(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, const W* w,
                     ffi::ResultBuffer<ffi::F32> y, int64_t n_out) {
   auto dims = x.dimensions();
-  if (dims.size() != 2) return ffi::Error::InvalidArgument("x must be (rows, in)");
   auto work = std::make_shared<Work<W>>();
   work->x = x.typed_data();
   work->w = w;
@@ -142,20 +141,27 @@ ffi::Error Multiply(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, const W* w,
   return ffi::Error::Success();
 }
 
+// x (rows, in), w (out, in), y (rows, out): anything else is refused, never read past.
+template <typename WB, typename YB>
+ffi::Error CheckShapes(const ffi::Buffer<ffi::F32>& x, const WB& w, YB& y) {
+  auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2 || wd[1] != xd[1] ||
+      yd[0] != xd[0] || yd[1] != wd[0])
+    return ffi::Error::InvalidArgument("expected x (rows, in), w (out, in), y (rows, out)");
+  return ffi::Error::Success();
+}
+
 ffi::Error MultiplyF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                        ffi::ResultBuffer<ffi::F32> y) {
-  auto wd = w.dimensions();
-  if (wd.size() != 2 || wd[1] != x.dimensions()[1])
-    return ffi::Error::InvalidArgument("w must be (out, in) with x's in");
-  return Multiply(pool, x, w.typed_data(), y, wd[0]);
+  if (auto bad = CheckShapes(x, w, y); bad.failure()) return bad;
+  return Multiply(pool, x, w.typed_data(), y, w.dimensions()[0]);
 }
 
 ffi::Error MultiplyBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                         ffi::Buffer<ffi::BF16> w, ffi::ResultBuffer<ffi::F32> y) {
-  auto wd = w.dimensions();
-  if (wd.size() != 2 || wd[1] != x.dimensions()[1])
-    return ffi::Error::InvalidArgument("w must be (out, in) with x's in");
-  return Multiply(pool, x, reinterpret_cast<const uint16_t*>(w.typed_data()), y, wd[0]);
+  if (auto bad = CheckShapes(x, w, y); bad.failure()) return bad;
+  return Multiply(pool, x, reinterpret_cast<const uint16_t*>(w.typed_data()), y,
+                  w.dimensions()[0]);
 }
 
 }  // namespace
