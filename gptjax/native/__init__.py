@@ -128,7 +128,7 @@ def available() -> bool:
 
 def skinny_matmul(x_ri: jax.Array, w_oi: jax.Array) -> jax.Array:
     """x (rows, in) times output-major w (out, in), as float32 (rows, out). CPU only;
-    w float32 or bfloat16. Call only when `available()`."""
+    w float32 or bfloat16. A RuntimeError where the kernel is not `available()`."""
     if not available():
         raise RuntimeError("gptjax's CPU decode kernel is not available on this machine "
                            "(see gptjax.native.available)")
