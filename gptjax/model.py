@@ -270,8 +270,9 @@ def _decode_head(x_bd, wte: nn.Embed, cfg: ModelConfig) -> jax.Array:
 
 
 # Most rows the native kernel takes, by weight dtype: beyond them XLA's products were as
-# fast or faster (benchmarks/NOTES.md, decode change 11).
-NATIVE_MAX_ROWS = {jnp.dtype(jnp.float32): 2, jnp.dtype(jnp.bfloat16): 4}
+# fast or faster (benchmarks/NOTES.md, decode change 12). XLA has no fast bfloat16 product,
+# so bfloat16 weights stay on the kernel longer.
+NATIVE_MAX_ROWS = {jnp.dtype(jnp.float32): 8, jnp.dtype(jnp.bfloat16): 32}
 
 
 def uses_native(w_oi, rows: int, cfg: ModelConfig) -> bool:

@@ -37,9 +37,11 @@ def test_the_kernel_is_available_exactly_where_it_can_be_built():
 @needs_kernel
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 # Input widths with and without a tail beyond the 64/16-float loops; output counts across
-# the 64-output work chunks; 1-5 rows (the kernel's 8/4/2/1-row paths).
+# the 66-output work chunks and not a multiple of the 3-output blocks; 1-2 rows (the
+# one-weight-row paths) and 3-13 rows (register blocks of 8, 4, 2 and 1 rows).
 @pytest.mark.parametrize("rows,n_out,n_in", [(1, 7, 5), (2, 130, 37), (3, 64, 784),
-                                             (5, 200, 768), (1, 1, 1)])
+                                             (5, 200, 768), (1, 1, 1), (8, 200, 768),
+                                             (13, 133, 770), (11, 70, 37), (3, 2, 16)])
 def test_products_equal_float64_products_of_the_same_weights(dtype, rows, n_out, n_in):
     rng = np.random.default_rng(rows * n_out + n_in)
     x = jnp.asarray(rng.standard_normal((rows, n_in), dtype=np.float32))
@@ -67,7 +69,8 @@ def test_in_a_loop_the_weights_are_read_each_step():
 
 
 @needs_kernel
-@pytest.mark.parametrize("dtype,rows", [("float32", 1), ("float32", 2), ("bfloat16", 3)])
+@pytest.mark.parametrize("dtype,rows", [("float32", 1), ("float32", 2), ("float32", 3),
+                                        ("bfloat16", 3)])
 def test_decoding_with_the_kernel_equals_decoding_with_xla(dtype, rows):
     cfg = preset("tiny", vocab_size=50, context_length=16)
     params, cfg = model.cast(model.init(cfg, jax.random.PRNGKey(1)), cfg, dtype)
