@@ -6,9 +6,11 @@
 // speed of reading the weights. XLA:CPU reads float32 weights this way at ~20-25 GB/s and
 // has no fast bfloat16 path at all (a bf16 product ran ~10x slower than f32 here). This
 // kernel streams each weight row once, widening bfloat16 to float32 in registers, and
-// reuses it for every input row while it sits in L1. Work is split into chunks of output
-// rows that the calling thread and XLA's intra-op pool claim from a shared counter, so
-// the call never waits on a pool thread that has not started.
+// reuses it for every input row while it sits in L1. From three input rows on, weight rows
+// are taken three at a time against up to eight input rows (register blocks), so the
+// products stay near memory speed instead of turning load-bound. Work is split into
+// chunks of output rows that the calling thread and XLA's intra-op pool claim from a
+// shared counter, so the call never waits on a pool thread that has not started.
 
 #include <immintrin.h>
 
@@ -44,10 +46,10 @@ inline __m512 load16(const uint16_t* p) {
 }
 #endif
 
-// Output o for input rows [r0, r0 + R). The weight row is read front to back as one
-// stream (several rows read side by side measured ~35% slower: the prefetcher handles a
-// single sequential stream best; software prefetch only slowed it), with kUnroll
-// independent accumulators per input row.
+// Output o for input rows [r0, r0 + R): the path for one or two rows, where the product is
+// pure reading. The weight row is read front to back as one stream (several rows read side
+// by side measured ~35% slower: the prefetcher handles a single sequential stream best;
+// software prefetch only slowed it), with kUnroll independent accumulators per input row.
 template <int R, typename W>
 void row(const float* x, const W* w_row, float* y, int64_t n_in, int64_t n_out, int64_t o,
          int64_t r0) {
