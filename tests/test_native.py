@@ -36,12 +36,13 @@ def test_the_kernel_is_available_exactly_where_it_can_be_built():
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-# Input widths with and without a tail beyond the 64/16-float loops; output counts across
-# the 66-output work chunks and not a multiple of the 3-output blocks; 1-2 rows (the
-# one-weight-row paths) and 3-13 rows (register blocks of 8, 4, 2 and 1 rows).
+# Input widths with and without a tail beyond the 16-float loop (5: the tail only); output
+# counts across the 66-output work chunks, ending in a block of 3, 2 or 1 outputs; rows in
+# register groups of 8, 4, 2 and 1 (13 = 8 + 4 + 1, 11 = 8 + 2 + 1).
 @pytest.mark.parametrize("rows,n_out,n_in", [(1, 7, 5), (2, 130, 37), (3, 64, 784),
                                              (5, 200, 768), (1, 1, 1), (8, 200, 768),
-                                             (13, 133, 770), (11, 70, 37), (3, 2, 16)])
+                                             (13, 133, 770), (11, 70, 37), (3, 2, 16),
+                                             (4, 9, 5)])
 def test_products_equal_float64_products_of_the_same_weights(dtype, rows, n_out, n_in):
     rng = np.random.default_rng(rows * n_out + n_in)
     x = jnp.asarray(rng.standard_normal((rows, n_in), dtype=np.float32))
@@ -51,6 +52,17 @@ def test_products_equal_float64_products_of_the_same_weights(dtype, rows, n_out,
     assert got.dtype == jnp.float32 and got.shape == (rows, n_out)
     # float32 accumulation over n_in terms of unit-variance products
     np.testing.assert_allclose(np.asarray(got), expected, rtol=0, atol=1e-5 * np.sqrt(n_in) * 4)
+
+
+def test_the_kernel_takes_up_to_the_measured_row_limits():
+    """Beyond NATIVE_MAX_ROWS (8 float32 rows, 32 bfloat16) XLA's products were as fast."""
+    cfg = preset("tiny", vocab_size=50, context_length=16)
+    expected = native.available() and jax.default_backend() == "cpu"
+    for dtype, limit in (("float32", 8), ("bfloat16", 32)):
+        w = jnp.zeros((4, 4), dtype)
+        assert model.uses_native(w, limit, cfg) == expected
+        assert not model.uses_native(w, limit + 1, cfg)
+        assert not model.uses_native(w, 1, dataclasses.replace(cfg, decode_matmul="xla"))
 
 
 @needs_kernel

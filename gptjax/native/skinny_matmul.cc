@@ -5,12 +5,11 @@
 // A decode step multiplies one to a few rows by every weight matrix, so its speed is the
 // speed of reading the weights. XLA:CPU reads float32 weights this way at ~20-25 GB/s and
 // has no fast bfloat16 path at all (a bf16 product ran ~10x slower than f32 here). This
-// kernel streams each weight row once, widening bfloat16 to float32 in registers, and
-// reuses it for every input row while it sits in L1. From three input rows on, weight rows
-// are taken three at a time against up to eight input rows (register blocks), so the
-// products stay near memory speed instead of turning load-bound. Work is split into
-// chunks of output rows that the calling thread and XLA's intra-op pool claim from a
-// shared counter, so the call never waits on a pool thread that has not started.
+// kernel reads three weight rows at a time, widening bfloat16 to float32 in registers,
+// against up to eight input rows held in registers (register blocks), and prefetches the
+// next three weight rows into L2 meanwhile. Work is split into chunks of output rows that
+// the calling thread and XLA's intra-op pool claim from a shared counter, so the call
+// never waits on a pool thread that has not started.
 
 #include <immintrin.h>
 
@@ -26,9 +25,9 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kChunk = 66;          // outputs per unit of work handed to a thread
-constexpr int kBlock = 3;               // weight rows per register block; kChunk is a multiple
-constexpr int64_t kBlockedRows = 3;     // from this many input rows on, products use blocks
+constexpr int64_t kChunk = 66;  // outputs per unit of work handed to a thread
+constexpr int kBlock = 3;       // weight rows (outputs) per register block
+static_assert(kChunk % kBlock == 0, "a chunk is whole blocks");
 
 inline float widen(float v) { return v; }
 inline float widen(uint16_t v) {
@@ -46,118 +45,79 @@ inline __m512 load16(const uint16_t* p) {
 }
 #endif
 
-// Output o for input rows [r0, r0 + R): the path for one or two rows, where the product is
-// pure reading. The weight row is read front to back as one stream (several rows read side
-// by side measured ~35% slower: the prefetcher handles a single sequential stream best;
-// software prefetch only slowed it), with kUnroll independent accumulators per input row.
-template <int R, typename W>
-void row(const float* x, const W* w_row, float* y, int64_t n_in, int64_t n_out, int64_t o,
-         int64_t r0) {
-  float sums[R];
-  int64_t i = 0;
-#ifdef __AVX512F__
-  constexpr int kUnroll = R >= 4 ? 1 : 4 / R;  // ~4-8 accumulators in flight
-  __m512 acc[R][kUnroll];
-  for (int r = 0; r < R; ++r)
-    for (int u = 0; u < kUnroll; ++u) acc[r][u] = _mm512_setzero_ps();
-  for (; i + 16 * kUnroll <= n_in; i += 16 * kUnroll) {
-    for (int u = 0; u < kUnroll; ++u) {
-      __m512 wv = load16(w_row + i + 16 * u);
-      for (int r = 0; r < R; ++r)
-        acc[r][u] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + (r0 + r) * n_in + i + 16 * u),
-                                    acc[r][u]);
-    }
-  }
-  for (; i + 16 <= n_in; i += 16) {
-    __m512 wv = load16(w_row + i);
-    for (int r = 0; r < R; ++r)
-      acc[r][0] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + (r0 + r) * n_in + i), acc[r][0]);
-  }
-  for (int r = 0; r < R; ++r) {
-    __m512 s = acc[r][0];
-    for (int u = 1; u < kUnroll; ++u) s = _mm512_add_ps(s, acc[r][u]);
-    sums[r] = _mm512_reduce_add_ps(s);
-  }
-#else
-  for (int r = 0; r < R; ++r) sums[r] = 0.0f;
-#endif
-  for (; i < n_in; ++i)
-    for (int r = 0; r < R; ++r) sums[r] += widen(w_row[i]) * x[(r0 + r) * n_in + i];
-  for (int r = 0; r < R; ++r) y[(r0 + r) * n_out + o] = sums[r];
-}
-
-// Several input rows: a block of kBlock weight rows times R input rows, in R x kBlock
-// accumulators (24 of the 32 vector registers for R = 8). Each loaded vector then feeds
-// kBlock or R multiply-adds instead of one, which is what makes batched decoding compute-
-// rather than load-bound (the one-row path above ran 8 rows at ~45 GFLOP/s a core; this
-// block ~95 with the weights cached). The weights of the next block are prefetched into L2
-// while this one computes: without that the three interleaved streams ran at ~8 GB/s.
-template <int R, typename W>
+// Outputs [o, o + B) for input rows [r0, r0 + R), in R x B accumulators (24 of the 32
+// vector registers for 8 x 3). Each loaded vector feeds B or R multiply-adds, so several
+// rows stay near memory speed instead of turning load-bound: the first kernel's loop, one
+// weight row against each input row in turn, ran 8 rows at ~25 GFLOP/s a core, this block
+// ~95 with the weights in L2. The caller's next block is prefetched into L2 meanwhile:
+// without it the B interleaved weight streams read at ~8 GB/s, with it even one input row
+// is a little faster than reading one weight row at a time (benchmarks/NOTES.md, decode 12).
+template <int R, int B, typename W>
 void block(const float* x, const W* w, float* y, int64_t n_in, int64_t n_out, int64_t o,
-           int64_t r0, const W* prefetch, const W* prefetch_end) {
-  float sums[R][kBlock];
+           int64_t r0, const W* prefetch, int prefetch_rows) {
+  float sums[R][B];
   int64_t i = 0;
 #ifdef __AVX512F__
-  __m512 acc[R][kBlock];
+  __m512 acc[R][B];
   for (int r = 0; r < R; ++r)
-    for (int b = 0; b < kBlock; ++b) acc[r][b] = _mm512_setzero_ps();
+    for (int b = 0; b < B; ++b) acc[r][b] = _mm512_setzero_ps();
   for (; i + 16 <= n_in; i += 16) {
-    __m512 wv[kBlock];
-    for (int b = 0; b < kBlock; ++b) {
+    // The empty asm statements pin each loaded vector in a register. Without them GCC
+    // folded every activation load into each multiply-add as a memory operand (27 loads
+    // for 24 multiply-adds), which held the block to a third of its speed.
+    __m512 wv[B];
+    for (int b = 0; b < B; ++b) {
       wv[b] = load16(w + (o + b) * n_in + i);
-      // Pin each loaded vector in a register: otherwise GCC re-reads it as a memory operand
-      // of every multiply-add (R x kBlock loads a step), which halved the speed.
       asm("" : "+v"(wv[b]));
-      if (prefetch != nullptr && prefetch + b * n_in + i < prefetch_end)
-        _mm_prefetch(prefetch + b * n_in + i, _MM_HINT_T1);
     }
+    for (int b = 0; b < prefetch_rows; ++b)
+      _mm_prefetch(reinterpret_cast<const char*>(prefetch + b * n_in + i), _MM_HINT_T1);
     for (int r = 0; r < R; ++r) {
       __m512 xv = _mm512_loadu_ps(x + (r0 + r) * n_in + i);
       asm("" : "+v"(xv));
-      for (int b = 0; b < kBlock; ++b) acc[r][b] = _mm512_fmadd_ps(wv[b], xv, acc[r][b]);
+      for (int b = 0; b < B; ++b) acc[r][b] = _mm512_fmadd_ps(wv[b], xv, acc[r][b]);
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int b = 0; b < kBlock; ++b) sums[r][b] = _mm512_reduce_add_ps(acc[r][b]);
+    for (int b = 0; b < B; ++b) sums[r][b] = _mm512_reduce_add_ps(acc[r][b]);
 #else
   for (int r = 0; r < R; ++r)
-    for (int b = 0; b < kBlock; ++b) sums[r][b] = 0.0f;
+    for (int b = 0; b < B; ++b) sums[r][b] = 0.0f;
 #endif
   for (; i < n_in; ++i)
     for (int r = 0; r < R; ++r)
-      for (int b = 0; b < kBlock; ++b)
-        sums[r][b] += widen(w[(o + b) * n_in + i]) * x[(r0 + r) * n_in + i];
+      for (int b = 0; b < B; ++b) sums[r][b] += widen(w[(o + b) * n_in + i]) * x[(r0 + r) * n_in + i];
   for (int r = 0; r < R; ++r)
-    for (int b = 0; b < kBlock; ++b) y[(r0 + r) * n_out + o + b] = sums[r][b];
+    for (int b = 0; b < B; ++b) y[(r0 + r) * n_out + o + b] = sums[r][b];
+}
+
+// Outputs [o, o + B) for every input row, in groups of 8, 4, 2 and 1. Only the first group
+// prefetches; the later ones reread a block that is still cached.
+template <int B, typename W>
+void all_rows(const float* x, const W* w, float* y, int64_t rows, int64_t n_in, int64_t n_out,
+              int64_t o, const W* prefetch, int prefetch_rows) {
+  int64_t r = 0;
+  for (; r + 8 <= rows; r += 8, prefetch_rows = 0)
+    block<8, B>(x, w, y, n_in, n_out, o, r, prefetch, prefetch_rows);
+  for (; r + 4 <= rows; r += 4, prefetch_rows = 0)
+    block<4, B>(x, w, y, n_in, n_out, o, r, prefetch, prefetch_rows);
+  for (; r + 2 <= rows; r += 2, prefetch_rows = 0)
+    block<2, B>(x, w, y, n_in, n_out, o, r, prefetch, prefetch_rows);
+  if (r < rows) block<1, B>(x, w, y, n_in, n_out, o, r, prefetch, prefetch_rows);
 }
 
 template <typename W>
 void outputs(const float* x, const W* w, float* y, int64_t rows, int64_t n_in, int64_t n_out,
              int64_t begin, int64_t end) {
   int64_t o = begin;
-  if (rows >= kBlockedRows) {
-    const W* chunk_end = w + end * n_in;
-    for (; o + kBlock <= end; o += kBlock) {
-      // Only the first row group prefetches; the others find the block in L1.
-      const W* next = w + (o + kBlock) * n_in;
-      int64_t r = 0;
-      for (; r + 8 <= rows; r += 8, next = nullptr)
-        block<8>(x, w, y, n_in, n_out, o, r, next, chunk_end);
-      for (; r + 4 <= rows; r += 4, next = nullptr)
-        block<4>(x, w, y, n_in, n_out, o, r, next, chunk_end);
-      for (; r + 2 <= rows; r += 2, next = nullptr)
-        block<2>(x, w, y, n_in, n_out, o, r, next, chunk_end);
-      for (; r < rows; ++r, next = nullptr) block<1>(x, w, y, n_in, n_out, o, r, next, chunk_end);
-    }
+  for (; o + kBlock <= end; o += kBlock) {
+    int64_t ahead = end - (o + kBlock);  // rows of the next block, within this chunk
+    all_rows<kBlock>(x, w, y, rows, n_in, n_out, o, w + (o + kBlock) * n_in,
+                     static_cast<int>(ahead < kBlock ? ahead : kBlock));
   }
-  for (; o < end; ++o) {
-    const W* w_row = w + o * n_in;
-    int64_t r = 0;
-    for (; r + 8 <= rows; r += 8) row<8>(x, w_row, y, n_in, n_out, o, r);
-    for (; r + 4 <= rows; r += 4) row<4>(x, w_row, y, n_in, n_out, o, r);
-    for (; r + 2 <= rows; r += 2) row<2>(x, w_row, y, n_in, n_out, o, r);
-    for (; r < rows; ++r) row<1>(x, w_row, y, n_in, n_out, o, r);
-  }
+  // kChunk is a multiple of kBlock, so only the last chunk can end in one or two outputs.
+  if (end - o == 2) all_rows<2>(x, w, y, rows, n_in, n_out, o, w, 0);
+  if (end - o == 1) all_rows<1>(x, w, y, rows, n_in, n_out, o, w, 0);
 }
 
 template <typename W>
