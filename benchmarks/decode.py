@@ -7,9 +7,8 @@ count. Each repeat times both, alternating, so drift on a noisy machine hits bot
 
 Reported per case: time to first token (prefill + first id), ms per later token, tokens/s
 over the whole generation and the ratio to transformers in float32. The memory-bandwidth
-floor is the bytes of weights a decode step must read divided by the read bandwidth of a
-large array sum, the median of sums timed between the case's own repeats (the best sum of
-the run is reported too: it is a burst, not what a decode step sees).
+floor is the bytes of weights a decode step must read divided by the read bandwidth
+measured in the same run (a large array sum).
 
     python benchmarks/decode.py                      # the issue's CPU cases
     python benchmarks/decode.py --cases 1:float32 --repeats 3 --new 16   # a quick check
@@ -44,15 +43,13 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_CASES = ["1:float32", "1:bfloat16", "8:float32"]  # batch:gptjax weight dtype[:matmul]
 
 
-def read_probe(mbytes: int = 1024):
-    """A function that times one summing read of an array far larger than the caches and
-    returns its bandwidth in GB/s. This VM's read bandwidth moves a lot between moments
-    (28-44 GB/s within minutes), so the floor of each case comes from reads taken between
-    that case's own repeats, not from one measurement at the start."""
+def read_bandwidth_gbs(mbytes: int = 1024, repeats: int = 5) -> float:
+    """Best-of sustained read bandwidth: summing an array far larger than the caches."""
     x = jnp.ones((mbytes * 2**20 // 4,), jnp.float32)
     total = jax.jit(jnp.sum)
     total(x).block_until_ready()
-    return lambda: x.nbytes / _timed(lambda: total(x).block_until_ready()) / 1e9
+    best = min(_timed(lambda: total(x).block_until_ready()) for _ in range(repeats))
+    return x.nbytes / best / 1e9
 
 
 def _timed(fn) -> float:
@@ -146,8 +143,7 @@ def main(argv=None) -> int:
         folder = Path(args.weights) if args.weights else random_gpt2(Path(tmp) / "gpt2")
         hf_model = GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32).eval()
         cfg32, params32 = load_hf(folder)
-    read_gbs = read_probe()
-    best_read = max(read_gbs() for _ in range(5))
+    bandwidth = read_bandwidth_gbs()
     rng = np.random.default_rng(0)
     results = []
     for case in args.cases:
@@ -158,20 +154,18 @@ def main(argv=None) -> int:
         params = model.decode_params(params)  # the decode layout, once, like loading
         time_gptjax(params, cfg, prompts, args.new, warm=False)  # compile
         time_transformers(hf_model, prompts, 2)  # warm up
-        ours, theirs, reads = [], [], []
+        ours, theirs = [], []
         for _ in range(args.repeats):
             ours.append(time_gptjax(params, cfg, prompts, args.new))
             theirs.append(time_transformers(hf_model, prompts, args.new))
-            reads.append(read_gbs())
-        bandwidth = statistics.median(reads)
         row = {"batch": batch, "gptjax_dtype": dtype, "decode_matmul": matmul, "gptjax": summarize(ours, batch, args.new),
                "transformers_float32": summarize(theirs, batch, args.new),
-               "read_gbs": bandwidth, "floor_ms_per_token": 1000 * decode_bytes(params) / (bandwidth * 1e9)}
+               "floor_ms_per_token": 1000 * decode_bytes(params) / (bandwidth * 1e9)}
         row["ratio"] = row["gptjax"]["tokens_per_s"] / row["transformers_float32"]["tokens_per_s"]
         row["vs_floor"] = row["gptjax"]["ms_per_token"] / row["floor_ms_per_token"]
         results.append(row)
         print(json.dumps(row), flush=True)
-    report = {"machine": machine(args.threads), "best_read_gbs": best_read,
+    report = {"machine": machine(args.threads), "bandwidth_gbs": bandwidth,
               "prompt_len": args.prompt_len, "new_tokens": args.new, "repeats": args.repeats,
               "weights": args.weights or "random GPT-2 124M", "results": results}
     bench.publish(report, markdown(report), args.json, args.results)
@@ -205,20 +199,19 @@ def markdown(report: dict) -> str:
              f"tokens ({time.strftime('%Y-%m-%d')})", "",
              f"{m['cpu']} ({m['device']}), {m['cores']} cores, {m['threads']} threads; jax {m['jax']}, torch "
              f"{m['torch']}, transformers {m['transformers']}, Python {m['python']}; median of "
-             f"{report['repeats']} alternating repeats; weights: {report['weights']}; floor = weight "
-             f"bytes / the median of the summing reads between each case's repeats (best read "
-             f"{report['best_read_gbs']:.1f} GB/s); native kernel "
+             f"{report['repeats']} alternating repeats; weights: {report['weights']}; read "
+             f"bandwidth {report['bandwidth_gbs']:.1f} GB/s; native kernel "
              f"{'available' if m['native_kernel'] else 'unavailable'}. Command: `python benchmarks/decode.py"
              f"{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}`.", "",
              "| batch | gptjax weights | decode matmul | gptjax TTFT ms | gptjax ms/token | gptjax tok/s | "
-             "transformers f32 TTFT ms | ms/token | tok/s | ratio | read GB/s | floor ms/token | vs floor |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "transformers f32 TTFT ms | ms/token | tok/s | ratio | floor ms/token | vs floor |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
         g, t = r["gptjax"], r["transformers_float32"]
         lines.append(f"| {r['batch']} | {r['gptjax_dtype']} | {r['decode_matmul']} | {g['ttft_ms']:.0f} | "
                      f"{g['ms_per_token']:.1f} | {g['tokens_per_s']:.1f} | {t['ttft_ms']:.0f} | "
                      f"{t['ms_per_token']:.1f} | {t['tokens_per_s']:.1f} | {r['ratio']:.2f}x | "
-                     f"{r['read_gbs']:.1f} | {r['floor_ms_per_token']:.1f} | {r['vs_floor']:.2f}x |")
+                     f"{r['floor_ms_per_token']:.1f} | {r['vs_floor']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 

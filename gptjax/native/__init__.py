@@ -3,8 +3,8 @@
 A decode step is a chain of (rows, in) x (in, out) products with one to a few rows, so its
 speed is how fast the weights are read. XLA:CPU reads float32 weights that way at ~20-25
 GB/s and has no fast bfloat16 product (benchmarks/NOTES.md), which left bfloat16 weights
-no faster than float32. The kernel streams each output-major weight row once and widens
-bfloat16 in registers.
+no faster than float32. The kernel reads output-major weight rows three at a time against
+up to eight input rows held in registers, widening bfloat16 as it goes.
 
 It is compiled on first use with the machine's C++ compiler (`$CXX`, else `c++` or `g++`)
 against jaxlib's XLA FFI headers, for this CPU (-march=native), and cached in
