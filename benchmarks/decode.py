@@ -41,6 +41,7 @@ from gptjax.sampling import Sampling
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CASES = ["1:float32", "1:bfloat16", "8:float32"]  # batch:gptjax weight dtype[:matmul]
+MATMULS = model.ModelConfig.__dataclass_fields__["decode_matmul"].metadata["choices"]
 
 
 def read_bandwidth_gbs(mbytes: int = 1024, repeats: int = 5) -> float:
@@ -110,8 +111,8 @@ def parse_case(case: str) -> tuple[int, str, str]:
     if parts[1] not in ("float32", "bfloat16"):
         raise SystemExit(f"decode.py: bad dtype in {case!r}: float32 or bfloat16")
     matmul = parts[2] if len(parts) == 3 else "auto"
-    if matmul not in ("auto", "xla"):
-        raise SystemExit(f"decode.py: bad matmul in {case!r}: auto or xla")
+    if matmul not in MATMULS:
+        raise SystemExit(f"decode.py: bad matmul in {case!r}: {' or '.join(MATMULS)}")
     return int(parts[0]), parts[1], matmul
 
 

@@ -97,7 +97,9 @@ def _parser() -> argparse.ArgumentParser:
     ge.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     ge.add_argument("--dtype", choices=("float32", "bfloat16"), help="cast weights and compute "
                     "to this dtype (default: as stored)")
-    ge.add_argument("--decode-matmul", choices=("auto", "xla"), help="decode steps' products: "
+    ge.add_argument("--decode-matmul",
+                    choices=C.ModelConfig.__dataclass_fields__["decode_matmul"].metadata["choices"],
+                    help="decode steps' products: "
                     "auto = the native CPU kernel where it builds, xla = XLA's (default: the "
                     "run's config, normally auto)")
     ge.add_argument("--no-stream", action="store_true", help="print only when finished")
