@@ -10,7 +10,8 @@ tokens/s, MFU (PaLM formula over gptjax.bench's peak: a data sheet on accelerato
 measured float32 matmul rate on CPU), each variant's ratio to the first from the same
 repeats, and XLA's planned temporaries. With --compile-only nothing runs: only the
 memory plans (e.g. GPT-2 XL's remat policies on a machine that could never run it). This
-is the measurement behind the entries of benchmarks/NOTES.md.
+is the measurement behind the entries of benchmarks/NOTES.md. Freed host memory is kept, as
+in `gptjax train` (gptjax/host_memory.py), unless GPTJAX_KEEP_FREED_MEMORY=0.
 
     python benchmarks/train_step_ab.py --case mini:8:256 attention_impl=xla attention_impl=blocked
     python benchmarks/train_step_ab.py --case baby:12:64 scan_unroll=1 scan_unroll=4
@@ -28,7 +29,7 @@ import statistics
 
 import jax
 
-from gptjax import bench
+from gptjax import bench, host_memory
 from gptjax import config as C
 from gptjax.config import ModelConfig, TrainConfig, preset
 from gptjax.errors import GptjaxError
@@ -66,6 +67,7 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--compile-only", action="store_true", help="print memory plans, run nothing")
     args = ap.parse_args(argv)
+    host_memory.keep_freed_memory()  # as `gptjax train` does; before JAX's runtime starts
     try:
         name, batch, context = args.case.split(":")
         batch, context = int(batch), int(context)
@@ -101,7 +103,8 @@ def main(argv=None) -> None:
                 r["ms"].append(1000 * seconds / steps)
     info = bench.machine_info()
     print(f"case {args.case}, vocab {vocab}, {steps} steps x {args.repeats} alternating "
-          f"repeats; {info.get('cpu', jax.default_backend())}, jax {jax.__version__}")
+          f"repeats; {info.get('cpu', jax.default_backend())}, jax {jax.__version__}; "
+          f"freed host memory: {info['host_memory']}")
     first = statistics.median(runs[0]["ms"])
     print(f"MFU over {peak['flops_per_s'] / 1e12:.3g} TFLOP/s ({peak['source']})")
     print("| variant | ms/step median (min-max) | tokens/s | MFU | vs first | temporaries GiB |\n"

@@ -3,7 +3,11 @@
 Both sides get the same model config (benchmarks/torch_gpt.py mirrors gptjax's
 architecture, init and optimizer), the same batches (WindowSampler windows of one random
 token array, built once as numpy and handed to both), float32, and the same thread count
-(XLA:CPU sizes its pool to the usable cores; torch.set_num_threads is set to that).
+(XLA:CPU sizes its pool to the usable cores; torch.set_num_threads is set to that), and
+the same host allocator policy: freed memory kept for reuse (gptjax/host_memory.py), as
+`gptjax train` does, set for the whole process (and each --isolate worker) before either
+runtime starts, so PyTorch's allocations get it too; --system-malloc leaves glibc's
+default on both sides.
 Each side's step is a whole optimizer step: forward, backward, global-norm clipping,
 AdamW with the warmup-cosine learning rate (torch: zero_grad included; no torch.compile).
 
@@ -46,7 +50,7 @@ from pathlib import Path
 
 import torch
 
-from gptjax import bench, model
+from gptjax import bench, host_memory, model
 from gptjax.config import TrainConfig, preset
 from gptjax.metrics import MFU_FORMULA, flops_per_token
 
@@ -216,7 +220,7 @@ def case_setup(case: dict):
 
 def run_case(name: str, batch: int, context: int, args) -> dict:
     case = {"preset": name, "batch": batch, "context": context, "vocab": args.vocab,
-            "batches": args.batches, "threads": args.threads}
+            "batches": args.batches, "threads": args.threads, "system_malloc": args.system_malloc}
     if args.isolate:
         jx, th = WorkerSide("gptjax", case), WorkerSide("torch", case)
         m = case_setup(case)[0]
@@ -264,6 +268,14 @@ def run_case(name: str, batch: int, context: int, args) -> dict:
     return row
 
 
+def _set_host_memory(system_malloc: bool) -> None:
+    """The same allocator policy for both sides (and every worker), set before JAX starts."""
+    if not system_malloc:
+        state = host_memory.keep_freed_memory()
+        if state != "kept (glibc)":
+            print(f"note: freed host memory not kept: {state}", file=sys.stderr)
+
+
 def _cpu_per_wall(cpu: list[float], wall: list[float]) -> float:
     """Median cores busy during a repeat: below the thread count when the machine is shared."""
     return statistics.median(c / w for c, w in zip(cpu, wall))
@@ -299,6 +311,9 @@ def main(argv=None) -> int:
                     help="torch threads (default: the usable cores, as XLA:CPU uses)")
     ap.add_argument("--isolate", action="store_true", help="run each side in its own worker "
                     "process (still alternating) instead of both in this one")
+    ap.add_argument("--system-malloc", action="store_true",
+                    help="leave glibc's allocator as it is (default: both sides keep freed host "
+                    "memory, as `gptjax train` does; see gptjax/host_memory.py)")
     ap.add_argument("--worker", choices=sorted(SIDES), help=argparse.SUPPRESS)
     ap.add_argument("--worker-case", help=argparse.SUPPRESS)
     ap.add_argument("--json", type=Path, help="write the full results here")
@@ -306,7 +321,10 @@ def main(argv=None) -> int:
                     "(e.g. benchmarks/RESULTS.md); default: print only")
     args = ap.parse_args(argv)
     if args.worker:
-        return worker(args.worker, json.loads(args.worker_case))
+        case = json.loads(args.worker_case)
+        _set_host_memory(case["system_malloc"])
+        return worker(args.worker, case)
+    _set_host_memory(args.system_malloc)
     if args.repeats < 1 or args.warmup < 1 or (args.steps is not None and args.steps < 1):
         ap.error("--repeats, --warmup and --steps must be positive")
     if args.repeats < 5:
@@ -356,7 +374,8 @@ def markdown(report: dict) -> str:
              f"{m['cpu']} ({m['device_kind']}), {m['cores']} cores; XLA:CPU {m['threads']} threads, "
              f"torch {m['torch_threads']} threads; jax {m['jax']}, jaxlib {m['jaxlib']}, flax "
              f"{m['flax']}, optax {m['optax']}, torch {m['torch']}, Python {m['python']}; "
-             f"XLA_FLAGS={m['xla_flags'] or '(none)'}; 1-min load average {_load(m)}; float32, "
+             f"XLA_FLAGS={m['xla_flags'] or '(none)'}; freed host memory on both sides: "
+             f"{m['host_memory']}; 1-min load average {_load(m)}; float32, "
              f"same batches and config on both "
              f"sides, full AdamW step with clipping; median of alternating repeats "
              f"({report['results'][0]['processes'] if report['results'] else ''}). FLOPs: "

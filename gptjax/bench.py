@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,11 +40,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from gptjax import model, optim
+from gptjax import host_memory, model, optim
 from gptjax.config import ModelConfig, TrainConfig
 from gptjax.data import WindowSampler, gather
 from gptjax.mesh import make_mesh
-from gptjax.metrics import MFU_FORMULA, PEAK_BF16, flops_per_token, measure_matmul_flops
+from gptjax.metrics import (MFU_FORMULA, PEAK_BF16, flops_per_token, measure_matmul_flops,
+                            memory_stats)
 from gptjax.sharding import batch_sharding, check_batch, check_divisible, shardings
 from gptjax.train_step import init_state, make_train_step
 
@@ -148,23 +150,11 @@ def build_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig) -> TrainSte
         compiled = lowered.compile()
         t2 = time.perf_counter()
         fresh = jax.jit(lambda: init_state(model_cfg, train_cfg, tx), out_shardings=state_sharding)
-    return TrainStepBench(model_cfg, train_cfg, compiled, fresh, rows, t1 - t0, t2 - t1,
-                          memory_stats(compiled))
-
-
-def memory_stats(compiled) -> dict:
-    """Bytes XLA planned for the step (arguments, outputs, temporaries), where reported."""
-    try:
-        m = compiled.memory_analysis()
-    except Exception:  # not every backend implements it
-        m = None
-    if m is None:
-        return {}
-    out = {k: int(getattr(m, f"{k}_size_in_bytes", 0) or 0)
-           for k in ("argument", "output", "alias", "temp", "generated_code")}
-    # Donated outputs reuse argument buffers (alias): count them once.
-    out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
-    return out
+    memory = memory_stats(compiled)
+    note = host_memory.fit_to_step(memory.get("temp", 0))
+    if note:
+        warnings.warn(note)
+    return TrainStepBench(model_cfg, train_cfg, compiled, fresh, rows, t1 - t0, t2 - t1, memory)
 
 
 def device_peak_bytes() -> int | None:
@@ -319,6 +309,8 @@ def machine_info() -> dict:
             "python": platform.python_version(), "jax": jax.__version__,
             "jaxlib": ver("jaxlib"), "flax": ver("flax"), "optax": ver("optax"),
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            # Whether freed host memory is kept (host_memory.py): worth ~20% on XLA:CPU.
+            "host_memory": host_memory.status(),
             # Other work on a shared host skews absolute numbers (ratios suffer less).
             "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
             "jax_env": {k: v for k, v in os.environ.items() if k.startswith("JAX_")}}

@@ -37,7 +37,9 @@ def _parser() -> argparse.ArgumentParser:
                         description="Train a GPT. With no arguments: a 0.8M-parameter model on "
                         "the Python reference docs from the standard library, char tokenizer. "
                         "Every config field below is a flag; unset flags keep the preset's "
-                        "value (new run) or the saved value (resumed run).")
+                        "value (new run) or the saved value (resumed run). On Linux, freed "
+                        "host memory is kept for reuse, which makes XLA:CPU steps ~20%% faster "
+                        "and resident memory higher; GPTJAX_KEEP_FREED_MEMORY=0 turns that off.")
     tr.add_argument("--out", help="run directory (default: runs/<date-time>); an existing run "
                     "is resumed with its saved config")
     tr.add_argument("--preset", choices=list(C.PRESETS), help="model preset (default: baby; "
@@ -226,6 +228,10 @@ def _eval(args) -> int:
     return 0
 
 
+# Commands that repeat one compiled step and check its temporaries against the RAM
+# (host_memory.fit_to_step): they keep freed host memory (host_memory.py).
+STEP_COMMANDS = {"train", "bench"}
+
 COMMANDS = {"train": _train, "prepare": _prepare, "generate": _generate, "eval": _eval,
             "convert": cli_convert.run, "bench": cli_bench.run, **cli_finetune.COMMANDS}
 
@@ -239,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
     warnings.showwarning = _one_line_warning
     args = _parser().parse_args(argv)
+    if args.command in STEP_COMMANDS:
+        from gptjax.host_memory import keep_freed_memory
+        keep_freed_memory()  # before anything starts JAX's runtime
     try:
         return COMMANDS[args.command](args)
     except GptjaxError as e:

@@ -34,6 +34,9 @@ state, mesh layout) on random tokens, for every combination of --preset, --batch
   with --decode, time to first token and ms/token of the KV-cache decoder (random
     weights, greedy, no early stop).
 
+Freed host memory is kept for reuse as in `gptjax train` (recorded with the results;
+GPTJAX_KEEP_FREED_MEMORY=0 measures glibc's default instead).
+
 Examples:
   gptjax bench --preset baby,mini --batch 12,8 --context 64,256 --zip
   gptjax bench --preset gpt2 --batch 16 --context 1024 --dtype bfloat16     # on a GPU
@@ -254,7 +257,7 @@ def markdown(report: dict) -> str:
              f"{m['device_kind']} x {m['device_count']} ({m['backend']}); host {m['cpu']}, "
              f"{m['cores']} cores, threads {m['threads'] or 'n/a'}; jax {m['jax']}, jaxlib "
              f"{m['jaxlib']}, flax {m['flax']}, optax {m['optax']}, Python {m['python']}; "
-             f"XLA_FLAGS={m['xla_flags'] or '(none)'}"
+             f"XLA_FLAGS={m['xla_flags'] or '(none)'}; freed host memory: {m['host_memory']}"
              + (f"; {' '.join(f'{k}={v}' for k, v in m['jax_env'].items())}" if m['jax_env'] else "")
              + (f"; 1-min load average {m['load_average_1min']:.1f} at the start"
                 if m.get("load_average_1min") is not None else "")

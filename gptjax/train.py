@@ -20,12 +20,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from gptjax import config as C
-from gptjax import model, optim, run
+from gptjax import host_memory, model, optim, run
 from gptjax.checkpoint import Checkpoints
 from gptjax.data import PreparedData, WindowSampler, eval_batches, gather, load_prepared
 from gptjax.errors import GptjaxError
 from gptjax.generate import generate
-from gptjax.metrics import MFU_FORMULA, JsonlLog, flops_per_token, peak_flops, plot_losses
+from gptjax.metrics import (MFU_FORMULA, JsonlLog, flops_per_token, memory_stats, peak_flops,
+                            plot_losses)
 from gptjax.distributed import host, is_main, local_rows
 from gptjax.mesh import make_mesh
 from gptjax.sharding import batch_sharding, check_batch, check_divisible, shardings
@@ -63,7 +64,10 @@ def train(cfg: C.RunConfig, out_dir: str | Path, *, stop_at: int | None = None,
              f"train / {data.meta['val_tokens']:,} val tokens ({cfg.data.tokenizer}) | run: {out}")
         mesh = ",".join(f"{a}={n}" for a, n in steps.mesh.shape.items())
         echo(f"compiled the train and eval steps for mesh {mesh} ({steps.mesh.size} "
-             f"device{'s' if steps.mesh.size > 1 else ''}) in {steps.compile_seconds:.1f}s")
+             f"device{'s' if steps.mesh.size > 1 else ''}) in {steps.compile_seconds:.1f}s; "
+             f"freed host memory: {host_memory.status()}")
+        if steps.host_memory_note:
+            echo(steps.host_memory_note)
         end = min(t.max_steps, stop_at or t.max_steps)
         val_loss = None
         if int(host(state.step)) < end:
@@ -178,6 +182,8 @@ class CompiledSteps:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise GptjaxError(f"this config does not compile on {jax.default_backend()}: {first}") from None
         self.compile_seconds = time.perf_counter() - started
+        # The step's temporaries are known now: stop keeping freed memory if it would not fit.
+        self.host_memory_note = host_memory.fit_to_step(memory_stats(self.train_step).get("temp", 0))
 
     def put_batch(self, rows_of, global_rows: int) -> dict:
         """A global batch laid out by rows over the mesh's data axes, built from this
