@@ -4,10 +4,8 @@ Both sides get the same model config (benchmarks/torch_gpt.py mirrors gptjax's
 architecture, init and optimizer), the same batches (WindowSampler windows of one random
 token array, built once as numpy and handed to both), float32, and the same thread count
 (XLA:CPU sizes its pool to the usable cores; torch.set_num_threads is set to that), and
-the same host allocator policy: freed memory kept for reuse (gptjax/host_memory.py), as
-`gptjax train` does, set for the whole process (and each --isolate worker) before either
-runtime starts, so PyTorch's allocations get it too; --system-malloc leaves glibc's
-default on both sides.
+one allocator policy, set per process before either runtime starts: freed host memory
+kept, as in `gptjax train` (gptjax/host_memory.py), or with --system-malloc glibc's default.
 Each side's step is a whole optimizer step: forward, backward, global-norm clipping,
 AdamW with the warmup-cosine learning rate (torch: zero_grad included; no torch.compile).
 
@@ -56,6 +54,7 @@ from gptjax.metrics import MFU_FORMULA, flops_per_token
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch_gpt  # noqa: E402  (the reference lives next to this script)
+from throughput_table import markdown  # noqa: E402
 
 # preset:batch:context. nanoGPT's CPU "baby" config and the ~10M config of the issue.
 DEFAULT_CASES = ["baby:12:64", "mini:8:256"]
@@ -270,10 +269,8 @@ def run_case(name: str, batch: int, context: int, args) -> dict:
 
 def _set_host_memory(system_malloc: bool) -> None:
     """The same allocator policy for both sides (and every worker), set before JAX starts."""
-    if not system_malloc:
-        state = host_memory.keep_freed_memory()
-        if state != "kept (glibc)":
-            print(f"note: freed host memory not kept: {state}", file=sys.stderr)
+    if not system_malloc and (state := host_memory.keep_freed_memory()) != "kept (glibc)":
+        print(f"note: freed host memory not kept: {state}", file=sys.stderr)
 
 
 def _cpu_per_wall(cpu: list[float], wall: list[float]) -> float:
@@ -354,55 +351,6 @@ def main(argv=None) -> int:
               "flops_formula": MFU_FORMULA, "matmul_peak": peak, "dtype": "float32", "results": rows}
     bench.publish(report, markdown(report), args.json, args.results)
     return 0
-
-
-def _load(m: dict) -> str:
-    values = [m.get("load_average_1min_start"), m.get("load_average_1min")]
-    return " → ".join(f"{v:.1f}" for v in values if v is not None) or "n/a"
-
-
-def _verdict(row: dict, key: str) -> str:
-    if key not in row["met"]:
-        return "–"
-    return "met" if row["met"][key] else "not met"
-
-
-def markdown(report: dict) -> str:
-    m = report["machine"]
-    measured = ", ".join(f"{r / 1e9:.0f}" for r in report["matmul_peak"].get("measured", []))
-    lines = [f"### Train-step throughput, gptjax vs PyTorch eager ({m['date'][:10]})", "",
-             f"{m['cpu']} ({m['device_kind']}), {m['cores']} cores; XLA:CPU {m['threads']} threads, "
-             f"torch {m['torch_threads']} threads; jax {m['jax']}, jaxlib {m['jaxlib']}, flax "
-             f"{m['flax']}, optax {m['optax']}, torch {m['torch']}, Python {m['python']}; "
-             f"XLA_FLAGS={m['xla_flags'] or '(none)'}; freed host memory on both sides: "
-             f"{m['host_memory']}; 1-min load average {_load(m)}; float32, "
-             f"same batches and config on both "
-             f"sides, full AdamW step with clipping; median of alternating repeats "
-             f"({report['results'][0]['processes'] if report['results'] else ''}). FLOPs: "
-             f"{report['flops_formula']}; float32 matmul rate measured in this run "
-             f"{measured} GFLOP/s (the best is the denominator). Command: `{report['command']}`.", "",
-             "| case (preset:B:T) | params | steps x repeats | gptjax tok/s (min–max) | torch tok/s "
-             "(min–max) | ratio (min–max) | gptjax ms/step | torch ms/step | gptjax GFLOP/s | "
-             "of matmul rate | torch of matmul rate | cores busy gptjax / torch | targets |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in report["results"]:
-        g, t, q = r["gptjax"], r["torch"], r["ratio"]
-        targets, goals = r["targets"] or {}, []
-        if "ratio" in targets:
-            goals.append(f"ratio >= {targets['ratio']}x: {_verdict(r, 'ratio')}")
-        if "matmul_fraction" in targets:
-            goals.append(f"matmul >= {targets['matmul_fraction']:.0%}: "
-                         f"{_verdict(r, 'matmul_fraction')}")
-        goal = "; ".join(goals) or "–"
-        lines.append(
-            f"| {r['case']} | {r['params']:,} | {r['steps_per_repeat']} x {r['repeats']} | "
-            f"{g['tokens_per_s']['median']:,.0f} ({g['tokens_per_s']['min']:,.0f}–"
-            f"{g['tokens_per_s']['max']:,.0f}) | {t['tokens_per_s']['median']:,.0f} "
-            f"({t['tokens_per_s']['min']:,.0f}–{t['tokens_per_s']['max']:,.0f}) | "
-            f"{q['median']:.2f}x ({q['min']:.2f}–{q['max']:.2f}) | {g['ms_per_step']:.1f} | "
-            f"{t['ms_per_step']:.1f} | {g['flops_per_s'] / 1e9:.1f} | {g['matmul_fraction']:.0%} | "
-            f"{t['matmul_fraction']:.0%} | {g['cpu_per_wall']:.2f} / {t['cpu_per_wall']:.2f} | {goal} |")
-    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
