@@ -151,7 +151,7 @@ def build_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig) -> TrainSte
         t2 = time.perf_counter()
         fresh = jax.jit(lambda: init_state(model_cfg, train_cfg, tx), out_shardings=state_sharding)
     memory = memory_stats(compiled)
-    note = host_memory.fit_to_step(memory.get("temp", 0))
+    note = host_memory.fit_to_step(memory.get("temp", 0), devices=jax.local_device_count())
     if note:
         warnings.warn(note)
     return TrainStepBench(model_cfg, train_cfg, compiled, fresh, rows, t1 - t0, t2 - t1, memory)
@@ -309,7 +309,7 @@ def machine_info() -> dict:
             "python": platform.python_version(), "jax": jax.__version__,
             "jaxlib": ver("jaxlib"), "flax": ver("flax"), "optax": ver("optax"),
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            # Whether freed host memory is kept (host_memory.py): worth ~20% on XLA:CPU.
+            # Whether freed host memory is kept (host_memory.py): worth 10-20% on XLA:CPU.
             "host_memory": host_memory.status(),
             # Other work on a shared host skews absolute numbers (ratios suffer less).
             "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,

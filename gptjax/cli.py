@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
                         "the Python reference docs from the standard library, char tokenizer. "
                         "Every config field below is a flag; unset flags keep the preset's "
                         "value (new run) or the saved value (resumed run). On Linux, freed "
-                        "host memory is kept for reuse, which makes XLA:CPU steps ~20%% faster "
+                        "host memory is kept for reuse, which made XLA:CPU steps 10-20% faster "
                         "and resident memory higher; GPTJAX_KEEP_FREED_MEMORY=0 turns that off.")
     tr.add_argument("--out", help="run directory (default: runs/<date-time>); an existing run "
                     "is resumed with its saved config")

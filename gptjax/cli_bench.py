@@ -143,7 +143,7 @@ def run(args) -> int:
     decode_batches = _ints(args.decode_batch, "--decode-batch") if args.decode else []
     configs = [(_model_config(name, ctx, args), name, batch) for name, batch, ctx in cases]
 
-    from gptjax import bench, bench_decode
+    from gptjax import bench, bench_decode, host_memory
     from gptjax.config import TrainConfig
     from gptjax.model import param_count
 
@@ -183,7 +183,9 @@ def run(args) -> int:
                            "compile_seconds": step.compile_seconds,
                            "seconds": step.lower_seconds + step.compile_seconds},
                "memory": {**step.memory, "device_peak_bytes": bench.device_peak_bytes(),
-                          "process_peak_rss_mib": bench.peak_rss_mib()}}
+                          "process_peak_rss_mib": bench.peak_rss_mib(),
+                          # after build_train_step, which may have turned the policy off
+                          "host_memory": host_memory.status()}}
         if args.compile_cache:
             with tempfile.TemporaryDirectory(prefix="gptjax-jax-cache-") as cache:
                 row["compile"]["cold_process"] = bench.compile_in_subprocess(cfg, train_cfg, cache)
@@ -194,6 +196,8 @@ def run(args) -> int:
         print(f"{label}: {tok['median']:,.0f} tok/s ({tok['min']:,.0f}-{tok['max']:,.0f}), "
               f"{result['ms_per_step']['median']:.1f} ms/step, MFU {100 * result['mfu']:.1f}%, "
               f"compile {row['compile']['seconds']:.1f}s" + _cache_note(row["compile"]), flush=True)
+    policies = {row["memory"]["host_memory"] for row in rows}
+    machine["host_memory"] = policies.pop() if len(policies) == 1 else "differs by case (see JSON)"
     for j, (cfg, name) in enumerate(decode_models):
         prompt, new = bench_decode.decode_lengths(cfg.context_length, args.decode_prompt, args.decode_new)
         for batch in decode_batches:

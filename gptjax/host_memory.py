@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 
 # mallopt parameters from glibc's <malloc.h>, and glibc's defaults for the two we restore.
 _M_TRIM_THRESHOLD = -1
@@ -45,16 +46,17 @@ _applied = False
 
 def _glibc():
     """The running C library if it is glibc (mallopt's parameters above are glibc's), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
         libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # only glibc has it: musl and macOS's libc do not
+        libc.gnu_get_libc_version  # only glibc has it: musl's does not
         return libc
     except (OSError, AttributeError):
         return None
 
 
 def _jax_runtime_started() -> bool:
-    import sys
     if "jax" not in sys.modules:
         return False
     try:
@@ -84,35 +86,37 @@ def keep_freed_memory() -> str:
     # 64 MiB. No mmap'd blocks, and trimming off (-1), so freed pages stay mapped.
     ok = all(libc.mallopt(param, value) == 1 for param, value in
              ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))
-    if not ok:
+    if not ok:  # the arena limit may have stuck: harmless on its own
         return "system default (mallopt refused)"
     _applied = True
     return "kept (glibc)"
 
 
-def fit_to_step(temp_bytes: int, ram_bytes: int | None = None,
-                backend: str | None = None) -> str | None:
-    """Once a step is compiled (`temp_bytes` from its memory_analysis()), undo the policy
-    where it does not pay: silently when the step runs on an accelerator (its temporaries
-    are not host memory), and with a one-line message (returned) when BLOCKS_KEPT such
-    blocks would pass half the RAM. Returns None when nothing needs saying."""
+def fit_to_step(temp_bytes: int, ram_bytes: int | None = None, backend: str | None = None,
+                devices: int = 1) -> str | None:
+    """Once a step is compiled (`temp_bytes` from its memory_analysis(), per device; `devices`
+    CPU devices in this process each run one), undo the policy where it does not pay:
+    silently when the step runs on an accelerator (its temporaries are not host memory),
+    and with a one-line message (returned) when BLOCKS_KEPT such blocks per device would
+    pass half the RAM (or of the cgroup's limit). Returns None when nothing needs saying."""
     if not _applied:
         return None
     if (backend or _default_backend()) != "cpu":
         _restore_defaults()
         return None
     ram = ram_bytes if ram_bytes is not None else _ram_bytes()
-    if ram is None or BLOCKS_KEPT * temp_bytes <= ram // 2:
+    if ram is None or BLOCKS_KEPT * temp_bytes * devices <= ram // 2:
         return None
     _restore_defaults()
     return (f"freed host memory is no longer kept: {BLOCKS_KEPT} x the step's "
-            f"{temp_bytes / 2**30:.1f} GiB of temporaries would pass half of the "
+            f"{temp_bytes * devices / 2**30:.1f} GiB of temporaries would pass half of the "
             f"{ram / 2**30:.0f} GiB of RAM (steps will be slower on CPU)")
 
 
 def _restore_defaults() -> None:
-    """glibc's defaults back, and the kept free memory handed back to the system. Threads
-    stay on the one arena: they cannot be moved."""
+    """mmap and trimming back, and the kept free memory handed back to the system. Not all
+    of glibc's defaults: threads stay on the one arena (they cannot be moved), and the mmap
+    threshold no longer adapts. Neither has been measured on an accelerator host."""
     global _applied
     libc = _glibc()
     libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
@@ -127,10 +131,17 @@ def _default_backend() -> str:
 
 
 def _ram_bytes() -> int | None:
+    """Physical memory, or the container's cgroup v2 limit where that is lower."""
     try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        return min(ram, int(limit)) if limit.isdigit() else ram
+    except OSError:
+        return ram
 
 
 def status() -> str:

@@ -183,7 +183,8 @@ class CompiledSteps:
             raise GptjaxError(f"this config does not compile on {jax.default_backend()}: {first}") from None
         self.compile_seconds = time.perf_counter() - started
         # The step's temporaries are known now: stop keeping freed memory if it would not fit.
-        self.host_memory_note = host_memory.fit_to_step(memory_stats(self.train_step).get("temp", 0))
+        self.host_memory_note = host_memory.fit_to_step(memory_stats(self.train_step).get("temp", 0),
+                                                        devices=jax.local_device_count())
 
     def put_batch(self, rows_of, global_rows: int) -> dict:
         """A global batch laid out by rows over the mesh's data axes, built from this

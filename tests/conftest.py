@@ -18,6 +18,11 @@ SHARED_RANKS = REPO.parent / "shared" / "data" / "gpt2.tiktoken"
 os.environ.setdefault("GPTJAX_CACHE_DIR",
                       str(Path(tempfile.gettempdir()) / f"gptjax-test-cache-{os.getuid()}"))
 
+# In-process CLI calls (run_cli) would otherwise set gptjax train's allocator policy on this
+# pytest process whenever they ran before anything started JAX: off, so the suite's behaviour
+# does not depend on test order. tests/test_host_memory.py turns it on where it tests it.
+os.environ.setdefault("GPTJAX_KEEP_FREED_MEMORY", "0")
+
 STORY = (
     "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins "
     "with a single step. She sells sea shells by the sea shore; the shells she sells are "

@@ -43,8 +43,10 @@ print(state, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4)
 
 
 def _python(code: str, *args: str, env: dict | None = None) -> str:
+    """Run `code` in a fresh interpreter with the policy allowed (conftest turns it off)."""
+    env = {**os.environ, host_memory.OPT_OUT_ENV: "1", **(env or {})}
     done = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, **(env or {})})
+                          text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip().splitlines()[-1]
 
@@ -77,9 +79,10 @@ def test_fit_to_step_keeps_the_policy_when_three_blocks_fit_and_only_on_cpu():
     assert _python(_FIT, "gpu") == "None system default"  # device temporaries: not host memory
 
 
-def test_too_late_or_opted_out_changes_nothing():
+def test_too_late_or_opted_out_changes_nothing(monkeypatch):
     import jax
     jax.devices()  # this process's runtime has started
+    monkeypatch.setenv(host_memory.OPT_OUT_ENV, "1")
     assert host_memory.keep_freed_memory() == "system default (JAX's runtime had already started)"
     assert host_memory.status() == "system default"
     opted_out = _python("from gptjax import host_memory; print(host_memory.keep_freed_memory())",
