@@ -269,7 +269,7 @@ def run_case(name: str, batch: int, context: int, args) -> dict:
 
 def _set_host_memory(system_malloc: bool) -> None:
     """The same allocator policy for both sides (and every worker), set before JAX starts."""
-    if not system_malloc and (state := host_memory.keep_freed_memory()) != "kept (glibc)":
+    if not system_malloc and (state := host_memory.keep_freed_memory()) != host_memory.KEPT:
         print(f"note: freed host memory not kept: {state}", file=sys.stderr)
 
 

@@ -44,8 +44,7 @@ from gptjax import host_memory, model, optim
 from gptjax.config import ModelConfig, TrainConfig
 from gptjax.data import WindowSampler, gather
 from gptjax.mesh import make_mesh
-from gptjax.metrics import (MFU_FORMULA, PEAK_BF16, flops_per_token, measure_matmul_flops,
-                            memory_stats)
+from gptjax.metrics import MFU_FORMULA, PEAK_BF16, flops_per_token, measure_matmul_flops
 from gptjax.sharding import batch_sharding, check_batch, check_divisible, shardings
 from gptjax.train_step import init_state, make_train_step
 
@@ -151,10 +150,25 @@ def build_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig) -> TrainSte
         t2 = time.perf_counter()
         fresh = jax.jit(lambda: init_state(model_cfg, train_cfg, tx), out_shardings=state_sharding)
     memory = memory_stats(compiled)
-    note = host_memory.fit_to_step(memory.get("temp", 0), devices=jax.local_device_count())
+    note = host_memory.fit_to_compiled(compiled)
     if note:
         warnings.warn(note)
     return TrainStepBench(model_cfg, train_cfg, compiled, fresh, rows, t1 - t0, t2 - t1, memory)
+
+
+def memory_stats(compiled) -> dict:
+    """Bytes XLA planned for the step (arguments, outputs, temporaries), where reported."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # not every backend implements it
+        m = None
+    if m is None:
+        return {}
+    out = {k: int(getattr(m, f"{k}_size_in_bytes", 0) or 0)
+           for k in ("argument", "output", "alias", "temp", "generated_code")}
+    # Donated outputs reuse argument buffers (alias): count them once.
+    out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+    return out
 
 
 def device_peak_bytes() -> int | None:

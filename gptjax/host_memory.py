@@ -40,6 +40,7 @@ _DEFAULT_MMAP_MAX = 65536
 BLOCKS_KEPT = 3
 
 OPT_OUT_ENV = "GPTJAX_KEEP_FREED_MEMORY"
+KEPT = "kept (glibc)"  # what keep_freed_memory() and status() say when the policy is on
 
 _applied = False
 
@@ -74,7 +75,7 @@ def keep_freed_memory() -> str:
     """
     global _applied
     if _applied:
-        return "kept (glibc)"
+        return KEPT
     if os.environ.get(OPT_OUT_ENV, "1") == "0":
         return f"system default ({OPT_OUT_ENV}=0)"
     libc = _glibc()
@@ -89,7 +90,7 @@ def keep_freed_memory() -> str:
     if not ok:  # the arena limit may have stuck: harmless on its own
         return "system default (mallopt refused)"
     _applied = True
-    return "kept (glibc)"
+    return KEPT
 
 
 def fit_to_step(temp_bytes: int, ram_bytes: int | None = None, backend: str | None = None,
@@ -111,6 +112,17 @@ def fit_to_step(temp_bytes: int, ram_bytes: int | None = None, backend: str | No
     return (f"freed host memory is no longer kept: {BLOCKS_KEPT} x the step's "
             f"{temp_bytes * devices / 2**30:.1f} GiB of temporaries would pass half of the "
             f"{ram / 2**30:.0f} GiB of RAM (steps will be slower on CPU)")
+
+
+def fit_to_compiled(compiled) -> str | None:
+    """fit_to_step for a compiled JAX step: its temporaries per device, times this
+    process's devices."""
+    import jax
+    try:
+        temp = compiled.memory_analysis().temp_size_in_bytes
+    except Exception:  # not every backend reports a memory plan
+        return None
+    return fit_to_step(int(temp or 0), devices=jax.local_device_count())
 
 
 def _restore_defaults() -> None:
@@ -146,4 +158,4 @@ def _ram_bytes() -> int | None:
 
 def status() -> str:
     """What `keep_freed_memory` has done in this process, for benchmark records."""
-    return "kept (glibc)" if _applied else "system default"
+    return KEPT if _applied else "system default"

@@ -96,18 +96,3 @@ def plot_losses(records: list[dict], path: Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
-
-
-def memory_stats(compiled) -> dict:
-    """Bytes XLA planned for the step (arguments, outputs, temporaries), where reported."""
-    try:
-        m = compiled.memory_analysis()
-    except Exception:  # not every backend implements it
-        m = None
-    if m is None:
-        return {}
-    out = {k: int(getattr(m, f"{k}_size_in_bytes", 0) or 0)
-           for k in ("argument", "output", "alias", "temp", "generated_code")}
-    # Donated outputs reuse argument buffers (alias): count them once.
-    out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
-    return out

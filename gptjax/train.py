@@ -25,8 +25,7 @@ from gptjax.checkpoint import Checkpoints
 from gptjax.data import PreparedData, WindowSampler, eval_batches, gather, load_prepared
 from gptjax.errors import GptjaxError
 from gptjax.generate import generate
-from gptjax.metrics import (MFU_FORMULA, JsonlLog, flops_per_token, memory_stats, peak_flops,
-                            plot_losses)
+from gptjax.metrics import MFU_FORMULA, JsonlLog, flops_per_token, peak_flops, plot_losses
 from gptjax.distributed import host, is_main, local_rows
 from gptjax.mesh import make_mesh
 from gptjax.sharding import batch_sharding, check_batch, check_divisible, shardings
@@ -183,8 +182,7 @@ class CompiledSteps:
             raise GptjaxError(f"this config does not compile on {jax.default_backend()}: {first}") from None
         self.compile_seconds = time.perf_counter() - started
         # The step's temporaries are known now: stop keeping freed memory if it would not fit.
-        self.host_memory_note = host_memory.fit_to_step(memory_stats(self.train_step).get("temp", 0),
-                                                        devices=jax.local_device_count())
+        self.host_memory_note = host_memory.fit_to_compiled(self.train_step)
 
     def put_batch(self, rows_of, global_rows: int) -> dict:
         """A global batch laid out by rows over the mesh's data axes, built from this

@@ -56,7 +56,7 @@ def test_kept_memory_is_reused_where_glibc_would_fault_it_in_every_call():
     kept_state, kept_faults = _python(_FAULTS_PER_CALL, "keep").rsplit(" ", 1)
     system_state, system_faults = _python(_FAULTS_PER_CALL, "system").rsplit(" ", 1)
     undone_state, undone_faults = _python(_FAULTS_PER_CALL, "undone").rsplit(" ", 1)
-    assert kept_state == "kept (glibc)" and system_state == "untouched"
+    assert kept_state == host_memory.KEPT and system_state == "untouched"
     assert undone_state == "freed host memory is no longer kept"
     # 128 MiB is 32,768 pages of 4 KiB: glibc's default maps and faults them in on every call,
     # and so it does again once fit_to_step has restored the default.
@@ -96,4 +96,4 @@ def test_training_commands_keep_it_and_record_it(tmp_path):
     _python("import sys; from gptjax.cli import main; sys.exit(main(sys.argv[1:]))",
             "bench", "--preset", "tiny", "--batch", "2", "--steps", "1", "--repeats", "1",
             "--warmup", "1", "--json", str(out))
-    assert json.loads(out.read_text())["machine"]["host_memory"] == "kept (glibc)"
+    assert json.loads(out.read_text())["machine"]["host_memory"] == host_memory.KEPT
