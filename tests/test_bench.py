@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import statistics
 
 import jax
 import jax.numpy as jnp
@@ -138,14 +139,14 @@ def test_variant_ab_rejects_bad_items(item, message):
 
 def test_decode_side_by_side_smoke(tmp_path):
     """benchmarks/decode.py end to end on a tiny saved GPT-2: every case gets both sides
-    and a bandwidth floor, in the JSON and in the appended table."""
+    and a floor read next to each repeat, in the JSON and in the appended table."""
     import transformers  # in the test extra
     transformers.GPT2LMHeadModel(transformers.GPT2Config(
         n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=97)).save_pretrained(tmp_path / "hf")
     results, out_json = tmp_path / "RESULTS.md", tmp_path / "decode.json"
     code = _script("decode").main(["--weights", str(tmp_path / "hf"), "--cases", "1:float32",
                                    "2:bfloat16:xla", "--prompt-len", "5", "--new", "4",
-                                   "--repeats", "1", "--json", str(out_json),
+                                   "--repeats", "3", "--json", str(out_json),
                                    "--results", str(results)])
     assert code == 0
     report = json.loads(out_json.read_text())
@@ -153,6 +154,20 @@ def test_decode_side_by_side_smoke(tmp_path):
         (1, "float32", "auto"), (2, "bfloat16", "xla")]
     for r in report["results"]:
         assert r["gptjax"]["ms_per_token"] > 0 and r["transformers_float32"]["ms_per_token"] > 0
-        assert r["floor_ms_per_token"] > 0 and r["vs_floor"] == pytest.approx(
-            r["gptjax"]["ms_per_token"] / r["floor_ms_per_token"])
+        assert r["floor_ms_per_token"] > 0 and r["read_gbs"]["min"] > 0
+        assert len(r["vs_floor_per_repeat"]) == 3
+        assert r["vs_floor"] == pytest.approx(statistics.median(r["vs_floor_per_repeat"]))
     assert "| 2 | bfloat16 | xla |" in results.read_text()
+
+
+def test_decode_floor_is_paired_per_repeat():
+    """Each repeat's ms/token is divided by the floor read next to it, scaled from the bytes
+    the read covered to the bytes a step reads; a drifting floor cancels out."""
+    decode = _script("decode")
+    # ms/token 100 then 200 (rest over new - 1 = 9 tokens); the floor drifts the same way.
+    out = decode.floor_comparison([(0.5, 0.9), (0.5, 1.8)], floors=[0.010, 0.020],
+                                  floor_bytes=100, step_bytes=110, new=10)
+    assert out["vs_floor_per_repeat"] == pytest.approx([100 / 11, 200 / 22])
+    assert out["vs_floor"] == pytest.approx(100 / 11)
+    assert out["floor_ms_per_token"] == pytest.approx(16.5)
+    assert out["read_gbs"]["min"] == pytest.approx(100 / 0.020 / 1e9)
