@@ -105,8 +105,7 @@ def _parser() -> argparse.ArgumentParser:
                     "auto = the native CPU kernel where it builds, xla = XLA's (default: the "
                     "run's config, normally auto)")
     ge.add_argument("--no-stream", action="store_true", help="print only when finished")
-    ge.add_argument("--checkpoint", default="latest", help="with --run: latest, best or a step "
-                    "(default: latest)")
+    ge.add_argument("--checkpoint", help="with --run: latest, best or a step (default: latest)")
     ge.add_argument("--gpt2-ranks", help="local GPT-2 ranks file (else $GPTJAX_GPT2_RANKS)")
 
     ev = sub.add_parser("eval", help="validation loss and perplexity of a run")
@@ -170,11 +169,13 @@ def _generate(args) -> int:
             text.encode("utf-8")
         except UnicodeEncodeError:
             raise GptjaxError(f"not valid UTF-8: {text[:40]!r}") from None
+    if args.hf and args.checkpoint:
+        raise GptjaxError("--checkpoint picks a checkpoint of a --run; --hf folders have none")
     if args.hf:
         from gptjax.hf import load_pretrained
         loaded = load_pretrained(args.hf, args.gpt2_ranks)
     else:
-        loaded = run.load(args.run, args.checkpoint, args.gpt2_ranks)
+        loaded = run.load(args.run, args.checkpoint or "latest", args.gpt2_ranks)
     params, model_cfg = loaded.params, loaded.config.model
     if args.dtype:
         params, model_cfg = cast(params, model_cfg, args.dtype)

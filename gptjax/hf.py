@@ -81,8 +81,10 @@ def load_pretrained(source: str | os.PathLike, gpt2_ranks: str | None = None, dt
     path = resolve_source(source)
     tokenizer = GPT2Tokenizer(gpt2_ranks)  # fail on missing ranks before reading weights
     vocab = read_hf_config(path).vocab_size
-    if vocab != tokenizer.vocab_size:
-        raise GptjaxError(f"{path} has vocab_size {vocab}, but the GPT-2 tokenizer has "
+    # A padded vocabulary (e.g. 50304, exported from a run trained that way) loads: its
+    # extra rows are never sampled. Fewer rows than the tokenizer's ids cannot be GPT-2.
+    if vocab < tokenizer.vocab_size:
+        raise GptjaxError(f"{path} has vocab_size {vocab}, fewer than the GPT-2 tokenizer's "
                           f"{tokenizer.vocab_size} ids; only GPT-2-vocabulary models load here")
     model_cfg, params = load_hf(path, dtype=dtype)
     cfg = C.RunConfig(model=model_cfg, data=C.DataConfig(tokenizer="gpt2", gpt2_ranks=gpt2_ranks or ""))

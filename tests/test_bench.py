@@ -171,3 +171,23 @@ def test_decode_floor_is_paired_per_repeat():
     assert out["vs_floor"] == pytest.approx(100 / 11)
     assert out["floor_ms_per_token"] == pytest.approx(16.5)
     assert out["read_gbs"]["min"] == pytest.approx(100 / 0.020 / 1e9)
+
+
+def test_host_overhead_smoke(tmp_path):
+    """benchmarks/host_overhead.py times the training loop's data path against batches
+    already on the device, on the step `gptjax train` compiles, and pairs them per repeat."""
+    out_json, results = tmp_path / "host.json", tmp_path / "RESULTS.md"
+    code = _script("host_overhead").main(["--cases", "tiny:4:16", "--steps", "3", "--repeats", "2",
+                                          "--json", str(out_json), "--results", str(results)])
+    assert code == 0
+    (row,) = json.loads(out_json.read_text())["results"]
+    for side in ("live", "ready"):
+        assert row[side]["ms_per_step"] > 0 and 0 < row[side]["last_dispatch_at"] <= 1
+    # ready's data path is a list lookup; live samples, gathers and puts.
+    assert row["live"]["host_data_ms"] > 10 * row["ready"]["host_data_ms"] and row["ceiling"] > 0
+    assert "| tiny:4:16 |" in results.read_text()
+
+
+def test_host_overhead_rejects_bad_case():
+    with pytest.raises(SystemExit, match="bad case 'tiny:4'"):
+        _script("host_overhead").parse_case("tiny:4")

@@ -199,3 +199,20 @@ def test_bfloat16_weights_decode_like_the_bfloat16_full_forward(params):
     cached, _ = model.apply_cached(bf_params, tokens, jnp.arange(6)[None], cache, bf_cfg)
     np.testing.assert_allclose(cached, full[:, -1], atol=0.02)
     assert len(generate(bf_params, bf_cfg, [1, 2], 5, temperature=0.0)) == 5
+
+
+def test_prompt_lengths_in_one_bucket_share_one_compile():
+    """Prompts are padded to power-of-two buckets: lengths 9-16 reuse the prefill and the
+    decode loop compiled for the first of them; 17 needs the next bucket."""
+    from gptjax.generate import _advance, _start
+    cfg = preset("tiny", vocab_size=40, context_length=64)
+    params = model.init(cfg, jax.random.PRNGKey(1))
+
+    def compiles(prompt_len):
+        before = (_start._cache_size(), _advance._cache_size())
+        generate(params, cfg, list(range(prompt_len)), 5, temperature=0.0)
+        return (_start._cache_size() - before[0], _advance._cache_size() - before[1])
+
+    compiles(9)
+    assert [compiles(n) for n in (10, 13, 16)] == [(0, 0)] * 3
+    assert compiles(17) == (1, 1)

@@ -71,6 +71,8 @@ def test_generate_hf_reads_the_folder_directly_and_matches_the_imported_run(
     assert from_hf == from_run and from_hf.startswith("--- 1 ---\nHello")
     code, _, err = run_cli(capsys, "generate", "--hf", hf_dir[0], "--run", imported_run)
     assert code == 2 and "not allowed with" in err
+    fails_cleanly(capsys, "generate", "--hf", hf_dir[0], "--checkpoint", "best", *args,
+                  match="--hf folders have none")
 
 
 def test_training_an_imported_run_is_refused_without_touching_it(imported_run, capsys):
