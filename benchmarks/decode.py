@@ -49,7 +49,7 @@ MATMULS = model.ModelConfig.__dataclass_fields__["decode_matmul"].metadata["choi
 
 
 def weight_floor(params, contiguous_mib: int = 512):
-    """(seconds to read the weights a decode step reads in full, best of `repeats`; bytes).
+    """(a function timing one floor read, best of its `repeats`, in seconds; the bytes read).
 
     Two reads are timed and the faster one, scaled to the weights' bytes, is the floor: a
     jitted sum over the weight arrays themselves, and a sum over one contiguous array of
