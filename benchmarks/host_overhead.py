@@ -36,17 +36,10 @@ import numpy as np
 from gptjax import bench, host_memory
 from gptjax import config as C
 from gptjax.data import WindowSampler, gather
+from gptjax.errors import GptjaxError
 from gptjax.train import CompiledSteps
 
 DEFAULT_CASES = ["tiny:8:64", "baby:12:64"]
-
-
-def parse_case(case: str) -> tuple[str, int, int]:
-    try:
-        name, batch, context = case.split(":")
-        return name, int(batch), int(context)
-    except ValueError:
-        raise SystemExit(f"host_overhead.py: bad case {case!r}: expected PRESET:BATCH:CONTEXT") from None
 
 
 def time_loop(steps: CompiledSteps, state, batch_for, n: int):
@@ -72,7 +65,7 @@ def time_loop(steps: CompiledSteps, state, batch_for, n: int):
 
 def run_case(case: str, args, tokens: np.ndarray) -> dict:
     """Both loops on one case's compiled step, alternating repeats."""
-    name, batch, context = parse_case(case)
+    name, batch, context = bench.parse_case(case)
     vocab = args.vocab or C.PRESETS[name].get("vocab_size") or 65  # as `gptjax bench`
     cfg = C.RunConfig(model=C.preset(name, vocab_size=vocab, context_length=context,
                                      dtype=args.dtype),
@@ -143,6 +136,10 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--results", type=Path, help="append the markdown table to this file")
     args = ap.parse_args(argv)
+    try:
+        [bench.parse_case(case) for case in args.cases]  # all of them before any compile
+    except GptjaxError as e:
+        ap.error(str(e))
     host_memory.keep_freed_memory()  # as `gptjax train` does
     with tempfile.TemporaryDirectory() as tmp:
         # A token file read through a memory map, as prepared data is.

@@ -68,11 +68,7 @@ def main(argv=None) -> None:
     ap.add_argument("--compile-only", action="store_true", help="print memory plans, run nothing")
     args = ap.parse_args(argv)
     host_memory.keep_freed_memory()  # as `gptjax train` does; before JAX's runtime starts
-    try:
-        name, batch, context = args.case.split(":")
-        batch, context = int(batch), int(context)
-    except ValueError:
-        raise GptjaxError(f"--case {args.case!r}: expected preset:batch:context") from None
+    name, batch, context = bench.parse_case(args.case)
     base_model = preset(name, context_length=context)
     vocab = args.vocab or base_model.vocab_size or 65
     base_model = dataclasses.replace(base_model, vocab_size=vocab)

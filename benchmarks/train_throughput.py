@@ -50,6 +50,7 @@ import torch
 
 from gptjax import bench, host_memory, model
 from gptjax.config import TrainConfig, preset
+from gptjax.errors import GptjaxError
 from gptjax.metrics import MFU_FORMULA, flops_per_token
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -61,14 +62,6 @@ DEFAULT_CASES = ["baby:12:64", "mini:8:256"]
 # The CPU targets for exactly these cases (float32, vocab 65).
 TARGETS = {("baby", 12, 64): {"ratio": 1.25},
            ("mini", 8, 256): {"ratio": 1.25, "matmul_fraction": 0.70}}
-
-
-def parse_case(text: str) -> tuple[str, int, int]:
-    try:
-        name, batch, context = text.split(":")
-        return name, int(batch), int(context)
-    except ValueError:
-        raise SystemExit(f"bad case {text!r}: expected PRESET:BATCH:CONTEXT, e.g. baby:12:64")
 
 
 class TorchSide:
@@ -326,7 +319,10 @@ def main(argv=None) -> int:
         ap.error("--repeats, --warmup and --steps must be positive")
     if args.repeats < 5:
         print(f"note: {args.repeats} repeat(s); the protocol asks for >= 5", file=sys.stderr)
-    cases = [parse_case(c) for c in args.cases]
+    try:
+        cases = [bench.parse_case(c) for c in args.cases]
+    except GptjaxError as e:
+        ap.error(str(e))
     torch.set_num_threads(args.threads)
 
     load_start = bench.machine_info()["load_average_1min"]

@@ -43,6 +43,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from gptjax import host_memory, model, optim
 from gptjax.config import ModelConfig, TrainConfig
 from gptjax.data import WindowSampler, gather
+from gptjax.errors import GptjaxError
 from gptjax.mesh import make_mesh
 from gptjax.metrics import MFU_FORMULA, PEAK_BF16, flops_per_token, measure_matmul_flops
 from gptjax.sharding import batch_sharding, check_batch, check_divisible, shardings
@@ -185,6 +186,16 @@ def peak_rss_mib() -> float:
     """This process's peak resident memory so far (MiB; Linux reports KiB, macOS bytes)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def parse_case(text: str) -> tuple[str, int, int]:
+    """A benchmark case written PRESET:BATCH:CONTEXT (e.g. baby:12:64), as the scripts in
+    benchmarks/ take them."""
+    try:
+        name, batch, context = text.split(":")
+        return name, int(batch), int(context)
+    except ValueError:
+        raise GptjaxError(f"bad case {text!r}: expected PRESET:BATCH:CONTEXT, e.g. baby:12:64") from None
 
 
 def random_batches(n: int, batch_size: int, context: int, vocab: int, seed: int = 0,

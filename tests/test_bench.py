@@ -188,6 +188,7 @@ def test_host_overhead_smoke(tmp_path):
     assert "| tiny:4:16 |" in results.read_text()
 
 
-def test_host_overhead_rejects_bad_case():
-    with pytest.raises(SystemExit, match="bad case 'tiny:4'"):
-        _script("host_overhead").parse_case("tiny:4")
+def test_host_overhead_rejects_a_bad_case_before_compiling(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _script("host_overhead").main(["--cases", "tiny:8:16", "tiny:4"])
+    assert exit_.value.code == 2 and "bad case 'tiny:4'" in capsys.readouterr().err
