@@ -29,11 +29,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gptjax import native
 from gptjax.attention import causal_attention
 from gptjax.config import ModelConfig
 from gptjax.kv_cache import KVCache, cached_attention, init_cache
 from gptjax.mesh import constrain_rows
+from gptjax.products import dense_dot, out_major_product, uses_native
 
 __all__ = ["GPT", "KVCache", "LoRA", "apply", "apply_cached", "cast", "decode_params", "init",
            "init_cache", "loss", "loss_sum", "param_count"]
@@ -105,7 +105,7 @@ def _projection(cfg: ModelConfig, out_major: bool, out_shape: tuple[int, ...], i
         return OutMajorDense(cfg, out_shape, in_ndim, name=name)
     dense = nn.DenseGeneral(out_shape, axis=tuple(range(-in_ndim, 0)), use_bias=cfg.bias,
                             dtype=cfg.dtype, param_dtype=cfg.param_dtype, kernel_init=init,
-                            name=name)
+                            dot_general=dense_dot, name=name)
     adapter = None
     if lora is not None and name in lora.targets:
         adapter = LoRA(out_shape, in_ndim, lora.rank, lora.alpha / lora.rank, cfg.dtype,
@@ -267,33 +267,6 @@ def _decode_head(x_bd, wte: nn.Embed, cfg: ModelConfig) -> jax.Array:
     if x_bd.shape[0] == 1 and not uses_native(wte.embedding, 1, cfg):
         return wte.attend(x_bd).astype(jnp.float32)
     return out_major_product(wte.embedding, x_bd, cfg, jnp.float32)
-
-
-# Most rows the native kernel takes, by weight dtype: beyond them XLA's products were as
-# fast or faster (benchmarks/NOTES.md, decode change 12). XLA has no fast bfloat16 product,
-# so bfloat16 weights stay on the kernel longer.
-NATIVE_MAX_ROWS = {jnp.dtype(jnp.float32): 8, jnp.dtype(jnp.bfloat16): 32}
-
-
-def uses_native(w_oi, rows: int, cfg: ModelConfig) -> bool:
-    """Whether `out_major_product` sends this product to gptjax's native CPU kernel."""
-    return (cfg.decode_matmul == "auto" and rows <= NATIVE_MAX_ROWS.get(jnp.dtype(w_oi.dtype), 0)
-            and jax.default_backend() == "cpu" and native.available())
-
-
-def out_major_product(w_oi, x_ri, cfg: ModelConfig, out_dtype) -> jax.Array:
-    """(rows, out) = x (rows, in) times an output-major kernel (out, in): decoding's products.
-
-    On CPU, few rows go to gptjax's native kernel (gptjax.native) when it is available.
-    XLA's product is formed output-major, (out, rows), and transposed after a barrier (else
-    XLA folds the transpose back in): for few rows XLA:CPU reads an (out, in) kernel that
-    way at ~20-26 GB/s, against ~14-21 GB/s in training's (in, out) orientation.
-    """
-    if uses_native(w_oi, x_ri.shape[0], cfg):
-        return native.skinny_matmul(x_ri, w_oi).astype(out_dtype)
-    y_or = jnp.einsum("oi,ri->or", jnp.asarray(w_oi, x_ri.dtype), x_ri,
-                      preferred_element_type=out_dtype)
-    return jax.lax.optimization_barrier(y_or).T
 
 
 @partial(jax.jit, static_argnums=0)

@@ -92,6 +92,27 @@ def test_rematerialised_blocks_give_the_same_loss_and_gradients(params):
             np.testing.assert_allclose(x, y, atol=2e-6)
 
 
+def test_narrowing_projection_gradient_is_unchanged_by_its_cpu_orientation(params, monkeypatch):
+    # On CPU the MLP's proj (4d -> d) reads its kernel through a transposed copy behind an
+    # optimization barrier, so its weight gradient is formed (out, in); the values must be
+    # exactly those of the plain product.
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 97, (4, 17)), jnp.int32)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+
+    def grad_fn():
+        return jax.jit(jax.grad(lambda p: model.loss(p, batch, CFG)))
+
+    text = grad_fn().lower(params).as_text()
+    grads = grad_fn()(params)
+    monkeypatch.setattr(model, "dense_dot", jax.lax.dot_general)
+    plain_text = grad_fn().lower(params).as_text()
+    plain = grad_fn()(params)
+    assert ("optimization_barrier" in text) == (jax.default_backend() == "cpu")
+    assert "optimization_barrier" not in plain_text
+    for x, y in zip(jax.tree.leaves(grads), jax.tree.leaves(plain)):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+
+
 def test_full_remat_plans_fewer_temporary_bytes():
     # A rolled layer scan, as the GPT-2 presets use (fully unrolled, XLA plans no saving).
     config = preset("tiny", vocab_size=97, context_length=128, d_model=128, n_head=4,

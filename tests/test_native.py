@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax import model, native
+from gptjax import model, native, products
 from gptjax.config import preset
 from gptjax.generate import generate_batch
 from gptjax.sampling import Sampling
@@ -60,9 +60,9 @@ def test_the_kernel_takes_up_to_the_measured_row_limits():
     expected = native.available() and jax.default_backend() == "cpu"
     for dtype, limit in (("float32", 8), ("bfloat16", 32)):
         w = jnp.zeros((4, 4), dtype)
-        assert model.uses_native(w, limit, cfg) == expected
-        assert not model.uses_native(w, limit + 1, cfg)
-        assert not model.uses_native(w, 1, dataclasses.replace(cfg, decode_matmul="xla"))
+        assert products.uses_native(w, limit, cfg) == expected
+        assert not products.uses_native(w, limit + 1, cfg)
+        assert not products.uses_native(w, 1, dataclasses.replace(cfg, decode_matmul="xla"))
 
 
 @needs_kernel
