@@ -55,8 +55,8 @@ def dense_dot(x, kernel, dimension_numbers, precision=None, preferred_element_ty
     core, baby config: 52 GFLOP/s, against 99-102 for the "fc" gradient of the same size
     formed (out, in)); without the barrier XLA folds the transpose back into the product.
     benchmarks/NOTES.md, train step entry 9, has the measurements. Paths that need no kernel
-    gradient (evaluation, LoRA over a frozen base) pay one kernel transpose per layer and
-    call for it; that cost is unmeasured but small next to the layer's products.
+    gradient (evaluation, LoRA over a frozen base) still pay one kernel transpose per layer
+    in each call: unmeasured, and small next to the layer's products.
     """
     (x_contract, k_contract), batch = dimension_numbers
     n_in = len(k_contract)
