@@ -49,9 +49,11 @@ class ModelConfig:
         "scan (--scan-unroll below --n-layer); may change on resume",
         choices=("none", "full", "dots", "dots_no_batch"), resume_safe=True)
     attention_impl: str = _f(
-        "auto", "causal attention: blocked (query blocks that skip masked keys), xla or cudnn "
-        "(jax.nn.dot_product_attention), auto = blocked on CPU, xla elsewhere; may change on "
-        "resume", choices=("auto", "blocked", "xla", "cudnn"), resume_safe=True)
+        "auto", "causal attention: native (gptjax's fused float32 CPU kernel, one device, "
+        "x86 with AVX-512), blocked (query blocks that skip masked keys), xla or cudnn "
+        "(jax.nn.dot_product_attention); auto = native on CPU where it can run, else blocked "
+        "on CPU, xla elsewhere; may change on resume",
+        choices=("auto", "native", "blocked", "xla", "cudnn"), resume_safe=True)
     decode_matmul: str = _f(
         "auto", "decoding's few-row products: auto = gptjax's native kernel on x86 CPUs with "
         "AVX-512 (built on first use; XLA where it cannot be), xla = XLA's dot always",

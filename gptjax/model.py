@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gptjax.attention import causal_attention
+from gptjax.attention import causal_attention_packed
 from gptjax.config import ModelConfig
 from gptjax.kv_cache import KVCache, cached_attention, init_cache
 from gptjax.mesh import constrain_rows
@@ -133,10 +133,10 @@ class CausalSelfAttention(nn.Module):
         c = self.cfg
         qkv_btkhd = _projection(c, self.out_major, (3, c.n_head, c.head_dim), 1,
                                 nn.initializers.normal(INIT_STD), "qkv", self.lora)(x_btd)
-        q_bthd, k_bthd, v_bthd = (qkv_btkhd[:, :, i] for i in range(3))
         if cache is None:
-            y_bthd = causal_attention(q_bthd, k_bthd, v_bthd, c.attention_impl)
+            y_bthd = causal_attention_packed(qkv_btkhd, c.attention_impl)
         else:
+            q_bthd, k_bthd, v_bthd = (qkv_btkhd[:, :, i] for i in range(3))
             y_bthd, cache = cached_attention(q_bthd, k_bthd, v_bthd, cache, layer)
         # GPT-2's scaled init for projections that write into the residual stream.
         proj_init = nn.initializers.normal(INIT_STD / math.sqrt(2 * c.n_layer))

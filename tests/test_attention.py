@@ -1,11 +1,12 @@
-"""The blocked causal attention equals jax.nn.dot_product_attention, values and gradients."""
+"""The blocked causal attention equals jax.nn.dot_product_attention, values and gradients;
+which formulation "auto" picks. The native kernel's tests are in test_native_attention.py."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax.attention import QUERY_BLOCK, causal_attention, resolve_impl
+from gptjax.attention import QUERY_BLOCK, causal_attention, native_unusable, resolve_impl
 
 
 def _qkv(t: int, dtype=jnp.float32, seed: int = 0):
@@ -59,11 +60,13 @@ def test_a_query_never_sees_later_keys():
     assert not np.allclose(a[:, -1], b[:, -1])
 
 
-def test_auto_is_blocked_on_cpu_and_xla_elsewhere():
+def test_auto_is_native_or_blocked_on_cpu_and_xla_elsewhere():
     assert resolve_impl("auto", "cpu") == "blocked"
+    assert resolve_impl("auto", "cpu", native_ok=True) == "native"
     assert resolve_impl("auto", "gpu") == resolve_impl("auto", "tpu") == "xla"
+    assert resolve_impl("auto", "gpu", native_ok=True) == "xla"
     assert resolve_impl("cudnn", "gpu") == "cudnn" and resolve_impl("xla", "cpu") == "xla"
     q, k, v = _qkv(QUERY_BLOCK + 3)
-    expected = resolve_impl("auto", jax.default_backend())
+    expected = resolve_impl("auto", jax.default_backend(), native_unusable(q) is None)
     np.testing.assert_array_equal(causal_attention(q, k, v, "auto"),
                                   causal_attention(q, k, v, expected))

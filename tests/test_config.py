@@ -23,6 +23,6 @@ def test_an_older_config_loads_with_the_new_fields_defaulted(tmp_path):
 
 
 def test_a_value_outside_a_fields_choices_names_the_field(tmp_path):
-    with pytest.raises(GptjaxError, match="model.attention_impl must be one of auto, blocked, "
-                                          "xla, cudnn, got 'flash'"):
+    with pytest.raises(GptjaxError, match="model.attention_impl must be one of auto, native, "
+                                          "blocked, xla, cudnn, got 'flash'"):
         C.validate(C.load(_saved(tmp_path, attention_impl="flash")))

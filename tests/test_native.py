@@ -1,5 +1,5 @@
 """The native CPU decode kernel (gptjax.native) against float64 products, inside jit and
-a decode loop, and its fallback to XLA when it cannot be built."""
+a decode loop, and the kernels' fallback to XLA when they cannot be built."""
 
 import dataclasses
 import os
@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax import model, native, products
+from gptjax import attention, model, native, products
 from gptjax.config import preset
 from gptjax.generate import generate_batch
 from gptjax.sampling import Sampling
@@ -130,7 +130,7 @@ def test_a_failing_build_falls_back_to_xla_with_one_warning_and_leaves_nothing(t
     count, again, messages = done.stdout.strip().split(" ", 2)
     assert (count, again) == ("4", "False")
     if KERNEL_CPU:  # elsewhere the kernel is not even tried
-        assert messages.count("decoding uses XLA's products") == 1, messages
+        assert messages.count("decoding and attention use XLA's products") == 1, messages
         assert "error: this compiler always fails" in messages  # the error line, not the first
         assert list((cache / "native").iterdir()) == []  # no partial library left behind
 
@@ -143,3 +143,100 @@ def test_the_kernel_refuses_mismatched_shapes_instead_of_reading_past_them():
         call = jax.ffi.ffi_call(native.TARGETS[w.dtype], jax.ShapeDtypeStruct(out_shape, jnp.float32))
         with pytest.raises(jax.errors.JaxRuntimeError, match=r"expected x \(rows, in\), w \(out, in\), y \(rows, out\)"):
             jax.block_until_ready(jax.jit(call)(x, w))
+
+
+# --- the causal attention kernel (gptjax/native/causal_attention.cc) ---
+
+def _attention_inputs(b, t, h, d, seed=0):
+    rng = np.random.default_rng(seed)
+    return tuple(jnp.asarray(rng.standard_normal((b, t, h, d), dtype=np.float32))
+                 for _ in range(4))
+
+
+def _float64_attention(q, k, v):
+    q, k, v = (np.asarray(x, np.float64).transpose(0, 2, 1, 3) for x in (q, k, v))
+    s = q @ k.transpose(0, 1, 3, 2) / np.sqrt(q.shape[-1])
+    t = s.shape[-1]
+    s = np.where(np.tril(np.ones((t, t), bool)), s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return (p / p.sum(-1, keepdims=True) @ v).transpose(0, 2, 1, 3)
+
+
+def _value_and_grads(impl, q, k, v, w):
+    loss = lambda q, k, v: jnp.sum(w * attention.causal_attention(q, k, v, impl))
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+
+@needs_kernel
+# Sequence lengths across the kernel's 8-row tiles and 32-column tiles (1, 7, 100: partial
+# ones), head dims with and without a partial 16-float vector (8, 24, 80).
+@pytest.mark.parametrize("b,t,h,d", [(2, 1, 3, 16), (1, 7, 2, 8), (2, 37, 3, 24),
+                                     (3, 64, 4, 32), (2, 100, 2, 64), (1, 130, 1, 80)])
+def test_attention_kernel_equals_float64_attention_and_jax_gradients(b, t, h, d):
+    q, k, v, w = _attention_inputs(b, t, h, d, seed=t * d)
+    out = jax.jit(lambda q, k, v: attention.causal_attention(q, k, v, "native"))(q, k, v)
+    np.testing.assert_allclose(np.asarray(out), _float64_attention(q, k, v), rtol=0, atol=2e-6)
+    (loss, grads), (xla_loss, xla_grads) = (_value_and_grads(impl, q, k, v, w)
+                                             for impl in ("native", "xla"))
+    np.testing.assert_allclose(loss, xla_loss, rtol=1e-5)
+    for ours, theirs in zip(grads, xla_grads):
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
+
+
+@needs_kernel
+def test_attention_kernel_never_lets_a_query_see_later_keys():
+    q, k, v, _ = _attention_inputs(2, 45, 2, 16)
+    changed = k.at[:, -1].set(50.0)  # only the last key differs
+    run = jax.jit(lambda q, k, v: attention.causal_attention(q, k, v, "native"))
+    a, b = run(q, k, v), run(q, changed, v)
+    np.testing.assert_array_equal(a[:, :-1], b[:, :-1])
+    assert not np.allclose(a[:, -1], b[:, -1])
+
+
+@needs_kernel
+def test_auto_takes_the_attention_kernel_for_float32_on_one_cpu_device_only():
+    q, k, v, _ = _attention_inputs(1, 16, 2, 8)
+    lowered = lambda *xs: jax.jit(attention.causal_attention).lower(*xs).as_text()
+    assert attention.native_unusable(q) is None
+    assert native.ATTENTION_TARGETS[0] in lowered(q, k, v)
+    half = tuple(x.astype(jnp.bfloat16) for x in (q, k, v))
+    assert "float32" in attention.native_unusable(half[0])
+    assert native.ATTENTION_TARGETS[0] not in lowered(*half)
+    with pytest.raises(ValueError, match="attention_impl=native cannot run here: it takes "
+                                         "float32 inputs, not bfloat16"):
+        attention.causal_attention(*half, "native")
+
+
+@needs_kernel
+def test_attention_kernel_under_vmap_and_remat_matches_blocked():
+    rng = np.random.default_rng(5)
+    q, k, v, w = (jnp.asarray(rng.standard_normal((3, 2, 20, 2, 8), dtype=np.float32))
+                  for _ in range(4))  # a vmapped axis of 3 over (batch, time, heads, dim)
+
+    def loss(impl):
+        per = jax.checkpoint(lambda q, k, v: attention.causal_attention(q, k, v, impl))
+        return lambda q, k, v: jnp.sum(jax.vmap(per)(q, k, v) * w)
+    ours, theirs = (jax.jit(jax.grad(loss(i), argnums=(0, 1, 2)))(q, k, v)
+                    for i in ("native", "blocked"))
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+
+@needs_kernel
+def test_the_attention_kernel_refuses_mismatched_shapes():
+    assert native.available()
+    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+    packed, out = jnp.ones((1, 4, 3, 2, 8)), f32(1, 4, 2, 8)
+    stats_message = r"expected \(batch, time, heads, 2\) row statistics"
+    for qkv, results, message in [
+            (packed, (out, f32(1, 4, 3, 2)), stats_message),
+            (packed, (out, f32(1, 4, 2, 1)), stats_message),
+            (packed, (f32(1, 4, 2, 9), f32(1, 4, 2, 2)), "expected .* to match qkv"),
+            (jnp.ones((1, 4, 2, 2, 8)), (out, f32(1, 4, 2, 2)), r"expected qkv packed as")]:
+        call = jax.ffi.ffi_call(native.ATTENTION_TARGETS[0], results)
+        with pytest.raises(jax.errors.JaxRuntimeError, match=message):
+            jax.block_until_ready(jax.jit(lambda x: call(x, scale=np.float32(1)))(qkv))
+    backward = jax.ffi.ffi_call(native.ATTENTION_TARGETS[1], f32(1, 4, 3, 2, 7))
+    with pytest.raises(jax.errors.JaxRuntimeError, match="expected equal packed"):
+        jax.block_until_ready(jax.jit(lambda x, s, d: backward(x, s, d, scale=np.float32(1)))(
+            packed, jnp.ones((1, 4, 2, 2)), jnp.ones((1, 4, 2, 8))))

@@ -1,18 +1,23 @@
-"""gptjax's one native kernel: few-row matrix products for CPU decoding (skinny_matmul.cc).
+"""gptjax's native CPU kernels, called through XLA's FFI:
 
-A decode step is a chain of (rows, in) x (in, out) products with one to a few rows, so its
-speed is how fast the weights are read. XLA:CPU reads float32 weights that way at ~20-25
-GB/s and has no fast bfloat16 product (benchmarks/NOTES.md), which left bfloat16 weights
-no faster than float32. The kernel reads output-major weight rows three at a time against
-up to eight input rows held in registers, widening bfloat16 as it goes.
+- skinny_matmul.cc: few-row matrix products for decoding. A decode step is a chain of
+  (rows, in) x (in, out) products with one to a few rows, so its speed is how fast the
+  weights are read. XLA:CPU reads float32 weights that way at ~20-25 GB/s and has no fast
+  bfloat16 product (benchmarks/NOTES.md), which left bfloat16 weights no faster than
+  float32. The kernel reads output-major weight rows three at a time against up to eight
+  input rows held in registers, widening bfloat16 as it goes.
+- causal_attention.cc: float32 causal self-attention for training, forward and backward
+  (gptjax.attention's "native" formulation). XLA:CPU ran attention's small per-head
+  products on one thread at 40-80 GFLOP/s with the softmax in separate passes; the kernel
+  gives each (batch, head) to a thread of XLA's pool and fuses the rest.
 
-It is compiled on first use with the machine's C++ compiler (`$CXX`, else `c++` or `g++`)
-against jaxlib's XLA FFI headers, for this CPU (-march=native), and cached in
-`$GPTJAX_CACHE_DIR/native` (default `$XDG_CACHE_HOME/gptjax`, else `~/.cache/gptjax`),
-keyed by the source, flags, compiler, jaxlib and CPU. Off x86 or without AVX-512 it is not
-used; where the build fails `available()` is False with one warning saying why. Either
-way decoding keeps XLA's products: the kernel only ever speeds up, never gates, a working
-path.
+Both are compiled on first use, into one library, with the machine's C++ compiler (`$CXX`,
+else `c++` or `g++`) against jaxlib's XLA FFI headers, for this CPU (-march=native), and
+cached in `$GPTJAX_CACHE_DIR/native` (default `$XDG_CACHE_HOME/gptjax`, else
+`~/.cache/gptjax`), keyed by the sources, flags, compiler, jaxlib and CPU. Off x86 or
+without AVX-512 they are not used; where the build fails `available()` is False with one
+warning saying why. Either way the model keeps XLA's products: the kernels only ever
+speed up, never gate, a working path.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import platform
 import shlex
@@ -32,13 +38,17 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-SOURCE = Path(__file__).with_name("skinny_matmul.cc")
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("skinny_matmul.cc", "causal_attention.cc"))
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 TARGETS = {jnp.dtype(jnp.float32): "gptjax_skinny_matmul_f32",
            jnp.dtype(jnp.bfloat16): "gptjax_skinny_matmul_bf16"}
+ATTENTION_TARGETS = ("gptjax_causal_attention_fwd", "gptjax_causal_attention_bwd")
 _SYMBOLS = {"gptjax_skinny_matmul_f32": "GptjaxSkinnyMatmulF32",
-            "gptjax_skinny_matmul_bf16": "GptjaxSkinnyMatmulBF16"}
+            "gptjax_skinny_matmul_bf16": "GptjaxSkinnyMatmulBF16",
+            "gptjax_causal_attention_fwd": "GptjaxCausalAttentionForward",
+            "gptjax_causal_attention_bwd": "GptjaxCausalAttentionBackward"}
 
 
 def cache_dir() -> Path:
@@ -58,12 +68,13 @@ def _cpu_identity() -> str:
 
 
 def _build(compiler: list[str]) -> Path:
-    """Compile the kernel into the cache (once per key) and return the library's path."""
+    """Compile the kernels into the cache (once per key) and return the library's path."""
     version = subprocess.run([*compiler, "--version"], capture_output=True, text=True,
                              check=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version,
-                                    metadata.version("jaxlib"), _cpu_identity()]).encode())
-    library = cache_dir() / f"skinny_matmul-{key.hexdigest()[:16]}.so"
+    parts = [*(src.read_text() for src in SOURCES), " ".join(FLAGS), version,
+             metadata.version("jaxlib"), _cpu_identity()]
+    key = hashlib.sha256("\0".join(parts).encode())
+    library = cache_dir() / f"kernels-{key.hexdigest()[:16]}.so"
     if library.exists():
         return library
     library.parent.mkdir(parents=True, exist_ok=True)
@@ -72,7 +83,7 @@ def _build(compiler: list[str]) -> Path:
     fd, partial = tempfile.mkstemp(suffix=".so.partial", dir=library.parent)
     os.close(fd)
     try:
-        done = subprocess.run([*compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE),
+        done = subprocess.run([*compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES),
                                "-o", partial], capture_output=True, text=True, timeout=300)
         if done.returncode:
             lines = done.stderr.strip().splitlines() or ["(no output)"]
@@ -115,8 +126,8 @@ def available() -> bool:
         lib = ctypes.cdll.LoadLibrary(str(_build(compiler)))
     except (OSError, RuntimeError, subprocess.SubprocessError,
             metadata.PackageNotFoundError) as err:
-        warnings.warn(f"gptjax's CPU decode kernel is unavailable, decoding uses XLA's "
-                      f"products: {err}", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"gptjax's CPU kernels are unavailable, decoding and attention use "
+                      f"XLA's products: {err}", RuntimeWarning, stacklevel=2)
         return False
     if not lib.gptjax_skinny_matmul_vectorized():
         return False  # the compiler did not enable AVX-512 after all
@@ -135,3 +146,26 @@ def skinny_matmul(x_ri: jax.Array, w_oi: jax.Array) -> jax.Array:
     target = TARGETS[jnp.dtype(w_oi.dtype)]
     out = jax.ShapeDtypeStruct((x_ri.shape[0], w_oi.shape[0]), jnp.float32)
     return jax.ffi.ffi_call(target, out)(x_ri.astype(jnp.float32), w_oi)
+
+
+def _scale(head_dim: int) -> np.float32:
+    return np.float32(1 / math.sqrt(head_dim))
+
+
+def attention_forward(qkv):
+    """Causal attention of float32 q, k, v packed as (batch, time, 3, heads, head_dim): the
+    output (batch, time, heads, head_dim) and the row statistics (batch, time, heads, 2)
+    that `attention_backward` takes."""
+    b, t, _, h, d = qkv.shape
+    out = (jax.ShapeDtypeStruct((b, t, h, d), jnp.float32),
+           jax.ShapeDtypeStruct((b, t, h, 2), jnp.float32))
+    return jax.ffi.ffi_call(ATTENTION_TARGETS[0], out, vmap_method="sequential")(
+        qkv, scale=_scale(d))
+
+
+def attention_backward(qkv, stats, d_out):
+    """The gradient of causal attention with respect to packed qkv, given the forward's
+    row statistics and the output's gradient."""
+    grad = jax.ShapeDtypeStruct(qkv.shape, jnp.float32)
+    return jax.ffi.ffi_call(ATTENTION_TARGETS[1], grad, vmap_method="sequential")(
+        qkv, stats, d_out, scale=_scale(qkv.shape[-1]))
