@@ -15,9 +15,9 @@ Three formulations, chosen by `ModelConfig.attention_impl`:
 "auto" (the default) is "native" on CPU where the kernel can run (`native_unusable`),
 else "blocked" on CPU, and "xla" elsewhere: jax 0.10's own default, since neither CPU form
 is measured on accelerators. On the 2-core CPU the kernel made the baby config's training
-step 1.19x and the 10M config's 1.11x faster than "blocked", which had made the 10M step
-1.16x faster than "xla" (benchmarks/NOTES.md). cuDNN is opt-in ("cudnn"): it needs a GPU
-and half-precision inputs.
+step 1.14x and the 10M config's 1.10x faster than "blocked", which had made the 10M step
+1.16x faster than "xla" (benchmarks/NOTES.md, train step entries 3 and 10). cuDNN is
+opt-in ("cudnn"): it needs a GPU and half-precision inputs.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from gptjax import native
+from gptjax.errors import GptjaxError
 
 QUERY_BLOCK = 64
 # Longest sequence "auto" gives the kernel: a task keeps two (time x time) float32 score
@@ -76,7 +77,7 @@ def causal_attention_packed(qkv_btkhd: jax.Array, impl: str = "auto") -> jax.Arr
     impl = resolve_impl(impl, jax.default_backend(), why_not is None)
     if impl == "native":
         if why_not:
-            raise ValueError(f"attention_impl=native cannot run here: {why_not}")
+            raise GptjaxError(f"attention_impl=native cannot run here: {why_not}")
         return _native(qkv_btkhd)
     q_bthd, k_bthd, v_bthd = (qkv_btkhd[:, :, i] for i in range(3))
     if impl != "blocked":

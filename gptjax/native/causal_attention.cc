@@ -35,6 +35,22 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+// Strides between time steps of one head and a task's (b, h) first elements, in the packed
+// (batch, time, 3, heads, dim), per-head (batch, time, heads, dim) and statistics
+// (batch, time, heads, 2) layouts.
+struct Shape {
+  int64_t batch, time, heads, dim;
+  int64_t per_head_stride() const { return heads * dim; }  // also q -> k -> v in a packed row
+  int64_t packed_stride() const { return 3 * heads * dim; }
+  int64_t packed_at(int64_t task) const {
+    return (task / heads) * time * packed_stride() + (task % heads) * dim;
+  }
+  int64_t per_head_at(int64_t task) const {
+    return (task / heads) * time * per_head_stride() + (task % heads) * dim;
+  }
+  int64_t stats_at(int64_t task) const { return per_head_at(task) / dim * 2; }
+};
+
 #ifdef __AVX512F__
 
 constexpr int kRows = 8;   // rows of a register tile
@@ -124,22 +140,6 @@ void product(View a, View b, float* c, int64_t ldc, int64_t m, KLo k_lo, KHi k_h
                 k_hi(row, rows), false);
   }
 }
-
-// Strides between time steps of one head and a task's (b, h) first elements, in the packed
-// (batch, time, 3, heads, dim), per-head (batch, time, heads, dim) and statistics
-// (batch, time, heads, 2) layouts.
-struct Shape {
-  int64_t batch, time, heads, dim;
-  int64_t per_head_stride() const { return heads * dim; }  // also q -> k -> v in a packed row
-  int64_t packed_stride() const { return 3 * heads * dim; }
-  int64_t packed_at(int64_t task) const {
-    return (task / heads) * time * packed_stride() + (task % heads) * dim;
-  }
-  int64_t per_head_at(int64_t task) const {
-    return (task / heads) * time * per_head_stride() + (task % heads) * dim;
-  }
-  int64_t stats_at(int64_t task) const { return per_head_at(task) / dim * 2; }
-};
 
 struct Scratch {  // per thread, grown as needed
   std::vector<float> s, p, kt, vt, top, inv;
@@ -319,7 +319,8 @@ ffi::Error check(std::initializer_list<ffi::AnyBuffer::Dimensions> packed,
   const int64_t want[] = {first[0], first[1], first[3], first[4]};
   for (const auto& x : packed)
     if (!std::equal(x.begin(), x.end(), first.begin(), first.end()))
-      return ffi::Error::InvalidArgument("expected equal packed (batch, time, 3, heads, dim) operands");
+      return ffi::Error::InvalidArgument(
+          "expected equal packed (batch, time, 3, heads, dim) operands");
   for (const auto& x : per_head)
     if (!std::equal(x.begin(), x.end(), want, want + 4))
       return ffi::Error::InvalidArgument("expected (batch, time, heads, dim) to match qkv");
