@@ -31,8 +31,8 @@ from gptjax import native
 from gptjax.errors import GptjaxError
 
 QUERY_BLOCK = 64
-# Longest sequence "auto" gives the kernel: a task keeps two (time x time) float32 score
-# tiles per thread (32 MiB at 2048).
+# Longest sequence the native kernel takes: each pool thread keeps two (time x time)
+# float32 score matrices for the process's life (32 MiB at 2048).
 NATIVE_MAX_TIME = 2048
 
 
@@ -44,10 +44,12 @@ def native_unusable(x: jax.Array) -> str | None:
     if x.dtype != jnp.float32:
         return f"it takes float32 inputs, not {x.dtype}"
     if x.shape[1] > NATIVE_MAX_TIME:
-        return f"sequences over {NATIVE_MAX_TIME} positions are left to XLA"
+        return (f"it takes sequences of up to {NATIVE_MAX_TIME} positions, not {x.shape[1]} "
+                f"(its per-thread scratch grows with the square)")
     if jax.device_count() > 1:
-        # The partitioner would gather a sharded batch onto every device to call it.
-        return "it is used with one device only"
+        # The partitioner would gather a sharded batch onto every device to call it. This
+        # also turns it off for a one-device mesh in a process that sees several devices.
+        return "it is used only in a process that sees one device"
     if not native.available():
         return "it is not built on this machine (gptjax.native.available())"
     return None
@@ -65,7 +67,9 @@ def resolve_impl(impl: str, backend: str, native_ok: bool = False) -> str:
 
 def causal_attention(q_bthd: jax.Array, k_bthd: jax.Array, v_bthd: jax.Array,
                      impl: str = "auto") -> jax.Array:
-    """softmax(q k^T / sqrt(head_dim) + causal mask) v, all (batch, time, heads, head_dim)."""
+    """softmax(q k^T / sqrt(head_dim) + causal mask) v, all (batch, time, heads, head_dim).
+    The model calls `causal_attention_packed` on its qkv projection directly; this packs q,
+    k and v for it (XLA folds the packing away where they are taken apart again)."""
     return causal_attention_packed(jnp.stack([q_bthd, k_bthd, v_bthd], axis=2), impl)
 
 

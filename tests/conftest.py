@@ -13,7 +13,7 @@ from gptjax.cli import main
 REPO = Path(__file__).resolve().parents[1]
 SHARED_RANKS = REPO.parent / "shared" / "data" / "gpt2.tiktoken"
 
-# The native decode kernel is built on first use; keep the suite's build out of the user's
+# The native kernels are built on first use; keep the suite's build out of the user's
 # home (one directory for all test workers, so it is built once per machine).
 os.environ.setdefault("GPTJAX_CACHE_DIR",
                       str(Path(tempfile.gettempdir()) / f"gptjax-test-cache-{os.getuid()}"))

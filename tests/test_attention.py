@@ -1,5 +1,5 @@
 """The blocked causal attention equals jax.nn.dot_product_attention, values and gradients;
-which formulation "auto" picks. The native kernel's tests are in test_native_attention.py."""
+which formulation "auto" picks. The native kernel's own tests are in test_native.py."""
 
 import jax
 import jax.numpy as jnp

@@ -1,5 +1,7 @@
-"""The native CPU decode kernel (gptjax.native) against float64 products, inside jit and
-a decode loop, and the kernels' fallback to XLA when they cannot be built."""
+"""gptjax's native CPU kernels (gptjax.native): the decode kernel against float64 products,
+inside jit and a decode loop; the attention kernel against float64 attention and jax's
+gradients, under vmap and remat, and when "auto" takes it; both kernels' fallback to XLA
+when they cannot be built."""
 
 import dataclasses
 import os
@@ -14,6 +16,7 @@ import pytest
 
 from gptjax import attention, model, native, products
 from gptjax.config import preset
+from gptjax.errors import GptjaxError
 from gptjax.generate import generate_batch
 from gptjax.sampling import Sampling
 
@@ -26,8 +29,8 @@ def _compiler_found() -> bool:
 KERNEL_CPU = os.uname().machine == "x86_64" and native.cpu_has_avx512()
 BUILDABLE = KERNEL_CPU and _compiler_found()
 needs_kernel = pytest.mark.skipif(
-    not BUILDABLE, reason="the kernel exists only on x86 CPUs with AVX-512 and a C++ compiler; "
-    "elsewhere decoding uses XLA's products, which the rest of the suite tests")
+    not BUILDABLE, reason="the kernels exist only on x86 CPUs with AVX-512 and a C++ compiler; "
+    "elsewhere decoding and attention use XLA, which the rest of the suite tests")
 
 
 def test_the_kernel_is_available_exactly_where_it_can_be_built():
@@ -121,6 +124,9 @@ def test_a_failing_build_falls_back_to_xla_with_one_warning_and_leaves_nothing(t
         "    ids = generate(model.init(cfg, jax.random.PRNGKey(0)), cfg, [1, 2], 4,"
         " temperature=0.0)\n"
         "    again = native.available()\n"
+        "    from gptjax.attention import causal_attention\n"
+        "    q = jax.numpy.ones((1, 5, 2, 4))\n"
+        "    assert causal_attention(q, q, q, 'auto').shape == q.shape  # XLA's, not the kernel\n"
         "print(len(ids), again, [str(w.message) for w in caught if 'kernel' in str(w.message)])\n")
     cache = tmp_path / "cache"
     env = {**os.environ, "CXX": str(fake), "GPTJAX_CACHE_DIR": str(cache)}
@@ -168,10 +174,12 @@ def _value_and_grads(impl, q, k, v, w):
 
 
 @needs_kernel
-# Sequence lengths across the kernel's 8-row tiles and 32-column tiles (1, 7, 100: partial
-# ones), head dims with and without a partial 16-float vector (8, 24, 80).
+# Sequence lengths across the kernel's 8-row and 32-column register tiles (1, 7, 37, 100,
+# 130: partial ones); head dims with a partial 16-float vector (8, 24, 47) and a partial
+# 32-column tile (24, 47, 80).
 @pytest.mark.parametrize("b,t,h,d", [(2, 1, 3, 16), (1, 7, 2, 8), (2, 37, 3, 24),
-                                     (3, 64, 4, 32), (2, 100, 2, 64), (1, 130, 1, 80)])
+                                     (3, 64, 4, 32), (2, 100, 2, 64), (1, 130, 1, 80),
+                                     (2, 45, 2, 47)])
 def test_attention_kernel_equals_float64_attention_and_jax_gradients(b, t, h, d):
     q, k, v, w = _attention_inputs(b, t, h, d, seed=t * d)
     out = jax.jit(lambda q, k, v: attention.causal_attention(q, k, v, "native"))(q, k, v)
@@ -202,9 +210,29 @@ def test_auto_takes_the_attention_kernel_for_float32_on_one_cpu_device_only():
     half = tuple(x.astype(jnp.bfloat16) for x in (q, k, v))
     assert "float32" in attention.native_unusable(half[0])
     assert native.ATTENTION_TARGETS[0] not in lowered(*half)
-    with pytest.raises(ValueError, match="attention_impl=native cannot run here: it takes "
-                                         "float32 inputs, not bfloat16"):
+    with pytest.raises(GptjaxError, match="attention_impl=native cannot run here: it takes "
+                                          "float32 inputs, not bfloat16"):
         attention.causal_attention(*half, "native")
+    too_long = jax.ShapeDtypeStruct((1, attention.NATIVE_MAX_TIME + 1, 2, 8), jnp.float32)
+    assert "up to 2048 positions, not 2049" in attention.native_unusable(too_long)
+    assert attention.native_unusable(too_long.update(shape=(1, 2048, 2, 8))) is None
+
+
+@needs_kernel
+def test_auto_leaves_the_attention_kernel_alone_when_the_process_sees_several_devices():
+    script = (
+        "import jax\n"
+        "from gptjax import attention\n"
+        "q = jax.numpy.ones((2, 8, 2, 4))\n"
+        "print(attention.native_unusable(q))\n"
+        "text = jax.jit(attention.causal_attention).lower(q, q, q).as_text()\n"
+        "print('gptjax_causal_attention' in text)\n")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["it is used only in a process that sees one device",
+                                        "False"]
 
 
 @needs_kernel

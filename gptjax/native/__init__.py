@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("skinny_matmul.cc", "causal_attention.cc"))
+HEADERS = (Path(__file__).with_name("tasks.h"),)  # included by the sources
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 TARGETS = {jnp.dtype(jnp.float32): "gptjax_skinny_matmul_f32",
            jnp.dtype(jnp.bfloat16): "gptjax_skinny_matmul_bf16"}
@@ -71,7 +72,7 @@ def _build(compiler: list[str]) -> Path:
     """Compile the kernels into the cache (once per key) and return the library's path."""
     version = subprocess.run([*compiler, "--version"], capture_output=True, text=True,
                              check=True).stdout
-    parts = [*(src.read_text() for src in SOURCES), " ".join(FLAGS), version,
+    parts = [*(src.read_text() for src in SOURCES + HEADERS), " ".join(FLAGS), version,
              metadata.version("jaxlib"), _cpu_identity()]
     key = hashlib.sha256("\0".join(parts).encode())
     library = cache_dir() / f"kernels-{key.hexdigest()[:16]}.so"
@@ -113,9 +114,9 @@ def cpu_has_avx512() -> bool:
 
 @functools.cache
 def available() -> bool:
-    """Whether the kernel is built and registered with XLA (decided once per process).
+    """Whether the kernels are built and registered with XLA (decided once per process).
 
-    False, silently, off x86 or without AVX-512 (where it would be slower than XLA);
+    False, silently, off x86 or without AVX-512 (where they would be slower than XLA);
     False with one warning when the build fails."""
     if platform.machine().lower() not in ("x86_64", "amd64") or not cpu_has_avx512():
         return False
@@ -129,6 +130,7 @@ def available() -> bool:
         warnings.warn(f"gptjax's CPU kernels are unavailable, decoding and attention use "
                       f"XLA's products: {err}", RuntimeWarning, stacklevel=2)
         return False
+    # Both sources are compiled by one command with one set of flags: one check covers both.
     if not lib.gptjax_skinny_matmul_vectorized():
         return False  # the compiler did not enable AVX-512 after all
     for target, symbol in _SYMBOLS.items():
@@ -139,13 +141,17 @@ def available() -> bool:
 
 def skinny_matmul(x_ri: jax.Array, w_oi: jax.Array) -> jax.Array:
     """x (rows, in) times output-major w (out, in), as float32 (rows, out). CPU only;
-    w float32 or bfloat16. A RuntimeError where the kernel is not `available()`."""
-    if not available():
-        raise RuntimeError("gptjax's CPU decode kernel is not available on this machine "
-                           "(see gptjax.native.available)")
+    w float32 or bfloat16. A RuntimeError where the kernels are not `available()`."""
+    _require("decode")
     target = TARGETS[jnp.dtype(w_oi.dtype)]
     out = jax.ShapeDtypeStruct((x_ri.shape[0], w_oi.shape[0]), jnp.float32)
     return jax.ffi.ffi_call(target, out)(x_ri.astype(jnp.float32), w_oi)
+
+
+def _require(kernel: str) -> None:
+    if not available():
+        raise RuntimeError(f"gptjax's CPU {kernel} kernel is not available on this machine "
+                           "(see gptjax.native.available)")
 
 
 def _scale(head_dim: int) -> np.float32:
@@ -156,6 +162,7 @@ def attention_forward(qkv):
     """Causal attention of float32 q, k, v packed as (batch, time, 3, heads, head_dim): the
     output (batch, time, heads, head_dim) and the row statistics (batch, time, heads, 2)
     that `attention_backward` takes."""
+    _require("attention")
     b, t, _, h, d = qkv.shape
     out = (jax.ShapeDtypeStruct((b, t, h, d), jnp.float32),
            jax.ShapeDtypeStruct((b, t, h, 2), jnp.float32))
@@ -166,6 +173,7 @@ def attention_forward(qkv):
 def attention_backward(qkv, stats, d_out):
     """The gradient of causal attention with respect to packed qkv, given the forward's
     row statistics and the output's gradient."""
+    _require("attention")
     grad = jax.ShapeDtypeStruct(qkv.shape, jnp.float32)
     return jax.ffi.ffi_call(ATTENTION_TARGETS[1], grad, vmap_method="sequential")(
         qkv, stats, d_out, scale=_scale(qkv.shape[-1]))

@@ -20,16 +20,13 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <functional>
 #include <initializer_list>
-#include <memory>
-#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "tasks.h"
 
 namespace ffi = xla::ffi;
 
@@ -48,7 +45,9 @@ struct Shape {
   int64_t per_head_at(int64_t task) const {
     return (task / heads) * time * per_head_stride() + (task % heads) * dim;
   }
-  int64_t stats_at(int64_t task) const { return per_head_at(task) / dim * 2; }
+  int64_t stats_at(int64_t task) const {
+    return ((task / heads) * time * heads + task % heads) * 2;
+  }
 };
 
 #ifdef __AVX512F__
@@ -60,8 +59,9 @@ inline __mmask16 first(int64_t n) {  // the first n lanes (n clipped to 0..16)
   return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
 }
 
-// exp(x) for x in [-87, 88]: x = n ln2 + r with |r| <= ln2 / 2, a degree-7 Taylor
-// polynomial for exp(r) (truncation < 1e-8 relative, under float32 rounding), times 2^n.
+// exp(x), with x clamped to [-87, 88] (below, exp underflows float32's normal range anyway):
+// x = n ln2 + r with |r| <= ln2 / 2, a degree-7 Taylor polynomial for exp(r) (truncation
+// < 1e-8 relative, under float32 rounding), times 2^n.
 inline __m512 exp16(__m512 x) {
   x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
   __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
@@ -86,18 +86,17 @@ struct View {
   int64_t rs, cs;
 };
 
-// C[r, c] (=|+=) sum_{k in [k0, k1)} A[r, k] * B[k, c] for the tile of R rows from `row`
-// and up to 32 columns from `col`.
+// C[r, c] = sum_{k in [k0, k1)} A[r, k] * B[k, c] for the tile of R rows from `row` and up
+// to 32 columns from `col`.
 template <int R>
 void tile(View a, View b, float* c, int64_t ldc, int64_t row, int64_t col, int64_t ncols,
-          int64_t k0, int64_t k1, bool accumulate) {
+          int64_t k0, int64_t k1) {
   __mmask16 m0 = first(ncols), m1 = first(ncols - 16);
   __m512 acc[R][2];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
-    float* cr = c + (row + r) * ldc + col;
-    acc[r][0] = accumulate ? _mm512_maskz_loadu_ps(m0, cr) : _mm512_setzero_ps();
-    acc[r][1] = accumulate ? _mm512_maskz_loadu_ps(m1, cr + 16) : _mm512_setzero_ps();
+    acc[r][0] = _mm512_setzero_ps();
+    acc[r][1] = _mm512_setzero_ps();
   }
   const float* arow = a.data + row * a.rs;
   for (int64_t k = k0; k < k1; ++k) {
@@ -105,7 +104,7 @@ void tile(View a, View b, float* c, int64_t ldc, int64_t row, int64_t col, int64
     __m512 b0 = _mm512_maskz_loadu_ps(m0, bk), b1 = _mm512_maskz_loadu_ps(m1, bk + 16);
     const float* ak = arow + k * a.cs;
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
+    for (int r = 0; r < R; ++r) {
       __m512 x = _mm512_set1_ps(ak[r * a.rs]);
       acc[r][0] = _mm512_fmadd_ps(x, b0, acc[r][0]);
       acc[r][1] = _mm512_fmadd_ps(x, b1, acc[r][1]);
@@ -121,11 +120,11 @@ void tile(View a, View b, float* c, int64_t ldc, int64_t row, int64_t col, int64
 
 template <int R = kRows>
 void tile_rows(int rows, View a, View b, float* c, int64_t ldc, int64_t row, int64_t col,
-               int64_t ncols, int64_t k0, int64_t k1, bool accumulate) {
+               int64_t ncols, int64_t k0, int64_t k1) {
   if constexpr (R > 1) {
-    if (rows < R) return tile_rows<R - 1>(rows, a, b, c, ldc, row, col, ncols, k0, k1, accumulate);
+    if (rows < R) return tile_rows<R - 1>(rows, a, b, c, ldc, row, col, ncols, k0, k1);
   }
-  tile<R>(a, b, c, ldc, row, col, ncols, k0, k1, accumulate);
+  tile<R>(a, b, c, ldc, row, col, ncols, k0, k1);
 }
 
 // C = A B over rows [0, m) and columns [0, n), contracting k in [k_lo(row), k_hi(row)) for
@@ -137,11 +136,13 @@ void product(View a, View b, float* c, int64_t ldc, int64_t m, KLo k_lo, KHi k_h
     int64_t n = n_hi(row, rows);
     for (int64_t col = 0; col < n; col += kCols)
       tile_rows(rows, a, b, c, ldc, row, col, n - col < kCols ? n - col : kCols, k_lo(row),
-                k_hi(row, rows), false);
+                k_hi(row, rows));
   }
 }
 
-struct Scratch {  // per thread, grown as needed
+// Per thread, grown as needed and kept for the process's life: about 2 T^2 floats per
+// pool thread (32 MiB at T = 2048, gptjax.attention's limit for "auto").
+struct Scratch {
   std::vector<float> s, p, kt, vt, top, inv;
   void fit(const Shape& sh) {
     size_t tt = size_t(sh.time) * size_t(sh.time), dt = size_t(sh.dim) * size_t(sh.time);
@@ -277,54 +278,23 @@ void backward_task(const Shape& sh, float scale, const float* qkv, const float* 
 
 #endif  // __AVX512F__
 
-// Tasks (one per batch x head) claimed from a shared counter by the calling thread and
-// XLA's pool; the caller waits until every claimed task is done.
-struct Work {
-  int64_t n_tasks;
-  std::function<void(int64_t)> task;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-
-  void run() {
-    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n_tasks;) {
-      task(i);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
-void run_tasks(ffi::ThreadPool& pool, int64_t n_tasks, std::function<void(int64_t)> task) {
-  auto work = std::make_shared<Work>();
-  work->n_tasks = n_tasks;
-  work->task = std::move(task);
-  int64_t helpers = pool.num_threads() - 1;
-  if (helpers > n_tasks - 1) helpers = n_tasks - 1;
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([work] { work->run(); });
-  work->run();
-  for (int spins = 0; work->done.load(std::memory_order_acquire) < n_tasks; ++spins) {
-    if (spins < 4096) _mm_pause();
-    else std::this_thread::yield();
-  }
-}
-
-
 // Packed (batch, time, 3, heads, dim) operands, per-head (batch, time, heads, dim) ones and
 // (batch, time, heads, 2) statistics, all of one (batch, time, heads, dim).
 ffi::Error check(std::initializer_list<ffi::AnyBuffer::Dimensions> packed,
                  std::initializer_list<ffi::AnyBuffer::Dimensions> per_head,
                  ffi::AnyBuffer::Dimensions stats) {
-  const auto& first = *packed.begin();
-  if (first.size() != 5 || first[2] != 3)
+  const auto& ref = *packed.begin();
+  if (ref.size() != 5 || ref[2] != 3)
     return ffi::Error::InvalidArgument("expected qkv packed as (batch, time, 3, heads, dim)");
-  const int64_t want[] = {first[0], first[1], first[3], first[4]};
+  const int64_t want[] = {ref[0], ref[1], ref[3], ref[4]};
   for (const auto& x : packed)
-    if (!std::equal(x.begin(), x.end(), first.begin(), first.end()))
+    if (!std::equal(x.begin(), x.end(), ref.begin(), ref.end()))
       return ffi::Error::InvalidArgument(
           "expected equal packed (batch, time, 3, heads, dim) operands");
   for (const auto& x : per_head)
     if (!std::equal(x.begin(), x.end(), want, want + 4))
       return ffi::Error::InvalidArgument("expected (batch, time, heads, dim) to match qkv");
-  const int64_t want_stats[] = {first[0], first[1], first[3], 2};
+  const int64_t want_stats[] = {ref[0], ref[1], ref[3], 2};
   if (!std::equal(stats.begin(), stats.end(), want_stats, want_stats + 4))
     return ffi::Error::InvalidArgument("expected (batch, time, heads, 2) row statistics");
   return ffi::Error::Success();
@@ -341,11 +311,10 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, float scale,
   Shape sh = shape_of(qkv.dimensions());
   const float* in = qkv.typed_data();
   float *out = o->typed_data(), *st = stats->typed_data();
-  run_tasks(pool, sh.batch * sh.heads, [&](int64_t task) {
+  return gptjax_native::run_tasks(pool, sh.batch * sh.heads, [&](int64_t task) {
     forward_task(sh, scale, in + sh.packed_at(task), out + sh.per_head_at(task),
                  st + sh.stats_at(task));
   });
-  return ffi::Error::Success();
 #else
   return ffi::Error::Internal("gptjax's attention kernel was built without AVX-512");
 #endif
@@ -359,12 +328,11 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer
     return bad;
 #ifdef __AVX512F__
   Shape sh = shape_of(qkv.dimensions());
-  run_tasks(pool, sh.batch * sh.heads, [&](int64_t task) {
+  return gptjax_native::run_tasks(pool, sh.batch * sh.heads, [&](int64_t task) {
     backward_task(sh, scale, qkv.typed_data() + sh.packed_at(task),
                   stats.typed_data() + sh.stats_at(task), dout.typed_data() + sh.per_head_at(task),
                   dqkv->typed_data() + sh.packed_at(task));
   });
-  return ffi::Error::Success();
 #else
   return ffi::Error::Internal("gptjax's attention kernel was built without AVX-512");
 #endif

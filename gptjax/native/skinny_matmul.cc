@@ -8,18 +8,15 @@
 // kernel reads three weight rows at a time, widening bfloat16 to float32 in registers,
 // against up to eight input rows held in registers (register blocks), and prefetches the
 // next three weight rows into L2 meanwhile. Work is split into chunks of output rows that
-// the calling thread and XLA's intra-op pool claim from a shared counter, so the call
-// never waits on a pool thread that has not started.
+// the calling thread and XLA's intra-op pool claim from a shared counter (tasks.h).
 
 #include <immintrin.h>
 
-#include <atomic>
-#include <thread>
 #include <cstdint>
 #include <cstring>
-#include <memory>
 
 #include "xla/ffi/api/ffi.h"
+#include "tasks.h"
 
 namespace ffi = xla::ffi;
 
@@ -121,49 +118,15 @@ void outputs(const float* x, const W* w, float* y, int64_t rows, int64_t n_in, i
 }
 
 template <typename W>
-struct Work {
-  const float* x;
-  const W* w;
-  float* y;
-  int64_t rows, n_in, n_out, n_chunks;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-
-  void run() {
-    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < n_chunks;) {
-      int64_t begin = c * kChunk;
-      int64_t end = begin + kChunk < n_out ? begin + kChunk : n_out;
-      outputs(x, w, y, rows, n_in, n_out, begin, end);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
-template <typename W>
 ffi::Error Multiply(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, const W* w,
                     ffi::ResultBuffer<ffi::F32> y, int64_t n_out) {
-  auto dims = x.dimensions();
-  auto work = std::make_shared<Work<W>>();
-  work->x = x.typed_data();
-  work->w = w;
-  work->y = y->typed_data();
-  work->rows = dims[0];
-  work->n_in = dims[1];
-  work->n_out = n_out;
-  work->n_chunks = (n_out + kChunk - 1) / kChunk;
-  // Helpers hold the work alive: one that starts after the caller finished finds no
-  // chunk left and returns.
-  int64_t helpers = pool.num_threads() - 1;
-  if (helpers > work->n_chunks - 1) helpers = work->n_chunks - 1;
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([work] { work->run(); });
-  work->run();
-  // Chunks still out are being computed right now; yield rather than spin once the wait
-  // is long, in case their thread shares this core.
-  for (int spins = 0; work->done.load(std::memory_order_acquire) < work->n_chunks; ++spins) {
-    if (spins < 4096) _mm_pause();
-    else std::this_thread::yield();
-  }
-  return ffi::Error::Success();
+  const float* xd = x.typed_data();
+  float* yd = y->typed_data();
+  int64_t rows = x.dimensions()[0], n_in = x.dimensions()[1];
+  return gptjax_native::run_tasks(pool, (n_out + kChunk - 1) / kChunk, [&](int64_t c) {
+    int64_t begin = c * kChunk;
+    outputs(xd, w, yd, rows, n_in, n_out, begin, begin + kChunk < n_out ? begin + kChunk : n_out);
+  });
 }
 
 // x (rows, in), w (out, in), y (rows, out): anything else is refused, never read past.
