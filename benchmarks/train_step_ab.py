@@ -100,7 +100,8 @@ def main(argv=None) -> None:
     info = bench.machine_info()
     print(f"case {args.case}, vocab {vocab}, {steps} steps x {args.repeats} alternating "
           f"repeats; {info.get('cpu', jax.default_backend())}, jax {jax.__version__}; "
-          f"freed host memory: {info['host_memory']}")
+          f"freed host memory: {info['host_memory']}; gptjax's native CPU kernels: "
+          f"{info['native_kernels']}")
     first = statistics.median(runs[0]["ms"])
     print(f"MFU over {peak['flops_per_s'] / 1e12:.3g} TFLOP/s ({peak['source']})")
     print("| variant | ms/step median (min-max) | tokens/s | MFU | vs first | temporaries GiB |\n"

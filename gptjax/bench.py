@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from gptjax import host_memory, model, optim
+from gptjax import host_memory, model, native, optim
 from gptjax.config import ModelConfig, TrainConfig
 from gptjax.data import WindowSampler, gather
 from gptjax.errors import GptjaxError
@@ -314,6 +314,12 @@ def publish(report: dict, table: str, json_path=None, results_path=None) -> None
             f.write("\n" + table)
 
 
+def native_kernels() -> str:
+    if jax.default_backend() != "cpu":
+        return "not used (not CPU)"
+    return "built" if native.available() else "unavailable (XLA's products and attention)"
+
+
 def machine_info() -> dict:
     """Hardware, versions and flags to record with every result."""
     import platform
@@ -336,6 +342,8 @@ def machine_info() -> dict:
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
             # Whether freed host memory is kept (host_memory.py): worth 10-20% on XLA:CPU.
             "host_memory": host_memory.status(),
+            # Whether attention_impl="auto" can take the native kernel for float32 (gptjax.native).
+            "native_kernels": native_kernels(),
             # Other work on a shared host skews absolute numbers (ratios suffer less).
             "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
             "jax_env": {k: v for k, v in os.environ.items() if k.startswith("JAX_")}}

@@ -261,7 +261,8 @@ def markdown(report: dict) -> str:
              f"{m['device_kind']} x {m['device_count']} ({m['backend']}); host {m['cpu']}, "
              f"{m['cores']} cores, threads {m['threads'] or 'n/a'}; jax {m['jax']}, jaxlib "
              f"{m['jaxlib']}, flax {m['flax']}, optax {m['optax']}, Python {m['python']}; "
-             f"XLA_FLAGS={m['xla_flags'] or '(none)'}; freed host memory: {m['host_memory']}"
+             f"XLA_FLAGS={m['xla_flags'] or '(none)'}; freed host memory: {m['host_memory']}; "
+             f"gptjax's native CPU kernels: {m.get('native_kernels', 'n/a')}"
              + (f"; {' '.join(f'{k}={v}' for k, v in m['jax_env'].items())}" if m['jax_env'] else "")
              + (f"; 1-min load average {m['load_average_1min']:.1f} at the start"
                 if m.get("load_average_1min") is not None else "")
