@@ -3,8 +3,8 @@
 Three formulations, chosen by `ModelConfig.attention_impl`:
 
 - "native": gptjax's fused CPU kernel (gptjax/native/causal_attention.cc), float32, forward
-  and backward. Each (batch, head) is one task for a thread of XLA's pool; the forward
-  keeps two numbers a row (the largest score, 1 / the sum of exponentials) and the
+  and backward. The (batch, head) pairs are tasks shared out between the calling thread
+  and XLA's pool; the forward keeps two numbers a row (the largest score, 1 / the sum of exponentials) and the
   backward recomputes the probabilities from them.
 - "blocked": queries in blocks of `QUERY_BLOCK`; block i attends only to keys 0 .. end of
   block i, so the key tiles wholly above the causal diagonal are never multiplied,

@@ -50,9 +50,9 @@ class ModelConfig:
         choices=("none", "full", "dots", "dots_no_batch"), resume_safe=True)
     attention_impl: str = _f(
         "auto", "causal attention: native (gptjax's fused float32 CPU kernel, one device, "
-        "x86 with AVX-512, up to 2048 positions), blocked (query blocks that skip masked keys), xla or cudnn "
-        "(jax.nn.dot_product_attention); auto = native on CPU where it can run, else blocked "
-        "on CPU, xla elsewhere; may change on resume",
+        "x86 with AVX-512, up to 2048 positions), blocked (query blocks that skip masked "
+        "keys), xla or cudnn (jax.nn.dot_product_attention); auto = native on CPU where it "
+        "can run, else blocked on CPU, xla elsewhere; may change on resume",
         choices=("auto", "native", "blocked", "xla", "cudnn"), resume_safe=True)
     decode_matmul: str = _f(
         "auto", "decoding's few-row products: auto = gptjax's native kernel on x86 CPUs with "

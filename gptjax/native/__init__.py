@@ -9,7 +9,7 @@
 - causal_attention.cc: float32 causal self-attention for training, forward and backward
   (gptjax.attention's "native" formulation). XLA:CPU ran attention's small per-head
   products on one thread at 40-80 GFLOP/s with the softmax in separate passes; the kernel
-  gives each (batch, head) to a thread of XLA's pool and fuses the rest.
+  shares the (batch, head) pairs out over XLA's pool (tasks.h) and fuses the rest.
 
 Both are compiled on first use, into one library, with the machine's C++ compiler (`$CXX`,
 else `c++` or `g++`) against jaxlib's XLA FFI headers, for this CPU (-march=native), and
@@ -84,8 +84,9 @@ def _build(compiler: list[str]) -> Path:
     fd, partial = tempfile.mkstemp(suffix=".so.partial", dir=library.parent)
     os.close(fd)
     try:
-        done = subprocess.run([*compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES),
-                               "-o", partial], capture_output=True, text=True, timeout=300)
+        command = [*compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES),
+                   "-o", partial]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
         if done.returncode:
             lines = done.stderr.strip().splitlines() or ["(no output)"]
             first = next((ln for ln in lines if "error:" in ln), lines[0])  # g++/clang
