@@ -281,8 +281,6 @@ def remeasure_peak(peak: dict) -> dict:
     return {**peak, "flops_per_s": max(measured), "measured": measured}
 
 
-# ---- decode -----------------------------------------------------------------------------
-
 # ---- where and with what the numbers were taken -------------------------------------------
 
 def cpu_model() -> str:
