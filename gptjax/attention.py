@@ -77,11 +77,11 @@ def causal_attention_packed(qkv_btkhd: jax.Array, impl: str = "auto") -> jax.Arr
     """`causal_attention` of q, k, v packed as the qkv projection makes them, (batch, time,
     3, heads, head_dim). The native kernel reads them in place and returns their gradient
     packed; the other formulations take the three apart."""
-    why_not = native_unusable(qkv_btkhd) if impl in ("auto", "native") else "not asked for"
-    impl = resolve_impl(impl, jax.default_backend(), why_not is None)
+    why_not = native_unusable(qkv_btkhd) if impl in ("auto", "native") else None
+    if impl == "native" and why_not:
+        raise GptjaxError(f"attention_impl=native cannot run here: {why_not}")
+    impl = resolve_impl(impl, jax.default_backend(), native_ok=why_not is None)
     if impl == "native":
-        if why_not:
-            raise GptjaxError(f"attention_impl=native cannot run here: {why_not}")
         return _native(qkv_btkhd)
     q_bthd, k_bthd, v_bthd = (qkv_btkhd[:, :, i] for i in range(3))
     if impl != "blocked":

@@ -202,23 +202,35 @@ void forward_task(const Shape& sh, float scale, const float* qkv, float* o, floa
   Scratch& w = scratch(sh);
   transpose(k, rs, t, sh.dim, w.kt.data());
   scores(sh, q, w.kt.data(), w.s.data());
+  // Each row's largest score, then its exponentials, written into p as they are summed
+  // (zero past the diagonal, to the end of the row's block), then scaled by 1 / sum: the
+  // same operations the backward's `probabilities` repeats, so both see the same p.
   __m512 sc = _mm512_set1_ps(scale);
-  for (int64_t i = 0; i < t; ++i) {  // each row's largest score and sum over visible keys
+  for (int64_t i = 0; i < t; ++i) {
     const float* si = w.s.data() + i * t;
+    float* pi = w.p.data() + i * t;
     __m512 mx = _mm512_set1_ps(-INFINITY);
     for (int64_t j = 0; j <= i; j += 16)
       mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, first(i + 1 - j), si + j));
     __m512 top = _mm512_set1_ps(scale * _mm512_reduce_max_ps(mx));  // scale > 0
     __m512 sum = _mm512_setzero_ps();
+    int64_t width = block_end(i, t);
+    for (int64_t j = 0; j < width; j += 16) {
+      __mmask16 live = first(i + 1 - j), all = first(width - j);
+      __m512 x = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(live, si + j), sc, top);
+      __m512 e = _mm512_maskz_mov_ps(live, exp16(x));
+      sum = _mm512_add_ps(sum, e);
+      _mm512_mask_storeu_ps(pi + j, all, e);
+    }
+    float inv = 1 / _mm512_reduce_add_ps(sum);
+    __m512 times = _mm512_set1_ps(inv);
     for (int64_t j = 0; j <= i; j += 16) {
       __mmask16 live = first(i + 1 - j);
-      __m512 x = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(live, si + j), sc, top);
-      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(live, exp16(x)));
+      _mm512_mask_storeu_ps(pi + j, live, _mm512_mul_ps(_mm512_maskz_loadu_ps(live, pi + j), times));
     }
-    w.top[i] = stats[i * sh.heads * 2] = top[0];
-    w.inv[i] = stats[i * sh.heads * 2 + 1] = 1 / _mm512_reduce_add_ps(sum);
+    stats[i * sh.heads * 2] = top[0];
+    stats[i * sh.heads * 2 + 1] = inv;
   }
-  probabilities(t, scale, w.s.data(), w.top.data(), w.inv.data(), w.p.data());
   product(View{w.p.data(), t, 1}, View{v, rs, 1}, o, next, t,
           [](int64_t) { return int64_t(0); }, seen, [&](int64_t, int) { return sh.dim; });
 }
