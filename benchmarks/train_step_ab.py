@@ -7,7 +7,7 @@ overrides (so a multi-axis `mesh` cannot be one: use a one-axis mesh); the empty
 the preset as it stands. Every variant's state stays in memory at once, so on an
 accelerator compare sizes that fit together. Reported: median ms/step (min-max)
 tokens/s, MFU (PaLM formula over gptjax.bench's peak: a data sheet on accelerators, the
-measured float32 matmul rate on CPU), each variant's ratio to the first from the same
+measured float32 matmul rate on CPU), each variant's tokens/s over the first's, from the same
 repeats, and XLA's planned temporaries. With --compile-only nothing runs: only the
 memory plans (e.g. GPT-2 XL's remat policies on a machine that could never run it). This
 is the measurement behind the entries of benchmarks/NOTES.md. Freed host memory is kept, as
@@ -99,19 +99,21 @@ def main(argv=None) -> None:
                 r["ms"].append(1000 * seconds / steps)
     info = bench.machine_info()
     print(f"case {args.case}, vocab {vocab}, {steps} steps x {args.repeats} alternating "
-          f"repeats; {info.get('cpu', jax.default_backend())}, jax {jax.__version__}; "
+          f"repeats; {info['cpu'] if info['backend'] == 'cpu' else info['device_kind']}, "
+          f"jax {jax.__version__}; "
           f"freed host memory: {info['host_memory']}; gptjax's native CPU kernels: "
           f"{info['native_kernels']}")
-    first = statistics.median(runs[0]["ms"])
+    rate = {id(r): r["step"].tokens_per_step / statistics.median(r["ms"]) for r in runs}
     print(f"MFU over {peak['flops_per_s'] / 1e12:.3g} TFLOP/s ({peak['source']})")
-    print("| variant | ms/step median (min-max) | tokens/s | MFU | vs first | temporaries GiB |\n"
+    print("| variant | ms/step median (min-max) | tokens/s | MFU | tokens/s vs first | temporaries GiB |\n"
           "|---|---|---|---|---|---|")
     for r in runs:
         med = statistics.median(r["ms"])
         tokens_per_s = r["step"].tokens_per_step / (med / 1000)
         mfu = tokens_per_s * r["step"].flops_per_token / peak["flops_per_s"]
         print(f"| {r['label']} | {med:.1f} ({min(r['ms']):.1f}-{max(r['ms']):.1f}) | "
-              f"{tokens_per_s:,.0f} | {mfu:.1%} | {first / med:.2f}x | {r['temp']:.2f} |")
+              f"{tokens_per_s:,.0f} | {mfu:.1%} | {rate[id(r)] / rate[id(runs[0])]:.2f}x | "
+              f"{r['temp']:.2f} |")
 
 
 if __name__ == "__main__":

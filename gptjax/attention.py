@@ -13,11 +13,12 @@ Three formulations, chosen by `ModelConfig.attention_impl`:
 - "xla" / "cudnn": `jax.nn.dot_product_attention` with that implementation.
 
 "auto" (the default) is "native" on CPU where the kernel can run (`native_unusable`),
-else "blocked" on CPU, and "xla" elsewhere: jax 0.10's own default, since neither CPU form
-is measured on accelerators. On the 2-core CPU the kernel made the baby config's training
-step 1.14x and the 10M config's 1.10x faster than "blocked", which had made the 10M step
-1.16x faster than "xla" (benchmarks/NOTES.md, train step entries 3 and 10). cuDNN is
-opt-in ("cudnn"): it needs a GPU and half-precision inputs.
+else "blocked" on CPU; on NVIDIA GPUs "cudnn" for bfloat16/float16 inputs it takes
+(`cudnn_unusable`, and XLA's if cuDNN refuses while tracing), else "xla"; "xla" on other
+accelerators. On the 2-core CPU the kernel made the baby config's training step 1.14x and
+the 10M config's 1.10x faster than "blocked", which had made the 10M step 1.16x faster
+than "xla" (benchmarks/NOTES.md, train step entries 3 and 10). On an H100, cuDNN's made
+GPT-2 124M's bfloat16 step 2.19x faster than XLA's (GPU entry 1).
 """
 
 from __future__ import annotations
@@ -55,13 +56,26 @@ def native_unusable(x: jax.Array) -> str | None:
     return None
 
 
-def resolve_impl(impl: str, backend: str, native_ok: bool = False) -> str:
+def cudnn_unusable(x: jax.Array) -> str | None:
+    """Why "auto" does not try cuDNN's attention for `x` (q, or q, k, v packed; head_dim
+    last), or None when it does. cuDNN may still refuse at trace time (an old cuDNN or
+    card); "auto" then takes XLA's."""
+    if jax.default_backend() != "gpu" or "rocm" in jax.devices()[0].client.platform_version:
+        return "it needs an NVIDIA GPU"
+    if x.dtype not in (jnp.bfloat16, jnp.float16):
+        return f"it takes bfloat16 or float16 inputs, not {x.dtype}"
+    if x.shape[-1] % 8 or x.shape[-1] > 128:
+        return f"it takes head dims that are multiples of 8 up to 128, not {x.shape[-1]}"
+    return None
+
+
+def resolve_impl(impl: str, backend: str, native_ok: bool = False, cudnn_ok: bool = False) -> str:
     """The implementation `impl` means on `backend` ("auto" resolved; others as given);
-    `native_ok`: whether the native kernel can run this attention."""
+    `native_ok` / `cudnn_ok`: whether the native kernel / cuDNN's can run this attention."""
     if impl == "auto":
         if backend == "cpu":
             return "native" if native_ok else "blocked"
-        return "xla"
+        return "cudnn" if cudnn_ok else "xla"
     return impl
 
 
@@ -80,14 +94,21 @@ def causal_attention_packed(qkv_btkhd: jax.Array, impl: str = "auto") -> jax.Arr
     why_not = native_unusable(qkv_btkhd) if impl in ("auto", "native") else None
     if impl == "native" and why_not:
         raise GptjaxError(f"attention_impl=native cannot run here: {why_not}")
-    impl = resolve_impl(impl, jax.default_backend(), native_ok=why_not is None)
-    if impl == "native":
+    chosen = resolve_impl(impl, jax.default_backend(), native_ok=why_not is None,
+                          cudnn_ok=impl == "auto" and cudnn_unusable(qkv_btkhd) is None)
+    if chosen == "native":
         return _native(qkv_btkhd)
     q_bthd, k_bthd, v_bthd = (qkv_btkhd[:, :, i] for i in range(3))
-    if impl != "blocked":
-        return jax.nn.dot_product_attention(q_bthd, k_bthd, v_bthd, is_causal=True,
-                                            implementation=impl)
-    return _blocked(q_bthd, k_bthd, v_bthd)
+    if chosen == "blocked":
+        return _blocked(q_bthd, k_bthd, v_bthd)
+    if chosen == "cudnn" and impl == "auto":
+        try:  # cuDNN checks its version, the card and the shapes while tracing
+            return jax.nn.dot_product_attention(q_bthd, k_bthd, v_bthd, is_causal=True,
+                                                implementation="cudnn")
+        except (RuntimeError, ValueError, NotImplementedError):
+            chosen = "xla"
+    return jax.nn.dot_product_attention(q_bthd, k_bthd, v_bthd, is_causal=True,
+                                        implementation=chosen)
 
 
 @jax.custom_vjp

@@ -52,7 +52,8 @@ class ModelConfig:
         "auto", "causal attention: native (gptjax's fused float32 CPU kernel, one device, "
         "x86 with AVX-512, up to 2048 positions), blocked (query blocks that skip masked "
         "keys), xla or cudnn (jax.nn.dot_product_attention); auto = native on CPU where it "
-        "can run, else blocked on CPU, xla elsewhere; may change on resume",
+        "can run, else blocked on CPU; cudnn on NVIDIA GPUs for bfloat16/float16 (head dims "
+        "that are multiples of 8 up to 128), else xla; may change on resume",
         choices=("auto", "native", "blocked", "xla", "cudnn"), resume_safe=True)
     decode_matmul: str = _f(
         "auto", "decoding's few-row products: auto = gptjax's native kernel on x86 CPUs with "
@@ -123,17 +124,27 @@ class RunConfig:
 
 SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}
 
-# Model presets. The GPT-2 shapes are OpenAI's; "baby" is nanoGPT's CPU example and
-# "mini" the ~10M config the throughput issue measures. Small presets unroll the layer
-# scan fully: on a 2-core CPU that measured ~20% faster for "baby" (benchmarks/NOTES.md).
+# Model presets. The GPT-2 shapes are OpenAI's, but their 50,257-row vocabulary is padded
+# to 50,304 rows (a multiple of 128; sampling never picks the extra rows): on an H100 that
+# made GPT-2 124M's step 1.06x faster. Pretrained weights keep their own vocabulary (their
+# config.json). "baby" is nanoGPT's CPU example and "mini" the ~10M config the throughput
+# issue measures. Presets up to 12 layers unroll the layer scan fully: ~20% faster for
+# "baby" on a 2-core CPU, 1.48x for "gpt2" on an H100, where unrolling 2 or 4 layers a scan
+# step gained nothing; deeper presets keep a rolled scan, whose compile time does not grow
+# with depth (benchmarks/NOTES.md: "Unrolling the layer scan", GPU entry 2).
+GPT2_VOCAB_PADDED = 50304
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(n_layer=2, n_head=2, d_model=32, context_length=32, scan_unroll=2),
     "baby": dict(n_layer=4, n_head=4, d_model=128, context_length=64, scan_unroll=4),
     "mini": dict(n_layer=6, n_head=6, d_model=384, context_length=256, scan_unroll=6),
-    "gpt2": dict(n_layer=12, n_head=12, d_model=768, context_length=1024, vocab_size=50257),
-    "gpt2-medium": dict(n_layer=24, n_head=16, d_model=1024, context_length=1024, vocab_size=50257),
-    "gpt2-large": dict(n_layer=36, n_head=20, d_model=1280, context_length=1024, vocab_size=50257),
-    "gpt2-xl": dict(n_layer=48, n_head=25, d_model=1600, context_length=1024, vocab_size=50257),
+    "gpt2": dict(n_layer=12, n_head=12, d_model=768, context_length=1024,
+                 vocab_size=GPT2_VOCAB_PADDED, scan_unroll=12),
+    "gpt2-medium": dict(n_layer=24, n_head=16, d_model=1024, context_length=1024,
+                        vocab_size=GPT2_VOCAB_PADDED),
+    "gpt2-large": dict(n_layer=36, n_head=20, d_model=1280, context_length=1024,
+                       vocab_size=GPT2_VOCAB_PADDED),
+    "gpt2-xl": dict(n_layer=48, n_head=25, d_model=1600, context_length=1024,
+                    vocab_size=GPT2_VOCAB_PADDED),
 }
 
 

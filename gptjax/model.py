@@ -251,10 +251,11 @@ REMAT_POLICIES = {
 def _remat(block_cls, cfg: ModelConfig):
     if cfg.remat == "none":
         return block_cls
-    # Under a rolled scan (the GPT-2 presets) the backward loop is apart from the forward
-    # one, so CSE barriers are not needed (flax's advice for remat under scan). Fully
-    # unrolled (the small presets) XLA:CPU planned no saving with or without them
-    # (measured on 2-4 layers), and those models are small anyway.
+    # Under a rolled scan (the GPT-2 presets above 12 layers, or --scan-unroll 1) the
+    # backward loop is apart from the forward one, so CSE barriers are not needed (flax's
+    # advice for remat under scan). Fully unrolled (the presets up to 12 layers) XLA:CPU
+    # planned no saving with or without them (measured on 2-4 layers), so rematerialising
+    # "gpt2" needs --scan-unroll 1.
     # Argument 2 (counting self) is `deterministic`, a Python bool.
     return nn.remat(block_cls, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False,
                     static_argnums=(2,))

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The throughput issue's GPU measurements, in phases that each fit one 10-minute command
+# on a lent GPU machine (benchmarks/NOTES.md, GPU entries, records what they gave).
+#
+#   bash benchmarks/gpu_session.sh sweep    # GPT-2 124M: bf16, vocab padding, cuDNN, scan, remat, batch
+#   bash benchmarks/gpu_session.sh depth    # layers unrolled, batch 32; GPT-2 XL (1558M)
+#   bash benchmarks/gpu_session.sh report   # the defaults through `gptjax bench`, decode, prefetch
+#
+# Each step has its own time limit, so one that hangs or fails leaves the rest to run;
+# logs go to $OUT (or ./gpu-out). Run from the repository root.
+set -u
+out=${OUT:-gpu-out}
+mkdir -p "$out"
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+ab="python benchmarks/train_step_ab.py"
+bf16="dtype=bfloat16"
+
+step() {  # step NAME SECONDS COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name ($(date +%T))"
+    timeout "$limit" "$@" > "$out/$name.log" 2>&1
+    local rc=$?
+    tail -n 25 "$out/$name.log"
+    echo "=== $name exit $rc"
+}
+
+case ${1:-} in
+sweep)
+    step env 60 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm \
+        --format=csv; python -c "import jax, flax, optax; print(jax.__version__, flax.__version__, \
+        optax.__version__, jax.devices())"'
+    step cudnn_test 120 python -m pytest -q -p no:cacheprovider tests/test_attention.py
+    # One change at a time from bf16 with XLA's attention: padded vocabulary, cuDNN's
+    # attention, layers unrolled, rematerialised attention.
+    step ab_features 330 $ab --case gpt2:16:1024 --vocab 50304 --repeats 7 \
+        "$bf16,vocab_size=50257" "$bf16" "$bf16,attention_impl=cudnn" \
+        "$bf16,attention_impl=cudnn,scan_unroll=12" "$bf16,attention_impl=cudnn,remat=dots_no_batch"
+    step ab_batch 200 $ab --case gpt2:16:1024 --vocab 50304 --repeats 5 \
+        "$bf16,attention_impl=cudnn" "$bf16,attention_impl=cudnn,batch_size=32" \
+        "$bf16,attention_impl=cudnn,batch_size=64"
+    ;;
+depth)
+    step precision_tests 90 python -m pytest -q -p no:cacheprovider tests/test_attention.py \
+        -k "blocked_equals or blocked_gradients"
+    # How many layers to unroll (1 measured 53.4 ms, 12 36.1 ms in "sweep"), and batch 32.
+    step ab_unroll 240 $ab --case gpt2:16:1024 --vocab 50304 --repeats 7 \
+        "$bf16,attention_impl=cudnn,scan_unroll=12" "$bf16,attention_impl=cudnn,scan_unroll=2" \
+        "$bf16,attention_impl=cudnn,scan_unroll=4" "$bf16,attention_impl=cudnn,scan_unroll=12,batch_size=32"
+    # GPT-2 XL (1558M): its 25 GB of float32 state leaves room for one variant a process.
+    step xl_b16_dots 130 $ab --case gpt2-xl:16:1024 --vocab 50304 --repeats 5 \
+        "$bf16,attention_impl=cudnn,remat=dots_no_batch"
+    step xl_b64_full 150 $ab --case gpt2-xl:64:1024 --vocab 50304 --repeats 5 \
+        "$bf16,attention_impl=cudnn,remat=full"
+    ;;
+report)
+    step auto_tests 120 python -m pytest -q -p no:cacheprovider tests/test_attention.py -k "cudnn or auto"
+    # The defaults (cuDNN attention, unrolled layers, padded vocabulary), with no overrides.
+    step bench_gpt2 300 python -m gptjax bench --preset gpt2 --batch 16,32 --context 1024 \
+        --dtype bfloat16 --json "$out/bench_gpt2.json" --results "$out/RESULTS.md" \
+        --decode --decode-batch 1,64
+    step host_overhead 130 python benchmarks/host_overhead.py --cases gpt2:32:1024 --dtype bfloat16
+    ;;
+*)
+    echo "usage: $0 sweep|depth|report" >&2
+    exit 2
+    ;;
+esac
