@@ -1,9 +1,9 @@
 """Compile time of the train step against depth: 12 vs 48 layers of the same width.
 
-The layers run under a rolled `nn.scan` (scan_unroll=1, as the GPT-2 presets do), so
-XLA compiles one block body whatever the depth; this measures how close to flat that
-keeps compile time. Shape: GPT-2 124M's width (d 768, 12 heads, GPT-2 vocabulary
-50,257, context 1024) and batch 8, float32; the two depths differ only in n_layer.
+The layers run under a rolled `nn.scan` (scan_unroll=1, what models deeper than 12 layers
+get by default), so XLA compiles one block body whatever the depth; this measures how close
+to flat that keeps compile time. Shape: the `gpt2` preset's width (d 768, 12 heads, its
+GPT-2 vocabulary, context 1024) and batch 8, float32; the two depths differ only in n_layer.
 Each measurement is a fresh Python process with no persistent compilation cache
 (`python -m gptjax.bench compile`), so nothing is reused between them; the depths
 alternate, and the reported figure is the ratio of the medians of trace+lower+compile.

@@ -2,7 +2,7 @@
 # The throughput issue's GPU measurements, in phases that each fit one 10-minute command
 # on a lent GPU machine (benchmarks/NOTES.md, GPU entries, records what they gave).
 #
-#   bash benchmarks/gpu_session.sh sweep    # GPT-2 124M: bf16, vocab padding, cuDNN, scan, remat, batch
+#   bash benchmarks/gpu_session.sh sweep    # GPT-2 124M: bf16, vocab padding, cuDNN, scan, remat
 #   bash benchmarks/gpu_session.sh depth    # layers unrolled, batch 32; GPT-2 XL (1558M)
 #   bash benchmarks/gpu_session.sh report   # the defaults through `gptjax bench`, decode, prefetch
 #
@@ -31,27 +31,28 @@ sweep)
         --format=csv; python -c "import jax, flax, optax; print(jax.__version__, flax.__version__, \
         optax.__version__, jax.devices())"'
     step cudnn_test 120 python -m pytest -q -p no:cacheprovider tests/test_attention.py
-    # One change at a time from bf16 with XLA's attention: padded vocabulary, cuDNN's
-    # attention, layers unrolled, rematerialised attention.
+    # One change at a time from bf16 with XLA's attention under a rolled scan: padded
+    # vocabulary, cuDNN's attention, layers unrolled; and rematerialised attention. Every
+    # setting is pinned, so the variants mean the same whatever the defaults become.
+    rolled="$bf16,scan_unroll=1"
     step ab_features 330 $ab --case gpt2:16:1024 --vocab 50304 --repeats 7 \
-        "$bf16,vocab_size=50257" "$bf16" "$bf16,attention_impl=cudnn" \
-        "$bf16,attention_impl=cudnn,scan_unroll=12" "$bf16,attention_impl=cudnn,remat=dots_no_batch"
-    step ab_batch 200 $ab --case gpt2:16:1024 --vocab 50304 --repeats 5 \
-        "$bf16,attention_impl=cudnn" "$bf16,attention_impl=cudnn,batch_size=32" \
-        "$bf16,attention_impl=cudnn,batch_size=64"
+        "$rolled,attention_impl=xla,vocab_size=50257" "$rolled,attention_impl=xla" \
+        "$rolled,attention_impl=cudnn" "$bf16,attention_impl=cudnn,scan_unroll=12" \
+        "$rolled,attention_impl=cudnn,remat=dots_no_batch"
     ;;
 depth)
     step precision_tests 90 python -m pytest -q -p no:cacheprovider tests/test_attention.py \
         -k "blocked_equals or blocked_gradients"
-    # How many layers to unroll (1 measured 53.4 ms, 12 36.1 ms in "sweep"), and batch 32.
+    # How many layers to unroll (1 measured 53.4 ms, 12 36.1 ms in "sweep"), and batch 32
+    # (batch 64 ran out of memory under the rolled scan).
     step ab_unroll 240 $ab --case gpt2:16:1024 --vocab 50304 --repeats 7 \
         "$bf16,attention_impl=cudnn,scan_unroll=12" "$bf16,attention_impl=cudnn,scan_unroll=2" \
         "$bf16,attention_impl=cudnn,scan_unroll=4" "$bf16,attention_impl=cudnn,scan_unroll=12,batch_size=32"
     # GPT-2 XL (1558M): its 25 GB of float32 state leaves room for one variant a process.
     step xl_b16_dots 130 $ab --case gpt2-xl:16:1024 --vocab 50304 --repeats 5 \
-        "$bf16,attention_impl=cudnn,remat=dots_no_batch"
+        "$bf16,attention_impl=cudnn,scan_unroll=1,remat=dots_no_batch"
     step xl_b64_full 150 $ab --case gpt2-xl:64:1024 --vocab 50304 --repeats 5 \
-        "$bf16,attention_impl=cudnn,remat=full"
+        "$bf16,attention_impl=cudnn,scan_unroll=1,remat=full"
     ;;
 report)
     step auto_tests 120 python -m pytest -q -p no:cacheprovider tests/test_attention.py -k "cudnn or auto"

@@ -15,10 +15,10 @@ in `gptjax train` (gptjax/host_memory.py), unless GPTJAX_KEEP_FREED_MEMORY=0.
 
     python benchmarks/train_step_ab.py --case mini:8:256 attention_impl=xla attention_impl=blocked
     python benchmarks/train_step_ab.py --case baby:12:64 scan_unroll=1 scan_unroll=4
-    python benchmarks/train_step_ab.py --case gpt2:8:1024 --vocab 50304 --compile-only \
-        remat=none remat=dots_no_batch remat=full
-    # on a GPU: python benchmarks/train_step_ab.py --case gpt2:16:1024 --vocab 50304 \
-    #     dtype=bfloat16 dtype=bfloat16,attention_impl=cudnn dtype=bfloat16,remat=dots_no_batch
+    python benchmarks/train_step_ab.py --case gpt2:8:1024 --compile-only \
+        scan_unroll=1 remat=dots_no_batch remat=full      # remat runs the layer scan rolled
+    # on a GPU (more in benchmarks/gpu_session.sh): python benchmarks/train_step_ab.py \
+    #     --case gpt2:16:1024 dtype=bfloat16,attention_impl=xla dtype=bfloat16
 """
 
 from __future__ import annotations
@@ -103,16 +103,14 @@ def main(argv=None) -> None:
           f"jax {jax.__version__}; "
           f"freed host memory: {info['host_memory']}; gptjax's native CPU kernels: "
           f"{info['native_kernels']}")
-    rate = {id(r): r["step"].tokens_per_step / statistics.median(r["ms"]) for r in runs}
     print(f"MFU over {peak['flops_per_s'] / 1e12:.3g} TFLOP/s ({peak['source']})")
     print("| variant | ms/step median (min-max) | tokens/s | MFU | tokens/s vs first | temporaries GiB |\n"
           "|---|---|---|---|---|---|")
-    for r in runs:
-        med = statistics.median(r["ms"])
-        tokens_per_s = r["step"].tokens_per_step / (med / 1000)
-        mfu = tokens_per_s * r["step"].flops_per_token / peak["flops_per_s"]
-        print(f"| {r['label']} | {med:.1f} ({min(r['ms']):.1f}-{max(r['ms']):.1f}) | "
-              f"{tokens_per_s:,.0f} | {mfu:.1%} | {rate[id(r)] / rate[id(runs[0])]:.2f}x | "
+    tokens_per_s = [r["step"].tokens_per_step / (statistics.median(r["ms"]) / 1000) for r in runs]
+    for r, rate in zip(runs, tokens_per_s):
+        mfu = rate * r["step"].flops_per_token / peak["flops_per_s"]
+        print(f"| {r['label']} | {statistics.median(r['ms']):.1f} ({min(r['ms']):.1f}-"
+              f"{max(r['ms']):.1f}) | {rate:,.0f} | {mfu:.1%} | {rate / tokens_per_s[0]:.2f}x | "
               f"{r['temp']:.2f} |")
 
 

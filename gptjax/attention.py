@@ -13,9 +13,9 @@ Three formulations, chosen by `ModelConfig.attention_impl`:
 - "xla" / "cudnn": `jax.nn.dot_product_attention` with that implementation.
 
 "auto" (the default) is "native" on CPU where the kernel can run (`native_unusable`),
-else "blocked" on CPU; on NVIDIA GPUs "cudnn" for bfloat16/float16 inputs it takes
-(`cudnn_unusable`, and XLA's if cuDNN refuses while tracing), else "xla"; "xla" on other
-accelerators. On the 2-core CPU the kernel made the baby config's training step 1.14x and
+else "blocked" on CPU; "cudnn" on one NVIDIA GPU (compute capability 8.0 or newer) for
+bfloat16/float16 inputs it takes (`cudnn_unusable`; XLA's if cuDNN refuses while tracing),
+else "xla". On the 2-core CPU the kernel made the baby config's training step 1.14x and
 the 10M config's 1.10x faster than "blocked", which had made the 10M step 1.16x faster
 than "xla" (benchmarks/NOTES.md, train step entries 3 and 10). On an H100, cuDNN's made
 GPT-2 124M's bfloat16 step 2.19x faster than XLA's (GPU entry 1).
@@ -24,8 +24,10 @@ GPT-2 124M's bfloat16 step 2.19x faster than XLA's (GPU entry 1).
 from __future__ import annotations
 
 import math
+import warnings
 
 import jax
+import jax.extend.backend
 import jax.numpy as jnp
 
 from gptjax import native
@@ -57,15 +59,21 @@ def native_unusable(x: jax.Array) -> str | None:
 
 
 def cudnn_unusable(x: jax.Array) -> str | None:
-    """Why "auto" does not try cuDNN's attention for `x` (q, or q, k, v packed; head_dim
-    last), or None when it does. cuDNN may still refuse at trace time (an old cuDNN or
-    card); "auto" then takes XLA's."""
-    if jax.default_backend() != "gpu" or "rocm" in jax.devices()[0].client.platform_version:
-        return "it needs an NVIDIA GPU"
+    """Why "auto" does not take cuDNN's attention for `x` (q, or q, k, v packed; head_dim
+    last), or None when it does. If cuDNN still refuses while tracing, "auto" warns and
+    takes XLA's."""
     if x.dtype not in (jnp.bfloat16, jnp.float16):
         return f"it takes bfloat16 or float16 inputs, not {x.dtype}"
     if x.shape[-1] % 8 or x.shape[-1] > 128:
         return f"it takes head dims that are multiples of 8 up to 128, not {x.shape[-1]}"
+    if jax.default_backend() != "gpu" or "cuda" not in jax.extend.backend.get_backend().platform_version:
+        return "it needs an NVIDIA GPU"
+    capability = jax.devices()[0].compute_capability
+    if tuple(int(p) for p in capability.split(".")) < (8, 0):
+        # Older cards pass jax's checks while tracing, then fail to compile.
+        return f"its flash attention needs compute capability 8.0 or newer, not {capability}"
+    if jax.device_count() > 1:
+        return "auto takes it only in a process that sees one GPU (not yet measured on several)"
     return None
 
 
@@ -75,7 +83,7 @@ def resolve_impl(impl: str, backend: str, native_ok: bool = False, cudnn_ok: boo
     if impl == "auto":
         if backend == "cpu":
             return "native" if native_ok else "blocked"
-        return "cudnn" if cudnn_ok else "xla"
+        return "cudnn" if backend == "gpu" and cudnn_ok else "xla"
     return impl
 
 
@@ -102,10 +110,11 @@ def causal_attention_packed(qkv_btkhd: jax.Array, impl: str = "auto") -> jax.Arr
     if chosen == "blocked":
         return _blocked(q_bthd, k_bthd, v_bthd)
     if chosen == "cudnn" and impl == "auto":
-        try:  # cuDNN checks its version, the card and the shapes while tracing
+        try:  # cuDNN checks its version and the shapes while tracing
             return jax.nn.dot_product_attention(q_bthd, k_bthd, v_bthd, is_causal=True,
                                                 implementation="cudnn")
-        except (RuntimeError, ValueError, NotImplementedError):
+        except (RuntimeError, ValueError, NotImplementedError) as e:
+            warnings.warn(f"attention_impl=auto: cuDNN's attention refused ({e}); using XLA's")
             chosen = "xla"
     return jax.nn.dot_product_attention(q_bthd, k_bthd, v_bthd, is_causal=True,
                                         implementation=chosen)

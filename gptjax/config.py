@@ -26,6 +26,13 @@ def _f(default, help: str, *, choices=None, resume_safe: bool = False):
     return field(default=default, metadata=meta)
 
 
+# scan_unroll=0 unrolls models up to this depth fully: 1.48x faster for GPT-2 124M on an
+# H100 than a rolled scan, ~20% for "baby" on a 2-core CPU, where unrolling 2 or 4 of the
+# 124M model's layers per step gained nothing (benchmarks/NOTES.md: "Unrolling the layer
+# scan", GPU entry 2). Deeper models keep the rolled scan's flat compile time.
+FULL_UNROLL_MAX_LAYERS = 12
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Shape and numerics of the GPT. vocab_size 0 means 'the tokenizer's'."""
@@ -41,19 +48,24 @@ class ModelConfig:
     layer_norm_eps: float = _f(1e-5, "LayerNorm epsilon")
     dtype: str = _f("float32", "activation/compute dtype", choices=("float32", "bfloat16", "float16"))
     param_dtype: str = _f("float32", "parameter storage dtype", choices=("float32", "bfloat16"))
-    scan_unroll: int = _f(1, "layers unrolled per scan iteration (n_layer = fully unrolled)")
+    scan_unroll: int = _f(
+        0, "layers unrolled per layer-scan step: 0 = auto (all of them up to "
+        f"{FULL_UNROLL_MAX_LAYERS} layers, else 1, a rolled scan whose compile time does not "
+        "grow with depth); --remat runs the scan rolled; may change on resume",
+        resume_safe=True)
     remat: str = _f(
         "none", "recompute each block's activations in the backward pass to save memory: none, "
         "full (keep only block inputs), dots (keep every product), dots_no_batch (keep the "
-        "linear layers' products, recompute attention); saves memory under a rolled layer "
-        "scan (--scan-unroll below --n-layer); may change on resume",
+        "linear layers' products, recompute attention); runs the layer scan rolled, whatever "
+        "--scan-unroll says (fully unrolled, it saved no memory); may change on resume",
         choices=("none", "full", "dots", "dots_no_batch"), resume_safe=True)
     attention_impl: str = _f(
         "auto", "causal attention: native (gptjax's fused float32 CPU kernel, one device, "
         "x86 with AVX-512, up to 2048 positions), blocked (query blocks that skip masked "
         "keys), xla or cudnn (jax.nn.dot_product_attention); auto = native on CPU where it "
-        "can run, else blocked on CPU; cudnn on NVIDIA GPUs for bfloat16/float16 (head dims "
-        "that are multiples of 8 up to 128), else xla; may change on resume",
+        "can run, else blocked on CPU; cudnn on one NVIDIA GPU (compute capability 8.0+) "
+        "for bfloat16/float16 with head dims that are multiples of 8 up to 128, else xla; "
+        "may change on resume",
         choices=("auto", "native", "blocked", "xla", "cudnn"), resume_safe=True)
     decode_matmul: str = _f(
         "auto", "decoding's few-row products: auto = gptjax's native kernel on x86 CPUs with "
@@ -125,20 +137,17 @@ class RunConfig:
 SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}
 
 # Model presets. The GPT-2 shapes are OpenAI's, but their 50,257-row vocabulary is padded
-# to 50,304 rows (a multiple of 128; sampling never picks the extra rows): on an H100 that
-# made GPT-2 124M's step 1.06x faster. Pretrained weights keep their own vocabulary (their
-# config.json). "baby" is nanoGPT's CPU example and "mini" the ~10M config the throughput
-# issue measures. Presets up to 12 layers unroll the layer scan fully: ~20% faster for
-# "baby" on a 2-core CPU, 1.48x for "gpt2" on an H100, where unrolling 2 or 4 layers a scan
-# step gained nothing; deeper presets keep a rolled scan, whose compile time does not grow
-# with depth (benchmarks/NOTES.md: "Unrolling the layer scan", GPU entry 2).
+# to 50,304 rows (a multiple of 128; `gptjax generate` never samples the extra rows): on an
+# H100 that made GPT-2 124M's step 1.06x faster. Pretrained weights keep their own
+# vocabulary (their config.json). "baby" is nanoGPT's CPU example and "mini" the ~10M
+# config the throughput issue measures.
 GPT2_VOCAB_PADDED = 50304
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(n_layer=2, n_head=2, d_model=32, context_length=32, scan_unroll=2),
-    "baby": dict(n_layer=4, n_head=4, d_model=128, context_length=64, scan_unroll=4),
-    "mini": dict(n_layer=6, n_head=6, d_model=384, context_length=256, scan_unroll=6),
+    "tiny": dict(n_layer=2, n_head=2, d_model=32, context_length=32),
+    "baby": dict(n_layer=4, n_head=4, d_model=128, context_length=64),
+    "mini": dict(n_layer=6, n_head=6, d_model=384, context_length=256),
     "gpt2": dict(n_layer=12, n_head=12, d_model=768, context_length=1024,
-                 vocab_size=GPT2_VOCAB_PADDED, scan_unroll=12),
+                 vocab_size=GPT2_VOCAB_PADDED),
     "gpt2-medium": dict(n_layer=24, n_head=16, d_model=1024, context_length=1024,
                         vocab_size=GPT2_VOCAB_PADDED),
     "gpt2-large": dict(n_layer=36, n_head=20, d_model=1280, context_length=1024,
@@ -167,10 +176,11 @@ def validate(cfg: RunConfig) -> RunConfig:
             if choices and value not in choices and value != f.default:  # "" = resolved later
                 raise GptjaxError(f"{section}.{f.name} must be one of {', '.join(choices)}, "
                                   f"got {value!r}")
-    for name in ("context_length", "n_layer", "n_head", "d_model", "mlp_ratio", "scan_unroll"):
+    for name in ("context_length", "n_layer", "n_head", "d_model", "mlp_ratio"):
         _positive(f"model.{name}", getattr(m, name))
-    if m.vocab_size < 0:
-        raise GptjaxError(f"model.vocab_size must be >= 0, got {m.vocab_size}")
+    for name in ("vocab_size", "scan_unroll"):  # 0: the tokenizer's / auto
+        if getattr(m, name) < 0:
+            raise GptjaxError(f"model.{name} must be >= 0, got {getattr(m, name)}")
     if m.d_model % m.n_head:
         raise GptjaxError(f"model.d_model ({m.d_model}) must be divisible by model.n_head ({m.n_head})")
     if not 0.0 <= m.dropout < 1.0:

@@ -26,16 +26,20 @@ def flops_per_token(cfg: ModelConfig, n_params_no_pos: int) -> float:
     return 6.0 * n_params_no_pos + 12.0 * cfg.n_layer * cfg.d_model * cfg.context_length
 
 
-def measure_matmul_flops(n: int = 1024, repeats: int = 10) -> float:
-    """Float32 matmul FLOP/s of the default device, best of `repeats` (for CPU MFU)."""
+def measure_matmul_flops(n: int = 1024, repeats: int = 10, min_seconds: float = 0.5) -> float:
+    """Float32 matmul FLOP/s of the default device (for CPU MFU): the best of at least
+    `repeats` products and at least `min_seconds` of them. Ten ~10 ms products (0.1 s)
+    once read half the usual rate, and a training log then showed MFU 1.10; a longer
+    window is harder for a burst of other work on the machine to cover."""
     a = jnp.ones((n, n), jnp.float32)
     mm = jax.jit(lambda x: x @ x)
     mm(a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
+    best, done, start = float("inf"), 0, time.perf_counter()
+    while done < repeats or time.perf_counter() - start < min_seconds:
         t0 = time.perf_counter()
         mm(a).block_until_ready()
         best = min(best, time.perf_counter() - t0)
+        done += 1
     return 2.0 * n ** 3 / best
 
 

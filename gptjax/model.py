@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import optax
 
 from gptjax.attention import causal_attention_packed
-from gptjax.config import ModelConfig
+from gptjax.config import FULL_UNROLL_MAX_LAYERS, ModelConfig
 from gptjax.kv_cache import KVCache, cached_attention, init_cache
 from gptjax.mesh import constrain_rows
 from gptjax.products import dense_dot, out_major_product, uses_native
@@ -219,7 +219,7 @@ class GPT(nn.Module):
                 split_rngs={"params": True, "dropout": True},
                 in_axes=nn.broadcast,
                 length=c.n_layer,
-                unroll=min(c.scan_unroll, c.n_layer),
+                unroll=layers_per_scan_step(c),
             )
             x_btd, _ = blocks(c, lora=self.lora, name="blocks")(x_btd, deterministic)
         else:
@@ -248,14 +248,23 @@ REMAT_POLICIES = {
 }
 
 
+def layers_per_scan_step(cfg: ModelConfig) -> int:
+    """The `unroll` of the layer scan: `scan_unroll`, with 0 = all layers up to
+    FULL_UNROLL_MAX_LAYERS, else 1; always 1 (rolled) when blocks are rematerialised, since
+    fully unrolled XLA:CPU planned no saving from remat, with or without CSE barriers
+    (measured on 2-4 layers)."""
+    if cfg.remat != "none":
+        return 1
+    if cfg.scan_unroll == 0:
+        return cfg.n_layer if cfg.n_layer <= FULL_UNROLL_MAX_LAYERS else 1
+    return min(cfg.scan_unroll, cfg.n_layer)
+
+
 def _remat(block_cls, cfg: ModelConfig):
     if cfg.remat == "none":
         return block_cls
-    # Under a rolled scan (the GPT-2 presets above 12 layers, or --scan-unroll 1) the
-    # backward loop is apart from the forward one, so CSE barriers are not needed (flax's
-    # advice for remat under scan). Fully unrolled (the presets up to 12 layers) XLA:CPU
-    # planned no saving with or without them (measured on 2-4 layers), so rematerialising
-    # "gpt2" needs --scan-unroll 1.
+    # The scan is rolled (layers_per_scan_step), so the backward loop is apart from the
+    # forward one and CSE barriers are not needed (flax's advice for remat under scan).
     # Argument 2 (counting self) is `deterministic`, a Python bool.
     return nn.remat(block_cls, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False,
                     static_argnums=(2,))

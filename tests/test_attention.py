@@ -86,24 +86,45 @@ def test_auto_is_native_or_blocked_on_cpu_cudnn_or_xla_on_gpus_and_xla_elsewhere
 
 def test_auto_tries_cudnn_only_where_it_can_run():
     q = _qkv(8, jnp.bfloat16, heads=2, head_dim=64)[0]
-    if jax.default_backend() != "gpu":
-        assert cudnn_unusable(q) == "it needs an NVIDIA GPU"
-        return
-    assert cudnn_unusable(q) is None
     assert "float32" in cudnn_unusable(q.astype(jnp.float32))
     assert "head dims" in cudnn_unusable(_qkv(8, jnp.bfloat16, head_dim=12)[0])
+    assert "head dims" in cudnn_unusable(_qkv(8, jnp.bfloat16, head_dim=136)[0])
+    if jax.default_backend() != "gpu":
+        assert cudnn_unusable(q) == "it needs an NVIDIA GPU"
 
 
-@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's attention needs a GPU")
+def test_auto_takes_xla_with_a_warning_when_cudnn_refuses_while_tracing(monkeypatch):
+    import gptjax.attention as A
+    real = jax.nn.dot_product_attention
+
+    def refusing(*args, implementation=None, **kw):
+        if implementation == "cudnn":
+            raise RuntimeError("cuDNN version too old")
+        return real(*args, implementation=implementation, **kw)
+    # Pretend to be a GPU that "auto" would send to cuDNN.
+    monkeypatch.setattr(A, "cudnn_unusable", lambda x: None)
+    monkeypatch.setattr(A, "native_unusable", lambda x: "not on this pretend GPU")
+    monkeypatch.setattr(A, "resolve_impl", lambda impl, backend, **kw: "cudnn")
+    monkeypatch.setattr(jax.nn, "dot_product_attention", refusing)
+    q, k, v = _qkv(QUERY_BLOCK + 3, jnp.bfloat16, heads=2, head_dim=64)
+    with pytest.warns(UserWarning, match="cuDNN's attention refused .*too old.*using XLA's"):
+        out = causal_attention(q, k, v, "auto")
+    np.testing.assert_array_equal(out, real(q, k, v, is_causal=True, implementation="xla"))
+    with pytest.raises(RuntimeError, match="too old"):  # asked for by name: no fallback
+        causal_attention(q, k, v, "cudnn")
+
+
+@pytest.mark.skipif(cudnn_unusable(jax.ShapeDtypeStruct((1, 1, 1, 64), jnp.bfloat16)) is not None,
+                    reason="cuDNN's attention needs one NVIDIA GPU of compute capability 8.0+")
 def test_cudnn_bfloat16_is_as_close_to_float32_as_the_other_formulations():
     # Runs on a GPU machine only (CI has none): the check behind "auto" choosing cuDNN there.
     q, k, v = _qkv(4 * QUERY_BLOCK, jnp.bfloat16, seed=3, heads=2, head_dim=64)
-    exact = (x.astype(jnp.float32) for x in (q, k, v))
-    want = causal_attention(*exact, "xla")
+    with full_precision:
+        want = causal_attention(*(x.astype(jnp.float32) for x in (q, k, v)), "xla")
+        exact_grads = _grads("xla", *(x.astype(jnp.float32) for x in (q, k, v)))
     errors = {impl: float(jnp.max(jnp.abs(causal_attention(q, k, v, impl).astype(jnp.float32)
                                               - want))) for impl in ("cudnn", "xla", "blocked")}
     assert errors["cudnn"] <= 2 * max(errors["xla"], errors["blocked"]), errors
-    exact_grads = _grads("xla", *(x.astype(jnp.float32) for x in (q, k, v)))
     per_impl = {impl: _grads(impl, q, k, v) for impl in ("cudnn", "xla", "blocked")}
     for i, want_grad in enumerate(exact_grads):
         err = {impl: float(jnp.max(jnp.abs(g[i].astype(jnp.float32) - want_grad)))

@@ -59,11 +59,19 @@ def test_dropout_is_active_only_when_asked(params):
     assert not np.allclose(base, dropped)
 
 
-def test_unrolled_scan_has_the_same_parameters_and_outputs(params):
-    unrolled = dataclasses.replace(CFG, scan_unroll=1)
+def test_rolled_and_unrolled_scans_have_the_same_parameters_and_outputs(params):
+    assert model.layers_per_scan_step(CFG) == CFG.n_layer  # auto: small models unroll
+    rolled = dataclasses.replace(CFG, scan_unroll=1)
     tokens = jnp.arange(16)[None] % 97
-    np.testing.assert_allclose(model.apply(params, tokens, unrolled), model.apply(params, tokens, CFG),
+    np.testing.assert_allclose(model.apply(params, tokens, rolled), model.apply(params, tokens, CFG),
                                atol=1e-6)
+
+
+def test_auto_unrolls_up_to_twelve_layers_and_remat_always_rolls():
+    steps = model.layers_per_scan_step
+    assert steps(preset("gpt2")) == 12 and steps(preset("gpt2-medium")) == 1
+    assert steps(preset("gpt2", n_layer=13)) == 1 and steps(preset("gpt2", scan_unroll=4)) == 4
+    assert steps(preset("gpt2", scan_unroll=4, remat="dots")) == 1
 
 
 def _loss_and_grads(params, adapters, config, tokens, lora):
@@ -140,10 +148,11 @@ def test_narrowing_projection_gradient_is_unchanged_by_its_cpu_orientation(param
         np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
 
 
-def test_full_remat_plans_fewer_temporary_bytes():
-    # A rolled layer scan, as the GPT-2 presets use (fully unrolled, XLA plans no saving).
+@pytest.mark.parametrize("scan_unroll", [0, 2])  # auto and explicit: both unroll "tiny" fully
+def test_full_remat_plans_fewer_temporary_bytes_whatever_the_unroll_asked(scan_unroll):
+    # Remat rolls the layer scan (fully unrolled, XLA:CPU planned no saving).
     config = preset("tiny", vocab_size=97, context_length=128, d_model=128, n_head=4,
-                    scan_unroll=1)
+                    scan_unroll=scan_unroll)
     params = jax.eval_shape(lambda: model.init(config, jax.random.PRNGKey(0)))
     tokens = jax.ShapeDtypeStruct((8, 129), jnp.int32)
 
