@@ -26,10 +26,10 @@ def _f(default, help: str, *, choices=None, resume_safe: bool = False):
     return field(default=default, metadata=meta)
 
 
-# scan_unroll=0 unrolls models up to this depth fully: 1.48x faster for GPT-2 124M on an
-# H100 than a rolled scan, ~20% for "baby" on a 2-core CPU, where unrolling 2 or 4 of the
-# 124M model's layers per step gained nothing (benchmarks/NOTES.md: "Unrolling the layer
-# scan", GPU entry 2). Deeper models keep the rolled scan's flat compile time.
+# scan_unroll=0 unrolls models up to this depth fully: 1.48x faster than a rolled scan for
+# GPT-2 124M on an H100 (where unrolling 2 or 4 layers per step gained nothing), ~20% for
+# "baby" on a 2-core CPU (benchmarks/NOTES.md: "Unrolling the layer scan", GPU entry 2).
+# Deeper models keep the rolled scan's flat compile time.
 FULL_UNROLL_MAX_LAYERS = 12
 
 
