@@ -5,6 +5,8 @@
 #   bash benchmarks/gpu_session.sh sweep    # GPT-2 124M: bf16, vocab padding, cuDNN, scan, remat
 #   bash benchmarks/gpu_session.sh depth    # layers unrolled, batch 32; GPT-2 XL (1558M)
 #   bash benchmarks/gpu_session.sh report   # the defaults through `gptjax bench`, decode, prefetch
+#   bash benchmarks/gpu_session.sh profile  # where the default step's time goes; batch 64
+#   bash benchmarks/gpu_session.sh flags    # XLA:GPU flags, one process each
 #
 # Each step has its own time limit, so one that hangs or fails leaves the rest to run;
 # logs go to $OUT (or ./gpu-out). Run from the repository root.
@@ -62,8 +64,32 @@ report)
         --decode --decode-batch 1,64
     step host_overhead 130 python benchmarks/host_overhead.py --cases gpt2:32:1024 --dtype bfloat16
     ;;
+profile)
+    # Per-op time of the default step (41.3% MFU at batch 32), and of the rolled scan, which
+    # cost ~17 ms a step more at batch 16 ("sweep").
+    step profile_b32 150 python benchmarks/profile_step.py --case gpt2:32:1024 --top 40 \
+        "$bf16,attention_impl=cudnn,scan_unroll=12"
+    step profile_rolled 120 python benchmarks/profile_step.py --case gpt2:16:1024 --top 25 \
+        "$bf16,attention_impl=cudnn,scan_unroll=1"
+    step ab_batch 270 $ab --case gpt2:32:1024 --vocab 50304 --repeats 7 \
+        "$bf16,attention_impl=cudnn,scan_unroll=12" "$bf16,attention_impl=cudnn,scan_unroll=12,batch_size=64"
+    ;;
+flags)
+    # One process per setting (flags are read once per process), the defaults first and last
+    # to bracket drift. A flag this jaxlib does not know aborts its own step only (all four
+    # parse in jaxlib 0.10.2).
+    run_bench() {  # run_bench NAME XLA_FLAGS
+        step "$1" 110 env XLA_FLAGS="$2" python -m gptjax bench --preset gpt2 --batch 32 \
+            --context 1024 --dtype bfloat16 --repeats 5 --json "$out/$1.json"
+    }
+    run_bench flags_none ""
+    run_bench flags_no_triton_gemm "--xla_gpu_enable_triton_gemm=false"
+    run_bench flags_triton_fusion "--xla_gpu_experimental_enable_triton_heroless_priority_fusion=true"
+    run_bench flags_cudnn_layer_norm "--xla_gpu_enable_cudnn_layer_norm=true"
+    run_bench flags_none_again ""
+    ;;
 *)
-    echo "usage: $0 sweep|depth|report" >&2
+    echo "usage: $0 sweep|depth|report|profile|flags" >&2
     exit 2
     ;;
 esac

@@ -104,13 +104,13 @@ def main(argv=None) -> None:
           f"freed host memory: {info['host_memory']}; gptjax's native CPU kernels: "
           f"{info['native_kernels']}")
     print(f"MFU over {peak['flops_per_s'] / 1e12:.3g} TFLOP/s ({peak['source']})")
-    print("| variant | ms/step median (min-max) | tokens/s | MFU | tokens/s vs first | temporaries GiB |\n"
-          "|---|---|---|---|---|---|")
+    print("| variant | attention | ms/step median (min-max) | tokens/s | MFU | tokens/s vs first | "
+          "temporaries GiB |\n|---|---|---|---|---|---|---|")
     medians = [statistics.median(r["ms"]) for r in runs]
     tokens_per_s = [r["step"].tokens_per_step / (ms / 1000) for r, ms in zip(runs, medians)]
     for r, ms, rate in zip(runs, medians, tokens_per_s):
         mfu = rate * r["step"].flops_per_token / peak["flops_per_s"]
-        print(f"| {r['label']} | {ms:.1f} ({min(r['ms']):.1f}-{max(r['ms']):.1f}) | "
+        print(f"| {r['label']} | {r['step'].attention} | {ms:.1f} ({min(r['ms']):.1f}-{max(r['ms']):.1f}) | "
               f"{rate:,.0f} | {mfu:.1%} | {rate / tokens_per_s[0]:.2f}x | {r['temp']:.2f} |")
 
 

@@ -87,6 +87,18 @@ def resolve_impl(impl: str, backend: str, native_ok: bool = False, cudnn_ok: boo
     return impl
 
 
+def choose_impl(qkv_btkhd, impl: str = "auto") -> str:
+    """The formulation `causal_attention_packed` takes for q, k, v packed like `qkv_btkhd`
+    (an array or a jax.ShapeDtypeStruct) on this process's backend: "auto" resolved, and
+    "native" refused with the reason where it cannot run. (If cuDNN's attention then
+    refuses while tracing, "auto" warns and takes XLA's.)"""
+    why_not = native_unusable(qkv_btkhd) if impl in ("auto", "native") else None
+    if impl == "native" and why_not:
+        raise GptjaxError(f"attention_impl=native cannot run here: {why_not}")
+    return resolve_impl(impl, jax.default_backend(), native_ok=why_not is None,
+                        cudnn_ok=impl == "auto" and cudnn_unusable(qkv_btkhd) is None)
+
+
 def causal_attention(q_bthd: jax.Array, k_bthd: jax.Array, v_bthd: jax.Array,
                      impl: str = "auto") -> jax.Array:
     """softmax(q k^T / sqrt(head_dim) + causal mask) v, all (batch, time, heads, head_dim).
@@ -99,11 +111,7 @@ def causal_attention_packed(qkv_btkhd: jax.Array, impl: str = "auto") -> jax.Arr
     """`causal_attention` of q, k, v packed as the qkv projection makes them, (batch, time,
     3, heads, head_dim). The native kernel reads them in place and returns their gradient
     packed; the other formulations take the three apart."""
-    why_not = native_unusable(qkv_btkhd) if impl in ("auto", "native") else None
-    if impl == "native" and why_not:
-        raise GptjaxError(f"attention_impl=native cannot run here: {why_not}")
-    chosen = resolve_impl(impl, jax.default_backend(), native_ok=why_not is None,
-                          cudnn_ok=impl == "auto" and cudnn_unusable(qkv_btkhd) is None)
+    chosen = choose_impl(qkv_btkhd, impl)
     if chosen == "native":
         return _native(qkv_btkhd)
     q_bthd, k_bthd, v_bthd = (qkv_btkhd[:, :, i] for i in range(3))

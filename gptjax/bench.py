@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from gptjax import host_memory, model, native, optim
+from gptjax import attention, host_memory, model, native, optim
 from gptjax.config import ModelConfig, TrainConfig
 from gptjax.data import WindowSampler, gather
 from gptjax.errors import GptjaxError
@@ -115,6 +115,7 @@ class TrainStepBench:
     lower_seconds: float  # trace + lower to StableHLO
     compile_seconds: float  # XLA compile (or persistent-cache load)
     memory: dict
+    attention: str  # the formulation traced into the step (attention_impl resolved)
 
     @property
     def tokens_per_step(self) -> int:
@@ -154,7 +155,20 @@ def build_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig) -> TrainSte
     note = host_memory.fit_to_compiled(compiled)
     if note:
         warnings.warn(note)
-    return TrainStepBench(model_cfg, train_cfg, compiled, fresh, rows, t1 - t0, t2 - t1, memory)
+    return TrainStepBench(model_cfg, train_cfg, compiled, fresh, rows, t1 - t0, t2 - t1, memory,
+                          traced_attention(model_cfg, train_cfg.batch_size, lowered))
+
+
+def traced_attention(cfg: ModelConfig, batch_size: int, lowered) -> str:
+    """The attention formulation in a lowered train step: what attention_impl resolves to
+    for its shapes, except that "auto" takes XLA's when cuDNN refuses while tracing (with
+    a warning), seen as no cuDNN attention call in the lowered module."""
+    qkv = jax.ShapeDtypeStruct((batch_size, cfg.context_length, 3, cfg.n_head,
+                                cfg.d_model // cfg.n_head), jnp.dtype(cfg.dtype))
+    chosen = attention.choose_impl(qkv, cfg.attention_impl)
+    if chosen == "cudnn" and "__cudnn$fmha" not in lowered.as_text():
+        return "xla"
+    return chosen
 
 
 def memory_stats(compiled) -> dict:

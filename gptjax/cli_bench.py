@@ -176,8 +176,9 @@ def run(args) -> int:
             if c == cfg and j not in decode_params:  # decode from the trained weights: no init
                 decode_params[j] = state.params
         row = {"preset": name, "batch": batch, "context": cfg.context_length, "dtype": cfg.dtype,
-               "param_dtype": cfg.param_dtype, "vocab": cfg.vocab_size, "n_layer": cfg.n_layer,
-               "d_model": cfg.d_model, "n_head": cfg.n_head, "params": param_count(cfg),
+               "attention": step.attention, "param_dtype": cfg.param_dtype,
+               "vocab": cfg.vocab_size, "n_layer": cfg.n_layer, "d_model": cfg.d_model,
+               "n_head": cfg.n_head, "params": param_count(cfg),
                "train": result,
                "compile": {"lower_seconds": step.lower_seconds,
                            "compile_seconds": step.compile_seconds,
@@ -195,6 +196,7 @@ def run(args) -> int:
         tok = result["tokens_per_s"]
         print(f"{label}: {tok['median']:,.0f} tok/s ({tok['min']:,.0f}-{tok['max']:,.0f}), "
               f"{result['ms_per_step']['median']:.1f} ms/step, MFU {100 * result['mfu']:.1f}%, "
+              f"{row['attention']} attention, "
               f"compile {row['compile']['seconds']:.1f}s" + _cache_note(row["compile"]), flush=True)
     policies = {row["memory"]["host_memory"] for row in rows}
     machine["host_memory"] = policies.pop() if len(policies) == 1 else "differs by case (see JSON)"
@@ -272,10 +274,10 @@ def markdown(report: dict) -> str:
              f"{report['flops_formula']}, over {peak_text}. Compile = trace+lower / XLA compile "
              f"in this process; fresh-process columns: cold and with the persistent cache. "
              f"Command: `{report['command']}`.", "",
-             "| preset | params | B | T | dtype | tok/s (min–max) | ms/step | TFLOP/s | MFU | "
+             "| preset | params | B | T | dtype | attention | tok/s (min–max) | ms/step | TFLOP/s | MFU | "
              "compile s (lower + XLA) | fresh cold s | fresh cached s | args MiB | temp MiB | "
              "peak RSS MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["train"]:
         t, c, mem = r["train"], r["compile"], r["memory"]
         tok = t["tokens_per_s"]
@@ -283,7 +285,7 @@ def markdown(report: dict) -> str:
         cached = c.get("cached_process", {}).get("seconds")
         lines.append(
             f"| {r['preset']} | {r['params']:,} | {r['batch']} | {r['context']} | {r['dtype']} | "
-            f"{tok['median']:,.0f} ({tok['min']:,.0f}–{tok['max']:,.0f}) | "
+            f"{r['attention']} | {tok['median']:,.0f} ({tok['min']:,.0f}–{tok['max']:,.0f}) | "
             f"{t['ms_per_step']['median']:.1f} | {t['flops_per_s'] / 1e12:.3g} | {100 * t['mfu']:.1f}% | "
             f"{c['seconds']:.1f} ({c['lower_seconds']:.1f} + {c['compile_seconds']:.1f}) | "
             f"{f'{cold:.1f}' if cold is not None else '–'} | "

@@ -4,9 +4,11 @@ benchmarks run and report sane, complete results."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
+import re
 import statistics
 
 import jax
@@ -14,7 +16,9 @@ import jax.numpy as jnp
 import pytest
 
 from conftest import REPO, run_cli
+from gptjax import bench, native
 from gptjax.bench import RecompileError, no_compiles
+from gptjax.config import TrainConfig, preset
 
 
 def _script(name: str):
@@ -40,6 +44,8 @@ def test_bench_smoke_writes_json_and_appends_the_table(capsys, tmp_path):
 
     (row,) = report["train"]
     assert (row["preset"], row["batch"], row["context"], row["dtype"]) == ("tiny", 2, 32, "float32")
+    attention = "native" if native.available() and jax.device_count() == 1 else "blocked"
+    assert row["attention"] == attention
     train = row["train"]
     assert 0 < train["tokens_per_s"]["min"] <= train["tokens_per_s"]["median"] <= train["tokens_per_s"]["max"]
     assert train["ms_per_step"]["median"] > 0 and train["flops_per_s"] > 0
@@ -62,7 +68,7 @@ def test_bench_smoke_writes_json_and_appends_the_table(capsys, tmp_path):
     text = results.read_text()
     assert text.startswith("# earlier results\n")  # appended, not overwritten
     assert "### gptjax bench" in text and "jaxlib" in text and "Command: `gptjax bench" in text
-    assert "| tiny | 28,576 | 2 | 32 | float32 |" in text and "| decode: preset |" in text
+    assert f"| tiny | 28,576 | 2 | 32 | float32 | {attention} |" in text and "| decode: preset |" in text
 
 
 def test_no_compiles_passes_on_cached_calls_and_raises_on_a_recompile():
@@ -123,15 +129,42 @@ def test_variant_ab_smoke_times_every_variant(capsys):
             if line.startswith("| ")][1:]
     assert [r[0] for r in rows] == ["| (as is)", "| remat=full,lr=0.01"]
     for r in rows:  # ms/step, tokens/s and MFU are positive numbers
-        assert float(r[1].split()[0]) > 0 and float(r[2].replace(",", "")) > 0
-        assert float(r[3].rstrip("%")) > 0
+        assert r[1] in ("native", "blocked")
+        assert float(r[2].split()[0]) > 0 and float(r[3].replace(",", "")) > 0
+        assert float(r[4].rstrip("%")) > 0
+
+
+@pytest.mark.parametrize("impl", ["auto", "blocked"])
+def test_the_attention_reported_is_the_one_compiled_into_the_step(impl):
+    """TrainStepBench.attention names what the traced step runs: the native kernel's custom
+    call is in the compiled step exactly when it says "native"."""
+    cfg = dataclasses.replace(preset("tiny", vocab_size=65), attention_impl=impl)
+    step = bench.build_train_step(cfg, TrainConfig(batch_size=2))
+    expected = ("native" if native.available() and jax.device_count() == 1 else "blocked") \
+        if impl == "auto" else impl
+    assert step.attention == expected
+    assert ("gptjax_causal_attention_fwd" in step.step.as_text()) == (expected == "native")
+
+
+def test_the_attention_reported_is_xla_when_cudnn_refused_while_tracing(monkeypatch):
+    """"auto" planned cuDNN but fell back while tracing: only the lowered module shows it."""
+    class Lowered:  # stands in for a jax.stages.Lowered
+        def __init__(self, text):
+            self.text = text
+
+        def as_text(self):
+            return self.text
+    monkeypatch.setattr(bench.attention, "choose_impl", lambda qkv, impl: "cudnn")
+    cfg = preset("tiny", vocab_size=65)
+    called = 'stablehlo.custom_call @"__cudnn$fmhaSoftmax"(%q, %k, %v)'
+    assert bench.traced_attention(cfg, 2, Lowered(called)) == "cudnn"
+    assert bench.traced_attention(cfg, 2, Lowered("stablehlo.dot_general")) == "xla"
 
 
 @pytest.mark.parametrize("item,message", [
     ("bogus=1", "expected FIELD=VALUE"), ("remat=foo", "model.remat must be one of"),
     ("n_layer=x", "n_layer takes int values")])
 def test_variant_ab_rejects_bad_items(item, message):
-    from gptjax.config import TrainConfig, preset
     from gptjax.errors import GptjaxError
     with pytest.raises(GptjaxError, match=message):
         _script("train_step_ab").parse_variant(item, preset("tiny", vocab_size=65), TrainConfig())
@@ -192,3 +225,106 @@ def test_host_overhead_rejects_a_bad_case_before_compiling(capsys):
     with pytest.raises(SystemExit) as exit_:
         _script("host_overhead").main(["--cases", "tiny:8:16", "tiny:4"])
     assert exit_.value.code == 2 and "bad case 'tiny:4'" in capsys.readouterr().err
+
+
+def _xspace(planes: list[tuple[str, list[tuple[str, list[tuple]]]]]):
+    """A jax.profiler.ProfileData from planes of lines of events (name, start ns, duration
+    ns, {stat: int or str}), written as the XSpace text proto the profiler's format takes."""
+    from jax.profiler import ProfileData
+    out, names, stat_ids = [], {}, {}
+    for p, (plane_name, lines) in enumerate(planes):
+        body = []
+        for l, (line_name, events) in enumerate(lines):
+            evs = []
+            for name, start, duration, stats in events:
+                meta = names.setdefault((p, name), len(names) + 1)
+                st = " ".join(
+                    f'stats {{ metadata_id: {stat_ids.setdefault(k, len(stat_ids) + 1)} '
+                    + (f'str_value: "{v}"' if isinstance(v, str) else f"uint64_value: {v}") + " }"
+                    for k, v in stats.items())
+                evs.append(f"events {{ metadata_id: {meta} offset_ps: {start * 1000} "
+                           f"duration_ps: {duration * 1000} {st} }}")
+            body.append(f'lines {{ id: {l + 1} name: "{line_name}" timestamp_ns: 0 {" ".join(evs)} }}')
+        body += [f'event_metadata {{ key: {i} value {{ id: {i} name: "{n}" }} }}'
+                 for (q, n), i in names.items() if q == p]
+        body += [f'stat_metadata {{ key: {i} value {{ id: {i} name: "{n}" }} }}'
+                 for n, i in stat_ids.items()]
+        out.append(f'planes {{ id: {p + 1} name: "{plane_name}" {" ".join(body)} }}')
+    return ProfileData.from_text_proto("\n".join(out))
+
+
+def test_profile_reads_gpu_ops_from_the_device_line_only():
+    """On a GPU trace the "XLA Ops" line is the record; streams and host events repeat it."""
+    data = _xspace([
+        ("/device:GPU:0", [("XLA Ops", [("fusion.1", 0, 5000, {}), ("custom-call.2", 6000, 2000, {})]),
+                           ("Stream #7", [("fusion.1", 0, 5000, {})])]),
+        ("/host:CPU", [("launcher", [("fusion.1", 0, 10, {"hlo_op": "fusion.1"})])])])
+    spans = _script("profile_step").op_spans(data)
+    assert sorted(spans) == [("custom-call.2", 6000, 8000), ("fusion.1", 0, 5000)]
+
+
+def test_profile_runs_a_cpu_op_until_its_end_event():
+    """A CPU op that hands its work to the thread pool returns at once; its "end:" event,
+    matched by correlation id, says when the work was done."""
+    data = _xspace([("/host:CPU", [
+        ("worker/1", [("dot.3", 0, 100, {"hlo_op": "dot.3", "_p": 7}),
+                      ("fusion.4", 200, 300, {"hlo_op": "fusion.4", "_p": 8}),
+                      ("end: dot.3", 9000, 50, {"_c": 7})]),
+        ("worker/2", [("ThreadpoolListener::Record", 10, 0, {"_p": 99})])])])
+    assert sorted(_script("profile_step").op_spans(data)) == [("dot.3", 0, 9050), ("fusion.4", 200, 500)]
+
+
+def test_profile_splits_overlapping_time_evenly_and_counts_each_instant_once():
+    share, running = _script("profile_step").attribute(
+        [("a", 0, 10), ("b", 5, 15), ("a", 20, 22), ("c", 30, 30)])
+    assert share == pytest.approx({"a": 5 + 2.5 + 2, "b": 2.5 + 5, "c": 0})
+    assert sum(share.values()) == pytest.approx(17)  # the union: 0-15 and 20-22
+    assert running == {"a": 12, "b": 10, "c": 0}
+
+
+def test_profile_names_each_op_kind_from_the_hlo():
+    hlo = """
+  %fusion.9 = bf16[16,1024,768]{2,1,0} fusion(%p0), kind=kLoop, calls=%fused_computation.9
+  %gemm_fusion.2 = bf16[768,2304]{1,0} fusion(%a, %b), kind=kCustom, calls=%c, backend_config={"fusion_backend_config":{"kind":"__triton_gemm"}}
+  ROOT %custom-call.5 = (bf16[16,1024,12,64]{3,2,1,0}, u8[0]{0}) custom-call(%q, %k, %v), custom_call_target="__cudnn$fmhaSoftmax", api_version=API_VERSION_TYPED_FFI
+  %dot.78 = f32[384,1536]{1,0} dot(%x, %y), lhs_contracting_dims={0}, rhs_contracting_dims={0}
+"""
+    kinds = _script("profile_step").op_kinds(hlo)
+    assert kinds["fusion.9"] == ("fusion kLoop", "bf16[16,1024,768]{2,1,0}")
+    assert kinds["gemm_fusion.2"][0] == "fusion kCustom __triton_gemm"
+    assert kinds["custom-call.5"][0] == "custom-call __cudnn$fmhaSoftmax"
+    assert kinds["dot.78"] == ("dot", "f32[384,1536]{1,0}")
+
+
+def test_profile_smoke_accounts_for_a_real_step(capsys):
+    """benchmarks/profile_step.py on a real (tiny) step: every op it lists is in the
+    compiled HLO, the step's products are among them, and the time some op ran is no more
+    than the traced wall time."""
+    _script("profile_step").main(["--case", "tiny:2:16", "--steps", "2", "--top", "50"])
+    out = capsys.readouterr().out
+    traced, busy = (float(x) for x in re.search(r"([\d.]+) traced, of which some op ran ([\d.]+)", out).groups())
+    assert 0 < busy <= traced
+    kinds = [line.split(" | ")[0][2:] for line in out.split("| kind |")[1].split("\n\n")[0].splitlines()[2:]]
+    assert "(not in the HLO)" not in kinds and any("dot" in k or "ynn" in k for k in kinds)
+    shares = [float(line.split(" | ")[3]) for line in out.split("| op |")[1].strip().splitlines()[2:]]
+    assert shares == sorted(shares, reverse=True) and sum(shares) <= busy * 1.001
+
+
+def test_profile_ends_an_op_where_a_reader_of_its_output_starts():
+    """An XLA:CPU "end:" event can come long after the op's work (its thread first runs the
+    successors it made ready); the first start of an op reading the output bounds it,
+    looking through instructions that never run (a bitcast here)."""
+    hlo = """
+  %ln_fusion.1 = f32[8,384]{1,0} fusion(%x), kind=kLoop, calls=%f1
+  %bitcast.2 = f32[2,4,384]{2,1,0} bitcast(%ln_fusion.1)
+  %ynn_fusion.3 = f32[2,4,1152]{2,1,0} fusion(%bitcast.2, %w), kind=kCustom, calls=%f3
+  %dot.4 = f32[384,384]{1,0} dot(%a, %b), lhs_contracting_dims={0}, rhs_contracting_dims={0}
+"""
+    ps = _script("profile_step")
+    spans = [("ln_fusion.1", 0, 15_000), ("ynn_fusion.3", 400, 14_000), ("dot.4", 100, 9_000),
+             ("ln_fusion.1", 20_000, 20_300), ("ynn_fusion.3", 20_500, 30_000)]
+    assert ps.consumers(hlo, {"ln_fusion.1", "ynn_fusion.3", "dot.4"}) == {
+        "ln_fusion.1": {"ynn_fusion.3"}, "ynn_fusion.3": set(), "dot.4": set()}
+    assert ps.end_by_consumers(spans, hlo) == [
+        ("ln_fusion.1", 0, 400), ("ynn_fusion.3", 400, 14_000), ("dot.4", 100, 9_000),
+        ("ln_fusion.1", 20_000, 20_300), ("ynn_fusion.3", 20_500, 30_000)]

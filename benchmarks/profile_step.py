@@ -1,0 +1,246 @@
+"""Where a train step's time goes: a profiler trace of the compiled step, per XLA op.
+
+The step is the one `gptjax train` builds (gptjax.bench.build_train_step), with one optional
+variant in train_step_ab.py's FIELD=VALUE syntax. After warm-up it times `--steps` steps,
+then runs as many under `jax.profiler.trace` and reads the trace back
+(jax.profiler.ProfileData), so no TensorBoard is needed. Ops are named as in the compiled
+HLO, each with a kind read from there (a cuBLAS or cuDNN custom call, a Triton GEMM, a
+loop/input/output fusion, a plain dot...) and its output shape, which is usually enough to
+say which part of the model it is.
+
+Printed, in ms per step: the wall time untraced and traced, and how much of it some op was
+running (on a GPU the rest is time the device waited for the host); per op kind and for the
+`--top` ops, each op's share of the time ops ran and the time it was running. On a GPU ops
+run one after another, so the two agree. XLA:CPU runs independent ops side by side on the
+same cores (a weight gradient's product next to the input gradient's), so there an op's
+running time includes time the cores spent on its neighbours, and the share splits each
+instant evenly among the ops running then: an estimate of what each op costs, whose total
+is the time some op ran. `--trace-dir` keeps the trace for TensorBoard or Perfetto.
+
+    python benchmarks/profile_step.py --case baby:12:64
+    python benchmarks/profile_step.py --case gpt2:32:1024 dtype=bfloat16     # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import collections
+import dataclasses
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+
+from gptjax import bench, host_memory
+from gptjax.config import TrainConfig, preset
+from gptjax.errors import GptjaxError
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_step_ab import parse_variant  # noqa: E402  (the variant syntax lives there)
+
+# `%name = shape opcode(operands), ..., kind=kLoop, custom_call_target="..."` in HLO text.
+_HLO_LINE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([\w\-]+)\(")
+_CONTROL_FLOW = {"while", "conditional", "call"}  # their time is their body ops' time
+
+
+def op_kinds(hlo_text: str) -> dict[str, tuple[str, str]]:
+    """HLO instruction name -> (kind, output shape) for every instruction of the module."""
+    kinds = {}
+    for line in hlo_text.splitlines():
+        m = _HLO_LINE.match(line)
+        if not m:
+            continue
+        name, shape, opcode = m.groups()
+        kind = opcode
+        if opcode == "custom-call":
+            target = re.search(r'custom_call_target="([^"]+)"', line)
+            kind = f"custom-call {target.group(1) if target else '?'}"
+        elif opcode == "fusion":
+            fusion = re.search(r"kind=(k\w+)", line)
+            kind = f"fusion {fusion.group(1) if fusion else '?'}"
+            backend = re.search(r'"kind":"([^"]+)"', line)  # e.g. __triton_gemm, __cudnn$fusion
+            if fusion and fusion.group(1) == "kCustom" and backend:
+                kind += f" {backend.group(1)}"
+        kinds[name] = (kind, shape)
+    return kinds
+
+
+def load_trace(trace_dir: str):
+    """The trace `jax.profiler.trace(trace_dir)` wrote, as a jax.profiler.ProfileData."""
+    paths = sorted(Path(trace_dir).rglob("*.xplane.pb"))
+    if not paths:
+        raise GptjaxError(f"the profiler wrote no trace under {trace_dir}")
+    return jax.profiler.ProfileData.from_file(str(paths[-1]))
+
+
+def op_spans(data) -> list[tuple[str, float, float]]:
+    """(XLA op, start ns, end ns) for every op run in a trace.
+
+    On a GPU each device plane's "XLA Ops" line holds one event per op run; the other lines
+    and the host's events describe the same work again, so only those lines are read. On
+    CPU the executing threads' events carry the op in an `hlo_op` stat; an op that hands
+    its work to XLA's thread pool (a plain `dot`, for one) returns at once and logs an
+    "end: OP" event, matched by correlation id, when that work is done: the op runs until
+    then. Ops can overlap (XLA:CPU runs independent ones side by side).
+    """
+    device_lines = [line for plane in data.planes for line in plane.lines if line.name == "XLA Ops"]
+    if device_lines:  # names as "fusion.3", or as "%fusion.3 = ..." in some versions
+        return [(e.name.lstrip("%").split(" ")[0], e.start_ns, e.start_ns + e.duration_ns)
+                for line in device_lines for e in line.events]
+    started: dict[object, list] = {}  # correlation id (or a unique key) -> [op, start, end]
+    ended: dict[object, float] = {}
+    for plane in data.planes:
+        for line in plane.lines:
+            for event in line.events:
+                stats = dict(event.stats)
+                finish = event.start_ns + event.duration_ns
+                if "hlo_op" in stats:
+                    started[stats.get("_p", object())] = [stats["hlo_op"], event.start_ns, finish]
+                elif event.name.startswith("end: ") and "_c" in stats:
+                    ended[stats["_c"]] = finish
+    return [(op, start, max(finish, ended.get(key, finish)))
+            for key, (op, start, finish) in started.items()]
+
+
+def consumers(hlo_text: str, executed: set[str]) -> dict[str, set[str]]:
+    """Op -> the executed ops that read its output, looking through instructions that
+    never run themselves (bitcasts, tuples, get-tuple-elements)."""
+    users: dict[str, set[str]] = collections.defaultdict(set)
+    for line in hlo_text.splitlines():
+        m = _HLO_LINE.match(line)
+        if m:
+            operands = line[m.end():].split(")", 1)[0]
+            for operand in re.findall(r"%([\w.\-]+)", operands):
+                users[operand].add(m.group(1))
+    out = {}
+    for op in executed:
+        found, todo, seen = set(), list(users[op]), set()
+        while todo:
+            user = todo.pop()
+            if user in seen:
+                continue
+            seen.add(user)
+            if user in executed:
+                found.add(user)
+            else:
+                todo.extend(users[user])
+        out[op] = found
+    return out
+
+
+def end_by_consumers(spans, hlo_text: str) -> list[tuple[str, float, float]]:
+    """`spans` with each op's end moved no later than the first start of an op that reads
+    its output. XLA:CPU logs an asynchronous op's "end:" event only after its thread has
+    also run the successors it made ready, so that event can come long after the work:
+    a LayerNorm's output fusion read ~15 ms while the product reading it started 0.4 ms
+    after it did."""
+    readers = consumers(hlo_text, {op for op, _, _ in spans})
+    starts: dict[str, list[float]] = collections.defaultdict(list)
+    for op, start, _ in spans:
+        starts[op].append(start)
+    for times in starts.values():
+        times.sort()
+    out = []
+    for op, start, end in spans:
+        for reader in readers[op]:
+            i = bisect.bisect_left(starts[reader], start)
+            if i < len(starts[reader]):
+                end = min(end, max(start, starts[reader][i]))
+        out.append((op, start, end))
+    return out
+
+
+def attribute(spans) -> tuple[dict[str, float], dict[str, float]]:
+    """Per op: (its share of the time ops ran, each instant split evenly among the ops
+    running then, so the shares add up to the time some op ran; the time it was running).
+    """
+    edges = sorted([(start, 1, i) for i, (_, start, _) in enumerate(spans)] +
+                   [(end, -1, i) for i, (_, _, end) in enumerate(spans)], key=lambda e: e[:2])
+    share: dict[str, float] = collections.defaultdict(float)
+    running: dict[str, float] = collections.defaultdict(float)
+    for op, start, end in spans:
+        running[op] += end - start
+        share[op] += 0.0
+    active: set[int] = set()
+    last = edges[0][0] if edges else 0.0
+    for when, change, i in edges:
+        for j in active:
+            share[spans[j][0]] += (when - last) / len(active)
+        last = when
+        (active.add if change > 0 else active.discard)(i)
+    return dict(share), dict(running)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("variant", nargs="?", default="", help="FIELD=VALUE[,FIELD=VALUE] ('' = as is)")
+    ap.add_argument("--case", default="mini:8:256", help="preset:batch:context")
+    ap.add_argument("--vocab", type=int, help="vocabulary size (default: the preset's, else 65)")
+    ap.add_argument("--steps", type=int, default=5, help="steps traced")
+    ap.add_argument("--top", type=int, default=25, help="ops listed")
+    ap.add_argument("--trace-dir", help="keep the trace here (default: a temporary directory)")
+    args = ap.parse_args(argv)
+    if args.steps < 1 or args.top < 0:
+        raise GptjaxError("--steps must be >= 1 and --top >= 0")
+    host_memory.keep_freed_memory()  # as `gptjax train` does; before JAX's runtime starts
+    name, batch, context = bench.parse_case(args.case)
+    base_model = preset(name, context_length=context)
+    base_model = dataclasses.replace(base_model, vocab_size=args.vocab or base_model.vocab_size or 65)
+    model_cfg, train_cfg = parse_variant(
+        args.variant, base_model, TrainConfig(batch_size=batch, max_steps=10_000, warmup_steps=10))
+    step = bench.build_train_step(model_cfg, train_cfg)
+    hlo = step.step.as_text()
+    kinds = op_kinds(hlo)
+    batches = [step.put(b) for b in bench.random_batches(4, batch, context, model_cfg.vocab_size)]
+    state = step.init_state()
+    _, state, _ = bench.time_steps(step, state, batches, 3)  # warm-up
+    wall, state, _ = bench.time_steps(step, state, batches, args.steps)
+    with tempfile.TemporaryDirectory() as scratch:
+        trace_dir = args.trace_dir or scratch
+        with bench.no_compiles("the traced train steps"), jax.profiler.trace(trace_dir):
+            traced, _, _ = bench.time_steps(step, state, batches, args.steps)
+        spans = [s for s in end_by_consumers(op_spans(load_trace(trace_dir)), hlo)
+                 if kinds.get(s[0], ("",))[0] not in _CONTROL_FLOW]
+    if not spans:
+        raise GptjaxError("the trace holds no XLA op events (is this backend's profiler supported?)")
+    share, running = attribute(spans)
+    print(f"case {args.case} {args.variant or '(as is)'}, {args.steps} steps traced, "
+          f"{step.attention} attention; {describe_machine()}, jax {jax.__version__}")
+    print(f"wall ms/step: {1000 * wall / args.steps:.2f} untraced, {1000 * traced / args.steps:.2f} "
+          f"traced, of which some op ran {sum(share.values()) / 1e6 / args.steps:.2f}")
+    report(kinds, {op: ns / 1e6 / args.steps for op, ns in share.items()},
+           {op: ns / 1e6 / args.steps for op, ns in running.items()}, args.top)
+
+
+def describe_machine() -> str:
+    info = bench.machine_info()
+    return info["cpu"] if info["backend"] == "cpu" else info["device_kind"]
+
+
+def report(kinds: dict, share: dict[str, float], running: dict[str, float], top: int) -> None:
+    """Markdown tables of time per op kind and of the `top` ops, in ms per step: each op's
+    share of the time ops ran (overlapping ops split it) and the time it was running."""
+    busy = sum(share.values())
+    by_kind: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
+    for op in share:
+        kind = kinds.get(op, ("(not in the HLO)", ""))[0]
+        by_kind[kind][0] += share[op]
+        by_kind[kind][1] += running[op]
+    print("\n| kind | share ms/step | % of op time | running ms/step |\n|---|---|---|---|")
+    for kind, (ms, run_ms) in sorted(by_kind.items(), key=lambda kv: -kv[1][0]):
+        print(f"| {kind} | {ms:.3f} | {ms / busy:.1%} | {run_ms:.3f} |")
+    if top:
+        print("\n| op | kind | output | share ms/step | % | running ms/step |\n|---|---|---|---|---|---|")
+    for op, ms in sorted(share.items(), key=lambda kv: -kv[1])[:top]:
+        kind, shape = kinds.get(op, ("(not in the HLO)", ""))
+        print(f"| {op} | {kind} | {shape[:60]} | {ms:.3f} | {ms / busy:.1%} | {running[op]:.3f} |")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except GptjaxError as e:
+        raise SystemExit(f"profile_step: error: {e}") from None
