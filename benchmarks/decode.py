@@ -27,7 +27,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -216,24 +215,13 @@ def main(argv=None) -> int:
     return 0
 
 
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine(threads: int) -> dict:
+    """gptjax.bench's record of the machine, with this run's threads and the peer's versions."""
     import torch
     import transformers
-    return {"cpu": cpu_name(), "cores": os.cpu_count(),
-            "threads": threads, "device": str(jax.devices()[0].device_kind),
-            "python": platform.python_version(), "jax": jax.__version__,
+    info = bench.machine_info()
+    return {**info, "threads": threads, "device": info["device_kind"],
             "torch": torch.__version__, "transformers": transformers.__version__,
-            "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "native_kernel": native.available()}
 
 

@@ -82,9 +82,10 @@ def op_spans(data) -> list[tuple[str, float, float]]:
     On a GPU each device plane's "XLA Ops" line holds one event per op run; the other lines
     and the host's events describe the same work again, so only those lines are read. On
     CPU the executing threads' events carry the op in an `hlo_op` stat; an op that hands
-    its work to XLA's thread pool (a plain `dot`, for one) returns at once and logs an
-    "end: OP" event, matched by correlation id, when that work is done: the op runs until
-    then. Ops can overlap (XLA:CPU runs independent ones side by side).
+    its work to XLA's thread pool (a plain `dot`, for one) returns at once, and an "end:
+    OP" event, matched by correlation id, comes once that work is done (or later: see
+    `end_by_consumers`); the op runs until then. Ops can overlap (XLA:CPU runs independent
+    ones side by side).
     """
     device_lines = [line for plane in data.planes for line in plane.lines if line.name == "XLA Ops"]
     if device_lines:  # names as "fusion.3", or as "%fusion.3 = ..." in some versions
@@ -135,8 +136,8 @@ def end_by_consumers(spans, hlo_text: str) -> list[tuple[str, float, float]]:
     """`spans` with each op's end moved no later than the first start of an op that reads
     its output. XLA:CPU logs an asynchronous op's "end:" event only after its thread has
     also run the successors it made ready, so that event can come long after the work:
-    a LayerNorm's output fusion read ~15 ms while the product reading it started 0.4 ms
-    after it did."""
+    a LayerNorm's output fusion seemed to run ~15 ms, while the product reading its output
+    started 0.4 ms after it did."""
     readers = consumers(hlo_text, {op for op, _, _ in spans})
     starts: dict[str, list[float]] = collections.defaultdict(list)
     for op, start, _ in spans:
