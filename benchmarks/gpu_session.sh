@@ -5,7 +5,8 @@
 #   bash benchmarks/gpu_session.sh sweep    # GPT-2 124M: bf16, vocab padding, cuDNN, scan, remat
 #   bash benchmarks/gpu_session.sh depth    # layers unrolled, batch 32; GPT-2 XL (1558M)
 #   bash benchmarks/gpu_session.sh report   # the defaults through `gptjax bench`, decode, prefetch
-#   bash benchmarks/gpu_session.sh profile  # where the default step's time goes; batch 64
+#   bash benchmarks/gpu_session.sh profile  # where the step's time goes; batch 64 unrolled
+#   bash benchmarks/gpu_session.sh xl       # GPT-2 XL at batch 96 and 128; 124M in float32
 #   bash benchmarks/gpu_session.sh flags    # XLA:GPU flags, one process each
 #
 # Each step has its own time limit, so one that hangs or fails leaves the rest to run;
@@ -71,12 +72,27 @@ profile)
         "$bf16,attention_impl=cudnn,scan_unroll=12"
     step profile_rolled 120 python benchmarks/profile_step.py --case gpt2:16:1024 --top 25 \
         "$bf16,attention_impl=cudnn,scan_unroll=1"
-    step ab_batch 270 $ab --case gpt2:32:1024 --vocab 50304 --repeats 7 \
-        "$bf16,attention_impl=cudnn,scan_unroll=12" "$bf16,attention_impl=cudnn,scan_unroll=12,batch_size=64"
+    # Batch 64 unrolled, alone in its process: if it runs out of memory it takes nothing else
+    # with it (batch 32 is measured in "report" and "flags").
+    step b64 150 $ab --case gpt2:64:1024 --vocab 50304 --repeats 5 \
+        "$bf16,attention_impl=cudnn,scan_unroll=12"
+    ;;
+xl)
+    # GPT-2 XL's largest batch: 64 planned 28.3 GiB of temporaries under remat=full next to
+    # 25 GB of state ("depth"). If they grow with the batch (the float32 logits alone are
+    # 12.3 GiB at 64), 96 fits in 80 GB and 128 (~57 GiB) does not.
+    for b in 96 128; do
+        step "xl_b${b}_full" 170 $ab --case "gpt2-xl:$b:1024" --vocab 50304 --repeats 5 \
+            "$bf16,attention_impl=cudnn,scan_unroll=1,remat=full"
+    done
+    # The float32 baseline the bf16 figures have not had (XLA's attention: cuDNN's takes
+    # half precision only).
+    step gpt2_float32 120 python -m gptjax bench --preset gpt2 --batch 16 --context 1024 \
+        --dtype float32 --repeats 5 --json "$out/gpt2_float32.json"
     ;;
 flags)
     # One process per setting (flags are read once per process), the defaults first and last
-    # to bracket drift. A flag this jaxlib does not know aborts its own step only (all four
+    # to bracket drift. A flag this jaxlib does not know aborts its own step only (all three
     # parse in jaxlib 0.10.2).
     run_bench() {  # run_bench NAME XLA_FLAGS
         step "$1" 110 env XLA_FLAGS="$2" python -m gptjax bench --preset gpt2 --batch 32 \
@@ -89,7 +105,7 @@ flags)
     run_bench flags_none_again ""
     ;;
 *)
-    echo "usage: $0 sweep|depth|report|profile|flags" >&2
+    echo "usage: $0 sweep|depth|report|profile|xl|flags" >&2
     exit 2
     ;;
 esac

@@ -9,13 +9,18 @@ loop/input/output fusion, a plain dot...) and its output shape, which is usually
 say which part of the model it is.
 
 Printed, in ms per step: the wall time untraced and traced, and how much of it some op was
-running (on a GPU the rest is time the device waited for the host); per op kind and for the
-`--top` ops, each op's share of the time ops ran and the time it was running. On a GPU ops
-run one after another, so the two agree. XLA:CPU runs independent ops side by side on the
-same cores (a weight gradient's product next to the input gradient's), so there an op's
-running time includes time the cores spent on its neighbours, and the share splits each
-instant evenly among the ops running then: an estimate of what each op costs, whose total
-is the time some op ran. `--trace-dir` keeps the trace for TensorBoard or Perfetto.
+running; per op kind and for the `--top` ops, each op's share of the time ops ran and the
+time it was running. The line before the tables says where in the trace the ops were
+read. On a GPU ops run one after another on a stream, so share and running time agree,
+and the rest of the traced wall is time the device waited; XLA:GPU does not use CUDA
+graphs while profiling (unless XLA_FLAGS has
+--xla_enable_command_buffers_during_profiling=true), so that wait can be longer than in
+the untraced step. XLA:CPU runs
+independent ops side by side on the same cores (a weight gradient's product next to the
+input gradient's), so there an op's running time includes time the cores spent on its
+neighbours, and the share splits each instant evenly among the ops running then: an
+estimate of what each op costs, whose total is the time some op ran. `--trace-dir` keeps
+the trace for TensorBoard or Perfetto.
 
     python benchmarks/profile_step.py --case baby:12:64
     python benchmarks/profile_step.py --case gpt2:32:1024 dtype=bfloat16     # on a GPU
@@ -26,7 +31,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import collections
-import dataclasses
+import contextlib
 import re
 import sys
 import tempfile
@@ -35,11 +40,10 @@ from pathlib import Path
 import jax
 
 from gptjax import bench, host_memory
-from gptjax.config import TrainConfig, preset
 from gptjax.errors import GptjaxError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step_ab import parse_variant  # noqa: E402  (the variant syntax lives there)
+from train_step_ab import base_configs, parse_variant  # noqa: E402  (the variant syntax lives there)
 
 # `%name = shape opcode(operands), ..., kind=kLoop, custom_call_target="..."` in HLO text.
 _HLO_LINE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([\w\-]+)\(")
@@ -68,29 +72,43 @@ def op_kinds(hlo_text: str) -> dict[str, tuple[str, str]]:
     return kinds
 
 
-def load_trace(trace_dir: str):
-    """The trace `jax.profiler.trace(trace_dir)` wrote, as a jax.profiler.ProfileData."""
-    paths = sorted(Path(trace_dir).rglob("*.xplane.pb"))
-    if not paths:
-        raise GptjaxError(f"the profiler wrote no trace under {trace_dir}")
-    return jax.profiler.ProfileData.from_file(str(paths[-1]))
+def load_trace(trace_dir: str, before: set[Path]):
+    """The trace `jax.profiler.trace(trace_dir)` wrote (the file not in `before`), as a
+    jax.profiler.ProfileData."""
+    paths = set(Path(trace_dir).rglob("*.xplane.pb")) - before
+    if len(paths) != 1:
+        raise GptjaxError(f"expected one new trace file under {trace_dir}, found {len(paths)}")
+    return jax.profiler.ProfileData.from_file(str(paths.pop()))
 
 
-def op_spans(data) -> list[tuple[str, float, float]]:
-    """(XLA op, start ns, end ns) for every op run in a trace.
+# XLA:GPU annotates each thunk's kernel launches with its op, "Thunk:#hlo_op=fusion.3#",
+# under the module's "XlaModule:#hlo_module=...#"; the profiler keeps that on the kernel.
+_ANNOTATED_OP = re.compile(r"hlo_op=([\w.\-]+)")
+_DEVICE_PLANE = re.compile(r"^/device:(GPU|TPU):(\d+)$")
 
-    On a GPU each device plane's "XLA Ops" line holds one event per op run; the other lines
-    and the host's events describe the same work again, so only those lines are read. On
-    CPU the executing threads' events carry the op in an `hlo_op` stat; an op that hands
-    its work to XLA's thread pool (a plain `dot`, for one) returns at once, and an "end:
-    OP" event, matched by correlation id, comes once that work is done (or later: see
+
+def op_spans(data) -> tuple[list[tuple[str, float, float]], str]:
+    """((XLA op, start ns, end ns) for every op run in a trace, where they were read).
+
+    A device plane's "XLA Ops" line (TPUs; GPUs when derived lines were added) holds one
+    event per op run. Otherwise, on a GPU the first device plane's stream lines hold one
+    event per kernel or copy, whose op is its `hlo_op` stat or named in its launch
+    annotation; the host's events describe the same work again and are skipped. On CPU
+    the executing threads' events carry the op in an `hlo_op` stat; an op that hands its
+    work to XLA's thread pool (a plain `dot`, for one) returns at once, and an "end: OP"
+    event, matched by correlation id, comes once that work is done (or later: see
     `end_by_consumers`); the op runs until then. Ops can overlap (XLA:CPU runs independent
     ones side by side).
     """
-    device_lines = [line for plane in data.planes for line in plane.lines if line.name == "XLA Ops"]
-    if device_lines:  # names as "fusion.3", or as "%fusion.3 = ..." in some versions
-        return [(e.name.lstrip("%").split(" ")[0], e.start_ns, e.start_ns + e.duration_ns)
-                for line in device_lines for e in line.events]
+    for plane in data.planes:
+        for line in plane.lines:
+            if line.name == "XLA Ops":
+                return ([(e.name.lstrip("%").split(" ")[0], e.start_ns, e.start_ns + e.duration_ns)
+                         for e in line.events], f'{plane.name}, line "XLA Ops"')
+    devices = sorted((p for p in data.planes if _DEVICE_PLANE.match(p.name)),
+                     key=lambda p: int(_DEVICE_PLANE.match(p.name).group(2)))
+    if devices:  # the first device only: several would overlap in time
+        return _device_kernels(devices[0]), f"{devices[0].name}, kernels named by their launch annotation"
     started: dict[object, list] = {}  # correlation id (or a unique key) -> [op, start, end]
     ended: dict[object, float] = {}
     for plane in data.planes:
@@ -101,14 +119,36 @@ def op_spans(data) -> list[tuple[str, float, float]]:
                 if "hlo_op" in stats:
                     started[stats.get("_p", object())] = [stats["hlo_op"], event.start_ns, finish]
                 elif event.name.startswith("end: ") and "_c" in stats:
-                    ended[stats["_c"]] = finish
-    return [(op, start, max(finish, ended.get(key, finish)))
-            for key, (op, start, finish) in started.items()]
+                    ended[stats["_c"]] = max(finish, ended.get(stats["_c"], finish))
+    return ([(op, start, max(finish, ended.get(key, finish)))
+             for key, (op, start, finish) in started.items()], "host threads' hlo_op events")
+
+
+def _device_kernels(plane) -> list[tuple[str, float, float]]:
+    spans, unnamed = [], 0
+    for line in plane.lines:
+        for event in line.events:
+            stats = dict(event.stats)
+            op = stats.get("hlo_op")
+            if op is None:
+                found = [m for v in stats.values() if isinstance(v, str)
+                         for m in _ANNOTATED_OP.findall(v)]
+                op = found[-1] if found else None
+            if op is None:
+                unnamed += 1
+                continue
+            spans.append((op, event.start_ns, event.start_ns + event.duration_ns))
+    if not spans and unnamed:
+        names = sorted({k for line in plane.lines for e in line.events for k in dict(e.stats)})
+        raise GptjaxError(f"{plane.name}: {unnamed} events, none naming an XLA op (lines "
+                          f"{[line.name for line in plane.lines]}, stats {names})")
+    return spans
 
 
 def consumers(hlo_text: str, executed: set[str]) -> dict[str, set[str]]:
-    """Op -> the executed ops that read its output, looking through instructions that
-    never run themselves (bitcasts, tuples, get-tuple-elements)."""
+    """Op -> the ops in `executed` that read its output, looking through every other
+    instruction between them (bitcasts, tuples, get-tuple-elements, which never run).
+    Operands are read from `as_text()`'s form, `opcode(%a, %b)`, which names no shapes."""
     users: dict[str, set[str]] = collections.defaultdict(set)
     for line in hlo_text.splitlines():
         m = _HLO_LINE.match(line)
@@ -158,8 +198,9 @@ def attribute(spans) -> tuple[dict[str, float], dict[str, float]]:
     """Per op: (its share of the time ops ran, each instant split evenly among the ops
     running then, so the shares add up to the time some op ran; the time it was running).
     """
-    edges = sorted([(start, 1, i) for i, (_, start, _) in enumerate(spans)] +
-                   [(end, -1, i) for i, (_, _, end) in enumerate(spans)], key=lambda e: e[:2])
+    timed = [i for i, (_, start, end) in enumerate(spans) if end > start]
+    edges = sorted([(spans[i][1], 1, i) for i in timed] + [(spans[i][2], -1, i) for i in timed],
+                   key=lambda e: e[:2])
     share: dict[str, float] = collections.defaultdict(float)
     running: dict[str, float] = collections.defaultdict(float)
     for op, start, end in spans:
@@ -187,31 +228,32 @@ def main(argv=None) -> None:
     if args.steps < 1 or args.top < 0:
         raise GptjaxError("--steps must be >= 1 and --top >= 0")
     host_memory.keep_freed_memory()  # as `gptjax train` does; before JAX's runtime starts
-    name, batch, context = bench.parse_case(args.case)
-    base_model = preset(name, context_length=context)
-    base_model = dataclasses.replace(base_model, vocab_size=args.vocab or base_model.vocab_size or 65)
-    model_cfg, train_cfg = parse_variant(
-        args.variant, base_model, TrainConfig(batch_size=batch, max_steps=10_000, warmup_steps=10))
+    model_cfg, train_cfg = parse_variant(args.variant, *base_configs(args.case, args.vocab))
     step = bench.build_train_step(model_cfg, train_cfg)
     hlo = step.step.as_text()
     kinds = op_kinds(hlo)
-    batches = [step.put(b) for b in bench.random_batches(4, batch, context, model_cfg.vocab_size)]
+    batches = [step.put(b) for b in bench.random_batches(4, train_cfg.batch_size,
+                                                         model_cfg.context_length, model_cfg.vocab_size)]
     state = step.init_state()
     _, state, _ = bench.time_steps(step, state, batches, 3)  # warm-up
     wall, state, _ = bench.time_steps(step, state, batches, args.steps)
-    with tempfile.TemporaryDirectory() as scratch:
-        trace_dir = args.trace_dir or scratch
+    with contextlib.ExitStack() as stack:
+        trace_dir = args.trace_dir or stack.enter_context(tempfile.TemporaryDirectory())
+        before = set(Path(trace_dir).rglob("*.xplane.pb"))
         with bench.no_compiles("the traced train steps"), jax.profiler.trace(trace_dir):
             traced, _, _ = bench.time_steps(step, state, batches, args.steps)
-        spans = [s for s in end_by_consumers(op_spans(load_trace(trace_dir)), hlo)
-                 if kinds.get(s[0], ("",))[0] not in _CONTROL_FLOW]
-    if not spans:
-        raise GptjaxError("the trace holds no XLA op events (is this backend's profiler supported?)")
+        spans, source = op_spans(load_trace(trace_dir, before))
+    spans = [s for s in end_by_consumers(spans, hlo)
+             if kinds.get(s[0], ("",))[0] not in _CONTROL_FLOW]
     share, running = attribute(spans)
+    busy = sum(share.values())
+    if busy <= 0:
+        raise GptjaxError(f"the trace holds no timed XLA op events (read from: {source})")
     print(f"case {args.case} {args.variant or '(as is)'}, {args.steps} steps traced, "
           f"{step.attention} attention; {describe_machine()}, jax {jax.__version__}")
+    print(f"ops read from: {source}")
     print(f"wall ms/step: {1000 * wall / args.steps:.2f} untraced, {1000 * traced / args.steps:.2f} "
-          f"traced, of which some op ran {sum(share.values()) / 1e6 / args.steps:.2f}")
+          f"traced, of which some op ran {busy / 1e6 / args.steps:.2f}")
     report(kinds, {op: ns / 1e6 / args.steps for op, ns in share.items()},
            {op: ns / 1e6 / args.steps for op, ns in running.items()}, args.top)
 

@@ -58,6 +58,16 @@ def parse_variant(text: str, model_cfg: ModelConfig, train_cfg: TrainConfig):
     return model_cfg, train_cfg
 
 
+def base_configs(case: str, vocab: int | None) -> tuple[ModelConfig, TrainConfig]:
+    """The configs of a PRESET:BATCH:CONTEXT case that variants start from: the preset at
+    that context with `vocab` (default: the preset's, else 65), and a train config whose
+    schedule is long enough that no timed step reaches its end."""
+    name, batch, context = bench.parse_case(case)
+    model_cfg = preset(name, context_length=context)
+    model_cfg = dataclasses.replace(model_cfg, vocab_size=vocab or model_cfg.vocab_size or 65)
+    return model_cfg, TrainConfig(batch_size=batch, max_steps=10_000, warmup_steps=10)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("variants", nargs="+", help="FIELD=VALUE[,FIELD=VALUE] per variant ('' = as is)")
@@ -68,11 +78,8 @@ def main(argv=None) -> None:
     ap.add_argument("--compile-only", action="store_true", help="print memory plans, run nothing")
     args = ap.parse_args(argv)
     host_memory.keep_freed_memory()  # as `gptjax train` does; before JAX's runtime starts
-    name, batch, context = bench.parse_case(args.case)
-    base_model = preset(name, context_length=context)
-    vocab = args.vocab or base_model.vocab_size or 65
-    base_model = dataclasses.replace(base_model, vocab_size=vocab)
-    base_train = TrainConfig(batch_size=batch, max_steps=10_000, warmup_steps=10)
+    base_model, base_train = base_configs(args.case, args.vocab)
+    vocab = base_model.vocab_size
     runs = []
     for text in args.variants:
         m, t = parse_variant(text, base_model, base_train)

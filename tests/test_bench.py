@@ -19,6 +19,7 @@ from conftest import REPO, run_cli
 from gptjax import bench, native
 from gptjax.bench import RecompileError, no_compiles
 from gptjax.config import TrainConfig, preset
+from gptjax.errors import GptjaxError
 
 
 def _script(name: str):
@@ -26,6 +27,11 @@ def _script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _cpu_auto_attention() -> str:
+    """What attention_impl="auto" is on this CPU (gptjax.attention.resolve_impl's rule)."""
+    return "native" if native.available() and jax.device_count() == 1 else "blocked"
 
 
 def test_bench_smoke_writes_json_and_appends_the_table(capsys, tmp_path):
@@ -44,7 +50,7 @@ def test_bench_smoke_writes_json_and_appends_the_table(capsys, tmp_path):
 
     (row,) = report["train"]
     assert (row["preset"], row["batch"], row["context"], row["dtype"]) == ("tiny", 2, 32, "float32")
-    attention = "native" if native.available() and jax.device_count() == 1 else "blocked"
+    attention = _cpu_auto_attention()
     assert row["attention"] == attention
     train = row["train"]
     assert 0 < train["tokens_per_s"]["min"] <= train["tokens_per_s"]["median"] <= train["tokens_per_s"]["max"]
@@ -140,8 +146,7 @@ def test_the_attention_reported_is_the_one_compiled_into_the_step(impl):
     call is in the compiled step exactly when it says "native"."""
     cfg = dataclasses.replace(preset("tiny", vocab_size=65), attention_impl=impl)
     step = bench.build_train_step(cfg, TrainConfig(batch_size=2))
-    expected = ("native" if native.available() and jax.device_count() == 1 else "blocked") \
-        if impl == "auto" else impl
+    expected = _cpu_auto_attention() if impl == "auto" else impl
     assert step.attention == expected
     assert ("gptjax_causal_attention_fwd" in step.step.as_text()) == (expected == "native")
 
@@ -165,7 +170,6 @@ def test_the_attention_reported_is_xla_when_cudnn_refused_while_tracing(monkeypa
     ("bogus=1", "expected FIELD=VALUE"), ("remat=foo", "model.remat must be one of"),
     ("n_layer=x", "n_layer takes int values")])
 def test_variant_ab_rejects_bad_items(item, message):
-    from gptjax.errors import GptjaxError
     with pytest.raises(GptjaxError, match=message):
         _script("train_step_ab").parse_variant(item, preset("tiny", vocab_size=65), TrainConfig())
 
@@ -253,33 +257,66 @@ def _xspace(planes: list[tuple[str, list[tuple[str, list[tuple]]]]]):
     return ProfileData.from_text_proto("\n".join(out))
 
 
-def test_profile_reads_gpu_ops_from_the_device_line_only():
-    """On a GPU trace the "XLA Ops" line is the record; streams and host events repeat it."""
+def test_profile_reads_gpu_ops_from_an_xla_ops_line_where_there_is_one():
+    """A derived "XLA Ops" line is the record; streams and host events repeat it."""
     data = _xspace([
         ("/device:GPU:0", [("XLA Ops", [("fusion.1", 0, 5000, {}), ("custom-call.2", 6000, 2000, {})]),
                            ("Stream #7", [("fusion.1", 0, 5000, {})])]),
         ("/host:CPU", [("launcher", [("fusion.1", 0, 10, {"hlo_op": "fusion.1"})])])])
-    spans = _script("profile_step").op_spans(data)
+    spans, source = _script("profile_step").op_spans(data)
     assert sorted(spans) == [("custom-call.2", 6000, 8000), ("fusion.1", 0, 5000)]
+    assert "XLA Ops" in source
+
+
+def test_profile_reads_gpu_kernels_by_their_launch_annotation_on_the_first_device():
+    """A raw GPU trace: kernels on stream lines carry their thunk's annotation; the host's
+    events and a second GPU's kernels are not the first device's time."""
+    annotation = "XlaModule:#hlo_module=jit_train_step,program_id=3#::Thunk:#hlo_op=fusion.{}#"
+    data = _xspace([
+        ("/host:CPU", [("launcher", [("fusion.1", 0, 10, {"hlo_op": "fusion.1"})])]),
+        ("/device:GPU:1", [("Stream #9", [("loop_fusion", 0, 900, {"annotation": annotation.format(1)})])]),
+        ("/device:GPU:0", [
+            ("Stream #7", [("loop_fusion", 0, 300, {"annotation": annotation.format(1)}),
+                           ("loop_fusion", 400, 100, {"annotation": annotation.format(1)}),
+                           ("sm90_gemm", 600, 700, {"hlo_op": "custom-call.2"}),
+                           ("memset", 1400, 5, {})]),
+            ("Stream #8", [("loop_fusion", 1500, 50, {"annotation": annotation.format(4)})])])])
+    spans, source = _script("profile_step").op_spans(data)
+    assert sorted(spans) == [("custom-call.2", 600, 1300), ("fusion.1", 0, 300),
+                             ("fusion.1", 400, 500), ("fusion.4", 1500, 1550)]
+    assert source.startswith("/device:GPU:0")
+
+
+def test_profile_says_what_a_gpu_trace_holds_when_no_kernel_names_an_op():
+    data = _xspace([("/device:GPU:0", [("Stream #7", [("kernel", 0, 300, {"correlation_id": 5})])])])
+    with pytest.raises(GptjaxError, match=r"1 events, none naming an XLA op .*Stream #7.*correlation_id"):
+        _script("profile_step").op_spans(data)
 
 
 def test_profile_runs_a_cpu_op_until_its_end_event():
     """A CPU op that hands its work to the thread pool returns at once; its "end:" event,
-    matched by correlation id, says when the work was done."""
+    matched by correlation id, says when the work was done. Ids are unique over steps."""
     data = _xspace([("/host:CPU", [
         ("worker/1", [("dot.3", 0, 100, {"hlo_op": "dot.3", "_p": 7}),
                       ("fusion.4", 200, 300, {"hlo_op": "fusion.4", "_p": 8}),
-                      ("end: dot.3", 9000, 50, {"_c": 7})]),
-        ("worker/2", [("ThreadpoolListener::Record", 10, 0, {"_p": 99})])])])
-    assert sorted(_script("profile_step").op_spans(data)) == [("dot.3", 0, 9050), ("fusion.4", 200, 500)]
+                      ("end: dot.3", 9000, 50, {"_c": 7}),
+                      ("dot.3", 20_000, 100, {"hlo_op": "dot.3", "_p": 9}),
+                      ("end: dot.3", 25_000, 0, {"_c": 9}),
+                      ("end: gone.5", 26_000, 0, {"_c": 99})]),  # its op began before the trace
+        ("worker/2", [("ThreadpoolListener::Record", 10, 0, {"_p": 99}),
+                      ("copy.6", 30_000, 40, {"hlo_op": "copy.6"})])])])  # no correlation id
+    spans, _ = _script("profile_step").op_spans(data)
+    assert sorted(spans) == [("copy.6", 30_000, 30_040), ("dot.3", 0, 9050), ("dot.3", 20_000, 25_000),
+                             ("fusion.4", 200, 500)]
 
 
 def test_profile_splits_overlapping_time_evenly_and_counts_each_instant_once():
     share, running = _script("profile_step").attribute(
-        [("a", 0, 10), ("b", 5, 15), ("a", 20, 22), ("c", 30, 30)])
-    assert share == pytest.approx({"a": 5 + 2.5 + 2, "b": 2.5 + 5, "c": 0})
+        [("c", 0, 0), ("a", 0, 10), ("b", 5, 15), ("a", 20, 22), ("d", 21, 21)])
+    # A zero-length span (first, and inside another) takes no time from the others.
+    assert share == pytest.approx({"a": 5 + 2.5 + 2, "b": 2.5 + 5, "c": 0, "d": 0})
     assert sum(share.values()) == pytest.approx(17)  # the union: 0-15 and 20-22
-    assert running == {"a": 12, "b": 10, "c": 0}
+    assert running == {"a": 12, "b": 10, "c": 0, "d": 0}
 
 
 def test_profile_names_each_op_kind_from_the_hlo():
@@ -304,10 +341,16 @@ def test_profile_smoke_accounts_for_a_real_step(capsys):
     out = capsys.readouterr().out
     traced, busy = (float(x) for x in re.search(r"([\d.]+) traced, of which some op ran ([\d.]+)", out).groups())
     assert 0 < busy <= traced
-    kinds = [line.split(" | ")[0][2:] for line in out.split("| kind |")[1].split("\n\n")[0].splitlines()[2:]]
+    assert "ops read from: host threads' hlo_op events" in out
+    kind_rows = [line.split(" | ") for line in out.split("| kind |")[1].split("\n\n")[0].splitlines()[2:]]
+    kinds = [row[0][2:] for row in kind_rows]
     assert "(not in the HLO)" not in kinds and any("dot" in k or "ynn" in k for k in kinds)
-    shares = [float(line.split(" | ")[3]) for line in out.split("| op |")[1].strip().splitlines()[2:]]
-    assert shares == sorted(shares, reverse=True) and sum(shares) <= busy * 1.001
+    # The kinds' shares are the busy time split up; no op's share exceeds its running time.
+    assert sum(float(row[1]) for row in kind_rows) == pytest.approx(busy, rel=0.01, abs=0.01)
+    op_rows = [line.split(" | ") for line in out.split("| op |")[1].strip().splitlines()[2:]]
+    shares = [float(row[3]) for row in op_rows]
+    assert shares == sorted(shares, reverse=True)
+    assert all(float(row[3]) <= float(row[5].rstrip(" |")) + 1e-3 for row in op_rows)
 
 
 def test_profile_ends_an_op_where_a_reader_of_its_output_starts():
