@@ -43,7 +43,7 @@ from gptjax import bench, host_memory
 from gptjax.errors import GptjaxError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step_ab import base_configs, parse_variant  # noqa: E402  (the variant syntax lives there)
+from train_step_ab import base_configs, machine_name, parse_variant  # noqa: E402  (shared with the A/B)
 
 # `%name = shape opcode(operands), ..., kind=kLoop, custom_call_target="..."` in HLO text.
 _HLO_LINE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([\w\-]+)\(")
@@ -250,17 +250,12 @@ def main(argv=None) -> None:
     if busy <= 0:
         raise GptjaxError(f"the trace holds no timed XLA op events (read from: {source})")
     print(f"case {args.case} {args.variant or '(as is)'}, {args.steps} steps traced, "
-          f"{step.attention} attention; {describe_machine()}, jax {jax.__version__}")
+          f"{step.attention} attention; {machine_name(bench.machine_info())}, jax {jax.__version__}")
     print(f"ops read from: {source}")
     print(f"wall ms/step: {1000 * wall / args.steps:.2f} untraced, {1000 * traced / args.steps:.2f} "
           f"traced, of which some op ran {busy / 1e6 / args.steps:.2f}")
     report(kinds, {op: ns / 1e6 / args.steps for op, ns in share.items()},
            {op: ns / 1e6 / args.steps for op, ns in running.items()}, args.top)
-
-
-def describe_machine() -> str:
-    info = bench.machine_info()
-    return info["cpu"] if info["backend"] == "cpu" else info["device_kind"]
 
 
 def report(kinds: dict, share: dict[str, float], running: dict[str, float], top: int) -> None:

@@ -68,6 +68,11 @@ def base_configs(case: str, vocab: int | None) -> tuple[ModelConfig, TrainConfig
     return model_cfg, TrainConfig(batch_size=batch, max_steps=10_000, warmup_steps=10)
 
 
+def machine_name(info: dict) -> str:
+    """What ran the steps, from bench.machine_info(): the CPU's model, else the device's kind."""
+    return info["cpu"] if info["backend"] == "cpu" else info["device_kind"]
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("variants", nargs="+", help="FIELD=VALUE[,FIELD=VALUE] per variant ('' = as is)")
@@ -106,7 +111,7 @@ def main(argv=None) -> None:
                 r["ms"].append(1000 * seconds / steps)
     info = bench.machine_info()
     print(f"case {args.case}, vocab {vocab}, {steps} steps x {args.repeats} alternating "
-          f"repeats; {info['cpu'] if info['backend'] == 'cpu' else info['device_kind']}, "
+          f"repeats; {machine_name(info)}, "
           f"jax {jax.__version__}; "
           f"freed host memory: {info['host_memory']}; gptjax's native CPU kernels: "
           f"{info['native_kernels']}")
