@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
 from pathlib import Path
@@ -55,6 +56,14 @@ def char_data(tmp_path_factory, corpus_file) -> Path:
 
 TINY_RUN = ["--preset", "tiny", "--batch-size", "4", "--warmup-steps", "2", "--log-every", "1",
             "--eval-every", "3", "--eval-batches", "2", "--sample-tokens", "8", "--no-progress"]
+
+
+def benchmark_script(name: str):
+    """benchmarks/NAME.py imported as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
