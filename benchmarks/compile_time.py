@@ -20,7 +20,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from gptjax import bench
+from gptjax import bench, provenance
 from gptjax.config import TrainConfig, preset
 
 TARGET_RATIO = 1.5  # the issue: 48 layers compile within 1.5x the time of 12
@@ -66,14 +66,14 @@ def main(argv=None) -> int:
     for row in rows:
         row["ratio"] = row["seconds"]["median"] / rows[0]["seconds"]["median"]
     cfg = configs[base]
-    report = {"machine": bench.machine_info(),
+    report = {"machine": provenance.machine_info(),
               "command": "python benchmarks/compile_time.py"
                          + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:])),
               "shape": {"preset": args.preset, "d_model": cfg.d_model, "n_head": cfg.n_head,
                         "vocab": cfg.vocab_size, "context": cfg.context_length, "batch": args.batch,
                         "scan_unroll": args.scan_unroll, "dtype": cfg.dtype},
               "repeats": args.repeats, "target_ratio": TARGET_RATIO, "results": rows}
-    bench.publish(report, markdown(report), args.json, args.results)
+    provenance.publish(report, markdown(report), args.json, args.results)
     return 0
 
 

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax import bench, model, native
+from gptjax import bench, model, native, provenance
 from gptjax.generate import Decoder, _advance, _start
 from gptjax.hf import load_hf
 from gptjax.sampling import Sampling
@@ -211,7 +211,7 @@ def main(argv=None) -> int:
     report = {"machine": machine(args.threads),
               "prompt_len": args.prompt_len, "new_tokens": args.new, "repeats": args.repeats,
               "weights": args.weights or "random GPT-2 124M", "results": results}
-    bench.publish(report, markdown(report), args.json, args.results)
+    provenance.publish(report, markdown(report), args.json, args.results)
     return 0
 
 
@@ -219,7 +219,7 @@ def machine(threads: int) -> dict:
     """gptjax.bench's record of the machine, with this run's threads and the peer's versions."""
     import torch
     import transformers
-    info = bench.machine_info()
+    info = provenance.machine_info()
     return {**info, "threads": threads, "device": info["device_kind"],
             "torch": torch.__version__, "transformers": transformers.__version__,
             "native_kernel": native.available()}

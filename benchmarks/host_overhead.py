@@ -33,7 +33,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from gptjax import bench, host_memory
+from gptjax import bench, host_memory, provenance
 from gptjax import config as C
 from gptjax.data import WindowSampler, gather
 from gptjax.errors import GptjaxError
@@ -147,9 +147,9 @@ def main(argv=None) -> int:
         np.random.default_rng(0).integers(0, 65, 1 << 22, dtype=np.uint16).tofile(path)  # valid ids for any vocab
         tokens = np.memmap(path, dtype=np.uint16, mode="r")
         results = [run_case(case, args, tokens) for case in args.cases]
-    report = {"machine": bench.machine_info(), "dtype": args.dtype, "steps": args.steps,
+    report = {"machine": provenance.machine_info(), "dtype": args.dtype, "steps": args.steps,
               "repeats": args.repeats, "results": results}
-    bench.publish(report, markdown(report), args.json, args.results)
+    provenance.publish(report, markdown(report), args.json, args.results)
     return 0
 
 

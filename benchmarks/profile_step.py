@@ -39,7 +39,7 @@ from pathlib import Path
 
 import jax
 
-from gptjax import bench, host_memory
+from gptjax import bench, host_memory, provenance
 from gptjax.errors import GptjaxError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -250,7 +250,7 @@ def main(argv=None) -> None:
     if busy <= 0:
         raise GptjaxError(f"the trace holds no timed XLA op events (read from: {source})")
     print(f"case {args.case} {args.variant or '(as is)'}, {args.steps} steps traced, "
-          f"{step.attention} attention; {machine_name(bench.machine_info())}, jax {jax.__version__}")
+          f"{step.attention} attention; {machine_name(provenance.machine_info())}, jax {jax.__version__}")
     print(f"ops read from: {source}")
     print(f"wall ms/step: {1000 * wall / args.steps:.2f} untraced, {1000 * traced / args.steps:.2f} "
           f"traced, of which some op ran {busy / 1e6 / args.steps:.2f}")

@@ -29,7 +29,7 @@ import statistics
 
 import jax
 
-from gptjax import bench, host_memory
+from gptjax import bench, host_memory, provenance
 from gptjax import config as C
 from gptjax.config import ModelConfig, TrainConfig, preset
 from gptjax.errors import GptjaxError
@@ -69,7 +69,7 @@ def base_configs(case: str, vocab: int | None) -> tuple[ModelConfig, TrainConfig
 
 
 def machine_name(info: dict) -> str:
-    """What ran the steps, from bench.machine_info(): the CPU's model, else the device's kind."""
+    """What ran the steps, from provenance.machine_info(): the CPU's model, else the device's kind."""
     return info["cpu"] if info["backend"] == "cpu" else info["device_kind"]
 
 
@@ -109,7 +109,7 @@ def main(argv=None) -> None:
             for r in (runs if rep % 2 == 0 else runs[::-1]):
                 seconds, r["state"], _ = bench.time_steps(r["step"], r["state"], r["batches"], steps)
                 r["ms"].append(1000 * seconds / steps)
-    info = bench.machine_info()
+    info = provenance.machine_info()
     print(f"case {args.case}, vocab {vocab}, {steps} steps x {args.repeats} alternating "
           f"repeats; {machine_name(info)}, "
           f"jax {jax.__version__}; "

@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from gptjax import bench, host_memory, model
+from gptjax import bench, host_memory, model, provenance
 from gptjax.config import TrainConfig, preset
 from gptjax.errors import GptjaxError
 from gptjax.metrics import MFU_FORMULA, flops_per_token
@@ -297,7 +297,7 @@ def main(argv=None) -> int:
                     help="target length of one side's repeat when --steps is not given")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per side first")
     ap.add_argument("--batches", type=int, default=8, help="distinct batches cycled through")
-    ap.add_argument("--threads", type=int, default=bench.usable_cores(),
+    ap.add_argument("--threads", type=int, default=provenance.usable_cores(),
                     help="torch threads (default: the usable cores, as XLA:CPU uses)")
     ap.add_argument("--isolate", action="store_true", help="run each side in its own worker "
                     "process (still alternating) instead of both in this one")
@@ -325,10 +325,10 @@ def main(argv=None) -> int:
         ap.error(str(e))
     torch.set_num_threads(args.threads)
 
-    load_start = bench.machine_info()["load_average_1min"]
-    if load_start is not None and load_start > 0.5 * bench.usable_cores():
+    load_start = provenance.machine_info()["load_average_1min"]
+    if load_start is not None and load_start > 0.5 * provenance.usable_cores():
         print(f"warning: the machine is busy (1-min load average {load_start:.1f} on "
-              f"{bench.usable_cores()} cores); torch's OpenMP threads slow down badly under "
+              f"{provenance.usable_cores()} cores); torch's OpenMP threads slow down badly under "
               "contention, so ratios will overstate gptjax", file=sys.stderr)
     peak = bench.resolve_peak()
     rows = []
@@ -340,12 +340,12 @@ def main(argv=None) -> int:
               f"ratio {row['ratio']['median']:.2f}x", flush=True)
     peak = bench.remeasure_peak(peak)
     finish(rows, peak["flops_per_s"])
-    machine = {**bench.machine_info(), "load_average_1min_start": load_start, "torch": torch.__version__,
+    machine = {**provenance.machine_info(), "load_average_1min_start": load_start, "torch": torch.__version__,
                "torch_threads": torch.get_num_threads()}
     report = {"machine": machine, "command": " ".join(["python", "benchmarks/train_throughput.py",
                                                        *(argv if argv is not None else sys.argv[1:])]),
               "flops_formula": MFU_FORMULA, "matmul_peak": peak, "dtype": "float32", "results": rows}
-    bench.publish(report, markdown(report), args.json, args.results)
+    provenance.publish(report, markdown(report), args.json, args.results)
     return 0
 
 

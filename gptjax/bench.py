@@ -24,7 +24,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import resource
 import statistics
 import subprocess
@@ -32,7 +31,6 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -40,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from gptjax import attention, host_memory, model, native, optim
+from gptjax import attention, host_memory, model, optim
 from gptjax.config import ModelConfig, TrainConfig
 from gptjax.data import WindowSampler, gather
 from gptjax.errors import GptjaxError
@@ -50,7 +48,7 @@ from gptjax.sharding import batch_sharding, check_batch, check_divisible, shardi
 from gptjax.train_step import init_state, make_train_step
 
 __all__ = ["MFU_FORMULA", "RecompileError", "TrainStepBench", "build_train_step",
-           "compile_in_subprocess", "machine_info", "median_min_max",
+           "compile_in_subprocess", "median_min_max",
            "no_compiles", "peak_rss_mib", "random_batches", "remeasure_peak", "resolve_peak",
            "run_train_bench", "throughput", "time_steps"]
 
@@ -293,72 +291,6 @@ def remeasure_peak(peak: dict) -> dict:
     rate = measure_matmul_flops() * jax.device_count()
     measured = peak["measured"] + [rate]
     return {**peak, "flops_per_s": max(measured), "measured": measured}
-
-
-# ---- where and with what the numbers were taken -------------------------------------------
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or platform.machine()
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def publish(report: dict, table: str, json_path=None, results_path=None) -> None:
-    """Write the JSON report, print the markdown table, and append it to a results file."""
-    if json_path:
-        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
-    print(table)
-    if results_path:
-        with open(results_path, "a") as f:
-            f.write("\n" + table)
-
-
-def native_kernels() -> str:
-    if jax.default_backend() != "cpu":
-        return "not used (not CPU)"
-    return "built" if native.available() else "unavailable (XLA's products and attention)"
-
-
-def machine_info() -> dict:
-    """Hardware, versions and flags to record with every result."""
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
-    def ver(name):
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return None
-
-    dev = jax.devices()[0]
-    return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "backend": jax.default_backend(),
-            "device_kind": dev.device_kind, "device_count": jax.device_count(),
-            "cpu": cpu_model(), "cores": usable_cores(),
-            # XLA:CPU sizes its intra-op thread pool to the usable cores.
-            "threads": usable_cores() if jax.default_backend() == "cpu" else None,
-            "python": platform.python_version(), "jax": jax.__version__,
-            "jaxlib": ver("jaxlib"), "flax": ver("flax"), "optax": ver("optax"),
-            "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            # Whether freed host memory is kept (host_memory.py): worth 10-20% on XLA:CPU.
-            "host_memory": host_memory.status(),
-            # Whether attention_impl="auto" can take the native kernel for float32 (gptjax.native).
-            "native_kernels": native_kernels(),
-            # Other work on a shared host skews absolute numbers (ratios suffer less).
-            "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-            "jax_env": {k: v for k, v in os.environ.items() if k.startswith("JAX_")}}
 
 
 # ---- compile time in fresh processes ----------------------------------------------------

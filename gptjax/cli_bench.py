@@ -143,7 +143,7 @@ def run(args) -> int:
     decode_batches = _ints(args.decode_batch, "--decode-batch") if args.decode else []
     configs = [(_model_config(name, ctx, args), name, batch) for name, batch, ctx in cases]
 
-    from gptjax import bench, bench_decode, host_memory
+    from gptjax import bench, bench_decode, host_memory, provenance
     from gptjax.config import TrainConfig
     from gptjax.model import param_count
 
@@ -159,7 +159,7 @@ def run(args) -> int:
         print(f"note: --repeats {args.repeats}: the measuring protocol asks for at least 5 "
               "(medians of fewer are indicative only)")
 
-    machine = bench.machine_info()
+    machine = provenance.machine_info()
     peak = bench.resolve_peak(args.peak_flops)
     print(f"{machine['device_kind']} ({machine['backend']}, {machine['cores']} cores); MFU "
           f"denominator {peak['flops_per_s'] / 1e12:.3g} TFLOP/s ({peak['source']})", flush=True)
