@@ -27,7 +27,7 @@ import numpy as np
 from gptjax import model
 from gptjax.config import ModelConfig
 from gptjax.errors import GptjaxError
-from gptjax.sampling import Sampling, check_max_new_tokens, sample_logits
+from gptjax.sampling import Sampling, check_max_new_tokens, sample_logits, top_k_cap
 
 MIN_BUCKET = 16
 
@@ -48,7 +48,7 @@ class _Static(NamedTuple):
     bucket: int  # prompt columns
     cache_len: int  # columns the cache holds: prompt bucket + new ids, at most bucket + ctx
     may_slide: bool  # some row may outgrow the context: compile the sliding-window step too
-    top_k: int | None
+    top_k_cap: int | None  # candidates compiled for top-k; k itself is traced
     nucleus: bool
     valid_vocab: int
     eot_id: int  # -1: never stop on a token
@@ -89,11 +89,11 @@ def _next_logits(params, s: _Static, tokens_bn, pad_b, cache, end):
     return jax.lax.cond(fits, lambda: _cached_logits(*args), lambda: _window_logits(*args))
 
 
-def _emit(s: _Static, state: _State, logits_bv, temperature, top_p) -> _State:
+def _emit(s: _Static, state: _State, logits_bv, temperature, top_k, top_p) -> _State:
     """Sample one id per row and append it to the rows that are still going."""
     key = jax.random.fold_in(state.key, state.n)
-    nxt_b = sample_logits(logits_bv, key, temperature, s.top_k, top_p if s.nucleus else None,
-                          s.valid_vocab)
+    nxt_b = sample_logits(logits_bv, key, temperature, top_k if s.top_k_cap else None,
+                          top_p if s.nucleus else None, s.valid_vocab, cap=s.top_k_cap)
     col = s.bucket + state.n
     live_b = ~state.done
     old_b = jax.lax.dynamic_index_in_dim(state.tokens, col, axis=1, keepdims=False)
@@ -104,7 +104,7 @@ def _emit(s: _Static, state: _State, logits_bv, temperature, top_p) -> _State:
 
 
 @partial(jax.jit, static_argnames="s")
-def _start(params, tokens_bn, pad_b, key, temperature, top_p, s: _Static) -> _State:
+def _start(params, tokens_bn, pad_b, key, temperature, top_k, top_p, s: _Static) -> _State:
     """Prefill the cache with the prompts and sample each row's first new id."""
     batch = tokens_bn.shape[0]
     col_s = jnp.arange(s.cache_len)
@@ -114,11 +114,12 @@ def _start(params, tokens_bn, pad_b, key, temperature, top_p, s: _Static) -> _St
                                           s.config)
     state = _State(tokens_bn, jnp.zeros(batch, jnp.int32), jnp.zeros(batch, bool),
                    jnp.zeros((), jnp.int32), cache, key)
-    return _emit(s, state, logits_bv, temperature, top_p)
+    return _emit(s, state, logits_bv, temperature, top_k, top_p)
 
 
 @partial(jax.jit, static_argnames="s", donate_argnames="state")
-def _advance(params, state: _State, pad_b, stop_at, temperature, top_p, s: _Static) -> _State:
+def _advance(params, state: _State, pad_b, stop_at, temperature, top_k, top_p,
+             s: _Static) -> _State:
     """Decode until `stop_at` steps have been taken or every row is done."""
 
     def running(st):
@@ -126,7 +127,7 @@ def _advance(params, state: _State, pad_b, stop_at, temperature, top_p, s: _Stat
 
     def step(st):
         logits_bv, cache = _next_logits(params, s, st.tokens, pad_b, st.cache, s.bucket + st.n)
-        return _emit(s, st._replace(cache=cache), logits_bv, temperature, top_p)
+        return _emit(s, st._replace(cache=cache), logits_bv, temperature, top_k, top_p)
 
     return jax.lax.while_loop(running, step, state)
 
@@ -162,12 +163,13 @@ class Decoder:
         pad = np.array([bucket - len(r) for r in rows], np.int32)
         for i, r in enumerate(rows):
             tokens[i, pad[i]:bucket] = r
-        top_k = sampling.top_k if sampling.top_k is not None and sampling.top_k < valid_vocab else None
         nucleus = sampling.top_p is not None and sampling.top_p < 1
-        self._static = _Static(config, bucket, bucket + min(capacity, ctx), may_slide, top_k,
-                               nucleus, valid_vocab,
+        self._static = _Static(config, bucket, bucket + min(capacity, ctx), may_slide,
+                               top_k_cap(sampling.top_k, valid_vocab), nucleus, valid_vocab,
                                eot_id if stop_at_eot and eot_id is not None else -1)
-        self._dynamic = (jnp.float32(sampling.temperature), jnp.float32(sampling.top_p or 1.0))
+        top_k = min(sampling.top_k or 0, valid_vocab)  # unused (0) when top-k is off
+        self._dynamic = (jnp.float32(sampling.temperature), jnp.int32(top_k),
+                         jnp.float32(sampling.top_p or 1.0))
         self._pad = jnp.asarray(pad)
         self.max_new_tokens = max_new_tokens
         self._seen = np.zeros(len(rows), np.int64)

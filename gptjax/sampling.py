@@ -55,11 +55,26 @@ def check_max_new_tokens(n: int) -> None:
         raise GptjaxError(f"max_new_tokens must be an integer in [0, {MAX_NEW_TOKENS:,}], got {n}")
 
 
-def sample_logits(logits_bv, key, temperature, top_k: int | None, top_p, valid_vocab: int):
+def top_k_cap(top_k: int | None, valid_vocab: int) -> int | None:
+    """The static candidate count compiled for `top_k`: the next power of two, at most the
+    vocabulary; None when top-k truncates nothing.
+
+    The decode loop takes k itself as a traced value below this cap, so a new k recompiles
+    only when it crosses a power of two (about 16 programs for GPT-2's vocabulary).
+    """
+    if top_k is None or top_k >= valid_vocab:
+        return None
+    return min(1 << (int(top_k) - 1).bit_length(), valid_vocab)
+
+
+def sample_logits(logits_bv, key, temperature, top_k, top_p, valid_vocab: int, *,
+                  cap: int | None = None):
     """Next ids (batch,) from float logits. Ids >= valid_vocab are never chosen.
 
-    `top_k` is static (None or < valid_vocab); `top_p` is None (off) or a traced scalar.
-    Truncation order follows common practice: top-k, then temperature, then top-p.
+    `top_k` is None (off) or k < valid_vocab: a Python int, or a traced integer when `cap`
+    (static, >= k) says how many candidates to compile for. `top_p` is None (off) or a
+    traced scalar. Truncation order follows common practice: top-k, then temperature, then
+    top-p.
     """
     vocab = logits_bv.shape[-1]
     if valid_vocab < vocab:  # padded vocabularies: the extra rows are not tokens
@@ -69,7 +84,11 @@ def sample_logits(logits_bv, key, temperature, top_k: int | None, top_p, valid_v
     def draw(_):
         if top_k is not None:
             # lax.top_k returns sorted values, so top-p below sorts k entries, not the vocabulary.
-            candidates_bk, ids_bk = jax.lax.top_k(logits_bv, top_k)
+            # It puts the lower id first among equal logits, so the first k of the cap's
+            # candidates are exactly lax.top_k(logits, k).
+            candidates_bk, ids_bk = jax.lax.top_k(logits_bv, top_k if cap is None else cap)
+            if cap is not None:
+                candidates_bk = jnp.where(jnp.arange(cap) < top_k, candidates_bk, -jnp.inf)
         else:
             candidates_bk, ids_bk = logits_bv, None
         scaled_bk = candidates_bk / temperature

@@ -105,6 +105,39 @@ def test_top_k_one_is_greedy_and_top_k_above_the_vocabulary_is_clamped(params):
     assert generate(params, CFG, [1], 5, top_k=10_000, seed=1) == generate(params, CFG, [1], 5, seed=1)
 
 
+def test_a_traced_top_k_below_its_cap_samples_like_the_static_one():
+    """k = 2 compiled for 4 candidates: the same two ids, never the tied or lower ones."""
+    logits = jnp.array([[0.1, 3.0, 2.9, 2.9, -1.0, 2.9]])
+    keys = jax.random.split(jax.random.PRNGKey(0), 200)
+
+    def draws(k, cap):  # a traced k enters through jit; a static one is closed over
+        if cap is None:
+            one = jax.vmap(lambda key: sample_logits(logits, key, 1.0, k, None, 6)[0])
+            return set(np.asarray(jax.jit(one)(keys)).tolist())
+        one = jax.vmap(lambda key, k: sample_logits(logits, key, 1.0, k, None, 6, cap=cap)[0],
+                       in_axes=(0, None))
+        return set(np.asarray(jax.jit(one)(keys, k)).tolist())
+
+    assert draws(jnp.int32(2), 4) == draws(2, None) == {1, 2}  # the lower id wins the tie
+    assert draws(jnp.int32(1), 4) == {1}
+    assert draws(jnp.int32(4), 4) == {1, 2, 3, 5}
+
+
+def test_top_k_values_below_one_power_of_two_share_one_compile():
+    from gptjax.generate import _advance, _start
+    params = model.init(CFG, jax.random.PRNGKey(3))
+
+    def compiles(k):
+        before = (_start._cache_size(), _advance._cache_size())
+        ids = generate(params, CFG, [1, 2], 6, temperature=1.0, top_k=k, seed=k)
+        assert len(ids) == 6
+        return (_start._cache_size() - before[0], _advance._cache_size() - before[1])
+
+    compiles(5)
+    assert [compiles(k) for k in (6, 7, 8)] == [(0, 0)] * 3
+    assert compiles(9) == (1, 1)
+
+
 @pytest.mark.parametrize("top_p,allowed", [(0.01, {0}), (0.7, {0, 1}), (0.85, {0, 1, 2}),
                                            (1.0, {0, 1, 2, 3})])
 def test_top_p_keeps_the_smallest_set_reaching_p(top_p, allowed):
