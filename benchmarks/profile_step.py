@@ -84,16 +84,24 @@ def load_trace(trace_dir: str, before: set[Path]):
 # XLA:GPU annotates each thunk's kernel launches with its op, "Thunk:#hlo_op=fusion.3#",
 # under the module's "XlaModule:#hlo_module=...#"; the profiler keeps that on the kernel.
 _ANNOTATED_OP = re.compile(r"hlo_op=([\w.\-]+)")
+_ANNOTATED_MODULE = re.compile(r"hlo_module=([\w.\-]+)")
 _DEVICE_PLANE = re.compile(r"^/device:(GPU|TPU):(\d+)$")
 
 
-def op_spans(data) -> tuple[list[tuple[str, float, float]], str]:
+def module_name(hlo_text: str) -> str | None:
+    """The module's name from the first line of its HLO text ("HloModule jit_train_step, ...")."""
+    m = re.match(r"\s*HloModule\s+([\w.\-]+)", hlo_text)
+    return m.group(1) if m else None
+
+
+def op_spans(data, module: str | None = None) -> tuple[list[tuple[str, float, float]], str]:
     """((XLA op, start ns, end ns) for every op run in a trace, where they were read).
 
     A device plane's "XLA Ops" line (TPUs; GPUs when derived lines were added) holds one
     event per op run. Otherwise, on a GPU the first device plane's stream lines hold one
     event per kernel or copy, whose op is its `hlo_op` stat or named in its launch
-    annotation; the host's events describe the same work again and are skipped. On CPU
+    annotation; the host's events describe the same work again and are skipped, and so are
+    kernels that name a module other than `module` (op names repeat across modules). On CPU
     the executing threads' events carry the op in an `hlo_op` stat; an op that hands its
     work to XLA's thread pool (a plain `dot`, for one) returns at once, and an "end: OP"
     event, matched by correlation id, comes once that work is done (or later: see
@@ -108,7 +116,9 @@ def op_spans(data) -> tuple[list[tuple[str, float, float]], str]:
     devices = sorted((p for p in data.planes if _DEVICE_PLANE.match(p.name)),
                      key=lambda p: int(_DEVICE_PLANE.match(p.name).group(2)))
     if devices:  # the first device only: several would overlap in time
-        return _device_kernels(devices[0]), f"{devices[0].name}, kernels named by their launch annotation"
+        spans, others = _device_kernels(devices[0], module)
+        skipped = f"; {others} kernels of other modules skipped" if others else ""
+        return spans, f"{devices[0].name}, kernels named by their launch annotation{skipped}"
     started: dict[object, list] = {}  # correlation id (or a unique key) -> [op, start, end]
     ended: dict[object, float] = {}
     for plane in data.planes:
@@ -124,25 +134,34 @@ def op_spans(data) -> tuple[list[tuple[str, float, float]], str]:
              for key, (op, start, finish) in started.items()], "host threads' hlo_op events")
 
 
-def _device_kernels(plane) -> list[tuple[str, float, float]]:
-    spans, unnamed = [], 0
+def _annotated(stats: dict, key: str, pattern: re.Pattern) -> str | None:
+    """A stat's value, else the last `key=...` in any string stat (the launch annotation)."""
+    if key in stats:
+        return stats[key]
+    found = [m for v in stats.values() if isinstance(v, str) for m in pattern.findall(v)]
+    return found[-1] if found else None
+
+
+def _device_kernels(plane, module: str | None) -> tuple[list[tuple[str, float, float]], int]:
+    """(spans of the kernels that name an op of `module`, how many named another module)."""
+    spans, unnamed, others = [], 0, 0
     for line in plane.lines:
         for event in line.events:
             stats = dict(event.stats)
-            op = stats.get("hlo_op")
-            if op is None:
-                found = [m for v in stats.values() if isinstance(v, str)
-                         for m in _ANNOTATED_OP.findall(v)]
-                op = found[-1] if found else None
+            op = _annotated(stats, "hlo_op", _ANNOTATED_OP)
             if op is None:
                 unnamed += 1
+                continue
+            own = _annotated(stats, "hlo_module", _ANNOTATED_MODULE)
+            if module is not None and own is not None and own != module:
+                others += 1
                 continue
             spans.append((op, event.start_ns, event.start_ns + event.duration_ns))
     if not spans and unnamed:
         names = sorted({k for line in plane.lines for e in line.events for k in dict(e.stats)})
         raise GptjaxError(f"{plane.name}: {unnamed} events, none naming an XLA op (lines "
                           f"{[line.name for line in plane.lines]}, stats {names})")
-    return spans
+    return spans, others
 
 
 def consumers(hlo_text: str, executed: set[str]) -> dict[str, set[str]]:
@@ -242,7 +261,7 @@ def main(argv=None) -> None:
         before = set(Path(trace_dir).rglob("*.xplane.pb"))
         with bench.no_compiles("the traced train steps"), jax.profiler.trace(trace_dir):
             traced, _, _ = bench.time_steps(step, state, batches, args.steps)
-        spans, source = op_spans(load_trace(trace_dir, before))
+        spans, source = op_spans(load_trace(trace_dir, before), module_name(hlo))
     spans = [s for s in end_by_consumers(spans, hlo)
              if kinds.get(s[0], ("",))[0] not in _CONTROL_FLOW]
     share, running = attribute(spans)

@@ -51,8 +51,10 @@ def test_profile_reads_gpu_ops_from_an_xla_ops_line_where_there_is_one():
 
 def test_profile_reads_gpu_kernels_by_their_launch_annotation_on_the_first_device():
     """A raw GPU trace: kernels on stream lines carry their thunk's annotation; the host's
-    events and a second GPU's kernels are not the first device's time."""
+    events, a second GPU's kernels and other modules' kernels (whose op names repeat the
+    step's) are not the step's time on the first device."""
     annotation = "XlaModule:#hlo_module=jit_train_step,program_id=3#::Thunk:#hlo_op=fusion.{}#"
+    other_module = "XlaModule:#hlo_module=jit_sample,program_id=4#::Thunk:#hlo_op=fusion.1#"
     data = _xspace([
         ("/host:CPU", [("launcher", [("fusion.1", 0, 10, {"hlo_op": "fusion.1"})])]),
         ("/device:GPU:1", [("Stream #9", [("loop_fusion", 0, 900, {"annotation": annotation.format(1)})])]),
@@ -61,11 +63,17 @@ def test_profile_reads_gpu_kernels_by_their_launch_annotation_on_the_first_devic
                            ("loop_fusion", 400, 100, {"annotation": annotation.format(1)}),
                            ("sm90_gemm", 600, 700, {"hlo_op": "custom-call.2"}),
                            ("memset", 1400, 5, {})]),
-            ("Stream #8", [("loop_fusion", 1500, 50, {"annotation": annotation.format(4)})])])])
-    spans, source = benchmark_script("profile_step").op_spans(data)
+            ("Stream #8", [("loop_fusion", 1500, 50, {"annotation": annotation.format(4)}),
+                           ("loop_fusion", 1600, 80, {"annotation": other_module}),
+                           ("rng", 1700, 20, {"hlo_op": "fusion.1", "hlo_module": "jit_init"})])])])
+    profile_step = benchmark_script("profile_step")
+    spans, source = profile_step.op_spans(data, "jit_train_step")
     assert sorted(spans) == [("custom-call.2", 600, 1300), ("fusion.1", 0, 300),
                              ("fusion.1", 400, 500), ("fusion.4", 1500, 1550)]
-    assert source.startswith("/device:GPU:0")
+    assert source.startswith("/device:GPU:0") and "2 kernels of other modules skipped" in source
+    everything, _ = profile_step.op_spans(data)  # no module given: every named kernel
+    assert len(everything) == len(spans) + 2
+    assert profile_step.module_name("HloModule jit_train_step, is_scheduled=true\n") == "jit_train_step"
 
 
 def test_profile_says_what_a_gpu_trace_holds_when_no_kernel_names_an_op():
