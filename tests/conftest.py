@@ -58,12 +58,17 @@ TINY_RUN = ["--preset", "tiny", "--batch-size", "4", "--warmup-steps", "2", "--l
             "--eval-every", "3", "--eval-batches", "2", "--sample-tokens", "8", "--no-progress"]
 
 
-def benchmark_script(name: str):
-    """benchmarks/NAME.py imported as a module (the scripts are not a package)."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+def repo_script(folder: str, name: str):
+    """FOLDER/NAME.py of the repository imported as a module (benchmarks/ and scripts/ are
+    not packages)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def benchmark_script(name: str):
+    return repo_script("benchmarks", name)
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:

@@ -3,24 +3,21 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import zipfile
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "download_finetune_data.py"
+from conftest import repo_script
+
 TSV = b"ham\tsee you at 5\nspam\tWIN a \"prize\" now\n"
 INSTRUCTIONS = json.dumps([{"instruction": "Say hi.", "input": "", "output": "Hi."}]).encode()
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("download_finetune_data", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return repo_script("scripts", "download_finetune_data")
 
 
 @pytest.fixture
