@@ -95,30 +95,47 @@ def module_name(hlo_text: str) -> str | None:
 
 
 def op_spans(data, module: str | None = None) -> tuple[list[tuple[str, float, float]], str]:
-    """((XLA op, start ns, end ns) for every op run in a trace, where they were read).
+    """((XLA op, start ns, end ns) for every op of `module` run in a trace, where they were
+    read).
+
+    Op names repeat across modules, so an event that names another module (by an
+    `hlo_module` stat or in its launch annotation) is skipped and counted, in every layout;
+    events that name none are kept, and so is everything when `module` is None.
 
     A device plane's "XLA Ops" line (TPUs; GPUs when derived lines were added) holds one
     event per op run. Otherwise, on a GPU the first device plane's stream lines hold one
     event per kernel or copy, whose op is its `hlo_op` stat or named in its launch
-    annotation; the host's events describe the same work again and are skipped, and so are
-    kernels that name a module other than `module` (op names repeat across modules). On CPU
+    annotation; the host's events describe the same work again and are skipped. On CPU
     the executing threads' events carry the op in an `hlo_op` stat; an op that hands its
     work to XLA's thread pool (a plain `dot`, for one) returns at once, and an "end: OP"
     event, matched by correlation id, comes once that work is done (or later: see
     `end_by_consumers`); the op runs until then. Ops can overlap (XLA:CPU runs independent
     ones side by side).
     """
+    others = 0
+
+    def elsewhere(stats: dict) -> bool:
+        nonlocal others
+        own = _annotated(stats, "hlo_module", _ANNOTATED_MODULE)
+        if module is not None and own is not None and own != module:
+            others += 1
+            return True
+        return False
+
+    def where(source: str) -> str:
+        return source + (f"; {others} events of other modules skipped" if others else "")
+
     for plane in data.planes:
         for line in plane.lines:
             if line.name == "XLA Ops":
-                return ([(e.name.lstrip("%").split(" ")[0], e.start_ns, e.start_ns + e.duration_ns)
-                         for e in line.events], f'{plane.name}, line "XLA Ops"')
+                spans = [(e.name.lstrip("%").split(" ")[0], e.start_ns, e.start_ns + e.duration_ns)
+                         for e in line.events if not elsewhere(dict(e.stats))]
+                return spans, where(f'{plane.name}, line "XLA Ops"')
     devices = sorted((p for p in data.planes if _DEVICE_PLANE.match(p.name)),
                      key=lambda p: int(_DEVICE_PLANE.match(p.name).group(2)))
     if devices:  # the first device only: several would overlap in time
-        spans, others = _device_kernels(devices[0], module)
-        skipped = f"; {others} kernels of other modules skipped" if others else ""
-        return spans, f"{devices[0].name}, kernels named by their launch annotation{skipped}"
+        spans = _device_kernels(devices[0], elsewhere)
+        return spans, where(f"{devices[0].name}, kernels named by their launch annotation")
     started: dict[object, list] = {}  # correlation id (or a unique key) -> [op, start, end]
     ended: dict[object, float] = {}
     for plane in data.planes:
@@ -127,11 +144,12 @@ def op_spans(data, module: str | None = None) -> tuple[list[tuple[str, float, fl
                 stats = dict(event.stats)
                 finish = event.start_ns + event.duration_ns
                 if "hlo_op" in stats:
-                    started[stats.get("_p", object())] = [stats["hlo_op"], event.start_ns, finish]
+                    if not elsewhere(stats):
+                        started[stats.get("_p", object())] = [stats["hlo_op"], event.start_ns, finish]
                 elif event.name.startswith("end: ") and "_c" in stats:
                     ended[stats["_c"]] = max(finish, ended.get(stats["_c"], finish))
     return ([(op, start, max(finish, ended.get(key, finish)))
-             for key, (op, start, finish) in started.items()], "host threads' hlo_op events")
+             for key, (op, start, finish) in started.items()], where("host threads' hlo_op events"))
 
 
 def _annotated(stats: dict, key: str, pattern: re.Pattern) -> str | None:
@@ -142,9 +160,9 @@ def _annotated(stats: dict, key: str, pattern: re.Pattern) -> str | None:
     return found[-1] if found else None
 
 
-def _device_kernels(plane, module: str | None) -> tuple[list[tuple[str, float, float]], int]:
-    """(spans of the kernels that name an op of `module`, how many named another module)."""
-    spans, unnamed, others = [], 0, 0
+def _device_kernels(plane, elsewhere) -> list[tuple[str, float, float]]:
+    """Spans of the kernels that name an op, except those `elsewhere(stats)` rejects."""
+    spans, unnamed = [], 0
     for line in plane.lines:
         for event in line.events:
             stats = dict(event.stats)
@@ -152,16 +170,13 @@ def _device_kernels(plane, module: str | None) -> tuple[list[tuple[str, float, f
             if op is None:
                 unnamed += 1
                 continue
-            own = _annotated(stats, "hlo_module", _ANNOTATED_MODULE)
-            if module is not None and own is not None and own != module:
-                others += 1
-                continue
-            spans.append((op, event.start_ns, event.start_ns + event.duration_ns))
+            if not elsewhere(stats):
+                spans.append((op, event.start_ns, event.start_ns + event.duration_ns))
     if not spans and unnamed:
         names = sorted({k for line in plane.lines for e in line.events for k in dict(e.stats)})
         raise GptjaxError(f"{plane.name}: {unnamed} events, none naming an XLA op (lines "
                           f"{[line.name for line in plane.lines]}, stats {names})")
-    return spans, others
+    return spans
 
 
 def consumers(hlo_text: str, executed: set[str]) -> dict[str, set[str]]:

@@ -60,7 +60,9 @@ def top_k_cap(top_k: int | None, valid_vocab: int) -> int | None:
     vocabulary; None when top-k truncates nothing.
 
     The decode loop takes k itself as a traced value below this cap, so a new k recompiles
-    only when it crosses a power of two (about 16 programs for GPT-2's vocabulary).
+    only when it crosses a power of two (at most 17 caps for GPT-2's 50,257 ids). The
+    random draw is over the cap's candidates, so a seed's samples differ from those of
+    gptjax versions that compiled exactly k.
     """
     if top_k is None or top_k >= valid_vocab:
         return None
@@ -76,6 +78,8 @@ def sample_logits(logits_bv, key, temperature, top_k, top_p, valid_vocab: int, *
     traced scalar. Truncation order follows common practice: top-k, then temperature, then
     top-p.
     """
+    if cap is not None and isinstance(top_k, numbers.Integral) and top_k > cap:
+        raise ValueError(f"top_k {top_k} is above the candidates compiled for it ({cap})")
     vocab = logits_bv.shape[-1]
     if valid_vocab < vocab:  # padded vocabularies: the extra rows are not tokens
         logits_bv = jnp.where(jnp.arange(vocab) < valid_vocab, logits_bv, -jnp.inf)

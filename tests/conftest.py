@@ -68,6 +68,7 @@ def repo_script(folder: str, name: str):
 
 
 def benchmark_script(name: str):
+    """benchmarks/NAME.py as a module."""
     return repo_script("benchmarks", name)
 
 

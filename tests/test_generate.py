@@ -105,7 +105,7 @@ def test_top_k_one_is_greedy_and_top_k_above_the_vocabulary_is_clamped(params):
     assert generate(params, CFG, [1], 5, top_k=10_000, seed=1) == generate(params, CFG, [1], 5, seed=1)
 
 
-def test_a_traced_top_k_below_its_cap_samples_like_the_static_one():
+def test_a_traced_top_k_below_its_cap_draws_the_same_ids_as_the_static_one():
     """k = 2 compiled for 4 candidates: the same two ids, never the tied or lower ones."""
     logits = jnp.array([[0.1, 3.0, 2.9, 2.9, -1.0, 2.9]])
     keys = jax.random.split(jax.random.PRNGKey(0), 200)
@@ -121,6 +121,23 @@ def test_a_traced_top_k_below_its_cap_samples_like_the_static_one():
     assert draws(jnp.int32(2), 4) == draws(2, None) == {1, 2}  # the lower id wins the tie
     assert draws(jnp.int32(1), 4) == {1}
     assert draws(jnp.int32(4), 4) == {1, 2, 3, 5}
+
+
+def test_generate_samples_exactly_the_top_k_ids_through_the_decode_loop(params):
+    """k = 3 runs under a cap of 4: 64 rows of one prompt, hot enough that any id could come
+    up, draw their first id from exactly the three likeliest."""
+    prompt = [1, 2, 3]
+    last = np.asarray(model.apply(params, jnp.array([prompt]), CFG)[0, -1])
+    top3 = set(np.argsort(-last)[:3].tolist())
+    for prefill_only in (True, False):  # the prefill's draw, then the loop's
+        rows = generate_batch(params, CFG, [prompt] * 64, 1 if prefill_only else 2,
+                              Sampling(temperature=5.0, top_k=3, seed=11))
+        if prefill_only:
+            assert {r[0] for r in rows} == top3
+        else:  # the loop's step: each row's own next logits, after its first id
+            for r in rows:
+                nxt = np.asarray(model.apply(params, jnp.array([prompt + r[:1]]), CFG)[0, -1])
+                assert r[1] in set(np.argsort(-nxt)[:3].tolist())
 
 
 def test_top_k_values_below_one_power_of_two_share_one_compile():
@@ -148,6 +165,10 @@ def test_top_p_keeps_the_smallest_set_reaching_p(top_p, allowed):
     with_k = jax.vmap(lambda k: sample_logits(logits, k, 1.0, 3, jnp.float32(top_p), 4)[0])(
         jax.random.split(jax.random.PRNGKey(1), 400))
     assert set(np.asarray(with_k).tolist()) == allowed - {3}
+    traced_k = jax.jit(jax.vmap(lambda key, k: sample_logits(logits, key, 1.0, k, jnp.float32(top_p),
+                                                              4, cap=4)[0], in_axes=(0, None)))
+    draws = traced_k(jax.random.split(jax.random.PRNGKey(2), 400), jnp.int32(3))
+    assert set(np.asarray(draws).tolist()) == allowed - {3}  # masked candidates stay out
 
 
 def test_empty_prompt_starts_from_end_of_text(params):

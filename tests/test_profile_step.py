@@ -41,12 +41,13 @@ def _xspace(planes: list[tuple[str, list[tuple[str, list[tuple]]]]]):
 def test_profile_reads_gpu_ops_from_an_xla_ops_line_where_there_is_one():
     """A derived "XLA Ops" line is the record; streams and host events repeat it."""
     data = _xspace([
-        ("/device:GPU:0", [("XLA Ops", [("fusion.1", 0, 5000, {}), ("custom-call.2", 6000, 2000, {})]),
+        ("/device:GPU:0", [("XLA Ops", [("fusion.1", 0, 5000, {}), ("custom-call.2", 6000, 2000, {}),
+                                        ("fusion.1", 9000, 100, {"hlo_module": "jit_init"})]),
                            ("Stream #7", [("fusion.1", 0, 5000, {})])]),
         ("/host:CPU", [("launcher", [("fusion.1", 0, 10, {"hlo_op": "fusion.1"})])])])
-    spans, source = benchmark_script("profile_step").op_spans(data)
+    spans, source = benchmark_script("profile_step").op_spans(data, "jit_train_step")
     assert sorted(spans) == [("custom-call.2", 6000, 8000), ("fusion.1", 0, 5000)]
-    assert "XLA Ops" in source
+    assert source == '/device:GPU:0, line "XLA Ops"; 1 events of other modules skipped'
 
 
 def test_profile_reads_gpu_kernels_by_their_launch_annotation_on_the_first_device():
@@ -70,7 +71,7 @@ def test_profile_reads_gpu_kernels_by_their_launch_annotation_on_the_first_devic
     spans, source = profile_step.op_spans(data, "jit_train_step")
     assert sorted(spans) == [("custom-call.2", 600, 1300), ("fusion.1", 0, 300),
                              ("fusion.1", 400, 500), ("fusion.4", 1500, 1550)]
-    assert source.startswith("/device:GPU:0") and "2 kernels of other modules skipped" in source
+    assert source.startswith("/device:GPU:0") and "2 events of other modules skipped" in source
     everything, _ = profile_step.op_spans(data)  # no module given: every named kernel
     assert len(everything) == len(spans) + 2
     assert profile_step.module_name("HloModule jit_train_step, is_scheduled=true\n") == "jit_train_step"
@@ -84,19 +85,23 @@ def test_profile_says_what_a_gpu_trace_holds_when_no_kernel_names_an_op():
 
 def test_profile_runs_a_cpu_op_until_its_end_event():
     """A CPU op that hands its work to the thread pool returns at once; its "end:" event,
-    matched by correlation id, says when the work was done. Ids are unique over steps."""
+    matched by correlation id, says when the work was done. Ids are unique over steps.
+    Another module's op of the same name is not the step's."""
     data = _xspace([("/host:CPU", [
-        ("worker/1", [("dot.3", 0, 100, {"hlo_op": "dot.3", "_p": 7}),
+        ("worker/1", [("dot.3", 0, 100, {"hlo_op": "dot.3", "_p": 7, "hlo_module": "jit_train_step"}),
                       ("fusion.4", 200, 300, {"hlo_op": "fusion.4", "_p": 8}),
                       ("end: dot.3", 9000, 50, {"_c": 7}),
                       ("dot.3", 20_000, 100, {"hlo_op": "dot.3", "_p": 9}),
                       ("end: dot.3", 25_000, 0, {"_c": 9}),
                       ("end: gone.5", 26_000, 0, {"_c": 99})]),  # its op began before the trace
         ("worker/2", [("ThreadpoolListener::Record", 10, 0, {"_p": 99}),
-                      ("copy.6", 30_000, 40, {"hlo_op": "copy.6"})])])])  # no correlation id
-    spans, _ = benchmark_script("profile_step").op_spans(data)
+                      ("copy.6", 30_000, 40, {"hlo_op": "copy.6"}),  # no correlation id
+                      ("fusion.4", 40_000, 90, {"hlo_op": "fusion.4", "_p": 11,
+                                                "hlo_module": "jit_init"})])])])
+    spans, source = benchmark_script("profile_step").op_spans(data, "jit_train_step")
     assert sorted(spans) == [("copy.6", 30_000, 30_040), ("dot.3", 0, 9050), ("dot.3", 20_000, 25_000),
                              ("fusion.4", 200, 500)]
+    assert source == "host threads' hlo_op events; 1 events of other modules skipped"
 
 
 def test_profile_splits_overlapping_time_evenly_and_counts_each_instant_once():
