@@ -1,7 +1,8 @@
 """gptjax's native CPU kernels (gptjax.native): the decode kernel against float64 products,
 inside jit and a decode loop; the attention kernel against float64 attention and jax's
 gradients, under vmap and remat, and when "auto" takes it; both kernels' fallback to XLA
-when they cannot be built."""
+when they cannot be built; benchmarks/native_attention_ab.py, which times a revision's
+attention kernel beside the working tree's."""
 
 import dataclasses
 import os
@@ -19,6 +20,7 @@ from gptjax.config import preset
 from gptjax.errors import GptjaxError
 from gptjax.generate import generate_batch
 from gptjax.sampling import Sampling
+from conftest import REPO, benchmark_script
 
 
 def _compiler_found() -> bool:
@@ -268,3 +270,20 @@ def test_the_attention_kernel_refuses_mismatched_shapes():
     with pytest.raises(jax.errors.JaxRuntimeError, match="expected equal packed"):
         jax.block_until_ready(jax.jit(lambda x, s, d: backward(x, s, d, scale=np.float32(1)))(
             packed, jnp.ones((1, 4, 2, 2)), jnp.ones((1, 4, 2, 8))))
+
+
+@needs_kernel
+def test_the_kernel_ab_builds_a_revision_beside_the_tree_and_times_both(capsys):
+    ab = benchmark_script("native_attention_ab")
+    ab.main(["--shapes", "2:16:2:8", "--repeats", "2", "--seconds", "0.001"])
+    row = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| 2:16:2:8 |"))
+    diff, rev_ms, tree_ms = (float(x) for x in row.split("|")[2:5])
+    assert rev_ms > 0 and tree_ms > 0
+    unchanged = subprocess.run(["git", "-C", str(REPO), "diff", "--quiet", "HEAD", "--",
+                                "gptjax/native"]).returncode == 0
+    if unchanged:  # the same source built twice computes the same numbers
+        assert diff == 0.0
+    with pytest.raises(GptjaxError, match="cannot read .* at 'no-such-revision'"):
+        ab.main(["--rev", "no-such-revision"])
+    with pytest.raises(GptjaxError, match="bad shape"):
+        ab.main(["--shapes", "2:16:2"])

@@ -158,9 +158,22 @@ Scratch& scratch(const Shape& sh) {
   return mine;
 }
 
+// out (cols x rows) = x (rows x cols, rows `stride` floats apart), in 16 x 16 blocks. Row by
+// row, each source row's stores went to `cols` destination rows `rows` floats apart, which
+// share a few L1 sets (1 KiB apart at T = 256); perf put that loop at ~13% of the forward's
+// time and ~15% of the backward's at the 10M config's shape. In blocks the kernel ran
+// 1.06-1.10x faster there, and the same at the baby config's (benchmarks/NOTES.md, train
+// step entry 13). Its loads of k and v, the task's first reads of them, are what remains.
 void transpose(const float* x, int64_t stride, int64_t rows, int64_t cols, float* out) {
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = 0; j < cols; ++j) out[j * rows + i] = x[i * stride + j];
+  constexpr int64_t kBlock = 16;
+  for (int64_t i0 = 0; i0 < rows; i0 += kBlock) {
+    int64_t i1 = std::min(i0 + kBlock, rows);
+    for (int64_t j0 = 0; j0 < cols; j0 += kBlock) {
+      int64_t j1 = std::min(j0 + kBlock, cols);
+      for (int64_t j = j0; j < j1; ++j)
+        for (int64_t i = i0; i < i1; ++i) out[j * rows + i] = x[i * stride + j];
+    }
+  }
 }
 
 // The keys an 8-row block of queries from `row` multiplies: [0, row + rows). Row i's own
