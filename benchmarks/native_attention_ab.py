@@ -6,7 +6,8 @@ side by side; across processes this machine's noise (+-10%) hides kernel changes
 percent. Here the revision's `gptjax/native/causal_attention.cc` is compiled with the same
 flags into a second library whose handler symbols are renamed, registered under its own
 FFI targets, and called on the same inputs. Printed per shape: the largest difference
-between the two builds' outputs (0 for a change that only moves work), median ms of both,
+between the two builds' outputs (0 for a change that keeps every floating-point operation in
+the same order), median ms of both,
 and the median of per-repeat ratios (revision / working tree: > 1 means the tree is faster).
 
     python benchmarks/native_attention_ab.py                      # HEAD vs the working tree
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import itertools
+import re
 import statistics
 import subprocess
 import sys
@@ -32,31 +35,46 @@ from gptjax import native
 from gptjax.errors import GptjaxError
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCE = "gptjax/native/causal_attention.cc"
+FOLDER = "gptjax/native"
+SOURCE = f"{FOLDER}/causal_attention.cc"
 RENAMED = {"GptjaxCausalAttentionForward": "GptjaxAbForward",
            "GptjaxCausalAttentionBackward": "GptjaxAbBackward"}
+_builds = itertools.count()  # FFI targets cannot be registered twice under one name
+
+
+def _show(rev: str, path: str) -> str:
+    shown = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:{path}"],
+                           capture_output=True, text=True)
+    if shown.returncode:
+        raise GptjaxError(f"cannot read {path} at {rev!r}: {shown.stderr.strip()}")
+    return shown.stdout
 
 
 def build_revision(rev: str, workdir: Path) -> tuple[str, str]:
-    """Compile `rev`'s kernel source (and the headers it includes) into a library under
-    renamed symbols, register it, and return its (forward, backward) FFI targets."""
-    for path in (SOURCE, *(str(h.relative_to(REPO)) for h in native.HEADERS)):
-        shown = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:{path}"],
-                               capture_output=True, text=True)
-        if shown.returncode:
-            raise GptjaxError(f"cannot read {path} at {rev!r}: {shown.stderr.strip()}")
-        (workdir / Path(path).name).write_text(shown.stdout)
+    """Compile `rev`'s kernel source, with the local headers it includes at that revision,
+    into a library under renamed symbols; register it and return its (forward, backward)
+    FFI targets."""
+    source = _show(rev, SOURCE)
+    (workdir / Path(SOURCE).name).write_text(source)
+    for header in re.findall(r'^#include "([^"/]+)"', source, flags=re.M):
+        (workdir / header).write_text(_show(rev, f"{FOLDER}/{header}"))
     library = workdir / "kernel_at_rev.so"
     command = [*native._compiler(), *native.FLAGS, f"-I{jax.ffi.include_dir()}", f"-I{workdir}",
                *(f"-D{old}={new}" for old, new in RENAMED.items()),
                str(workdir / Path(SOURCE).name), "-o", str(library)]
-    built = subprocess.run(command, capture_output=True, text=True)
+    built = subprocess.run(command, capture_output=True, text=True, timeout=300)
     if built.returncode:
         raise GptjaxError(f"building {SOURCE} at {rev!r} failed: {built.stderr.strip()[:500]}")
     lib = ctypes.cdll.LoadLibrary(str(library))
-    targets = ("gptjax_attention_fwd_at_rev", "gptjax_attention_bwd_at_rev")
+    build = next(_builds)
+    targets = (f"gptjax_attention_fwd_ab{build}", f"gptjax_attention_bwd_ab{build}")
     for target, symbol in zip(targets, RENAMED.values()):
-        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+        try:
+            handler = getattr(lib, symbol)
+        except AttributeError:
+            raise GptjaxError(f"{SOURCE} at {rev!r} defines no {symbol} (renamed from "
+                              "its forward/backward handler): too old for this script") from None
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
     return targets
 
 
@@ -76,7 +94,8 @@ def forward_backward(targets: tuple[str, str], shape: tuple[int, int, int, int])
 
 
 def compare(shape, revision, tree, repeats: int, seconds: float) -> str:
-    qkv = jax.random.normal(jax.random.PRNGKey(0), (shape[0], shape[1], 3, shape[2], shape[3]))
+    qkv = jax.random.normal(jax.random.PRNGKey(0), (shape[0], shape[1], 3, shape[2], shape[3]),
+                            jnp.float32)
     a, b = jax.block_until_ready(revision(qkv)), jax.block_until_ready(tree(qkv))
     diff = max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(a, b))
     start = time.perf_counter()
@@ -118,6 +137,9 @@ def main(argv=None) -> None:
     shapes = [parse_shape(s) for s in args.shapes]
     if args.repeats < 1 or args.seconds <= 0:
         raise GptjaxError("--repeats must be >= 1 and --seconds > 0")
+    if Path(native.__file__).resolve().parents[2] != REPO:
+        raise GptjaxError(f"the imported gptjax ({Path(native.__file__).parents[1]}) is not this "
+                          f"checkout's ({REPO / 'gptjax'}): install it with `pip install -e .`")
     if not native.available():
         raise GptjaxError("gptjax's native kernels are not available on this machine "
                           "(gptjax.native.available())")

@@ -272,17 +272,29 @@ def test_the_attention_kernel_refuses_mismatched_shapes():
             packed, jnp.ones((1, 4, 2, 2)), jnp.ones((1, 4, 2, 8))))
 
 
+GIT_CHECKOUT = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"],
+                              capture_output=True).returncode == 0
+
+
 @needs_kernel
+@pytest.mark.skipif(not GIT_CHECKOUT, reason="compares against a git revision: needs a checkout")
 def test_the_kernel_ab_builds_a_revision_beside_the_tree_and_times_both(capsys):
     ab = benchmark_script("native_attention_ab")
-    ab.main(["--shapes", "2:16:2:8", "--repeats", "2", "--seconds", "0.001"])
-    row = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| 2:16:2:8 |"))
-    diff, rev_ms, tree_ms = (float(x) for x in row.split("|")[2:5])
-    assert rev_ms > 0 and tree_ms > 0
+
+    def run_once():
+        ab.main(["--shapes", "2:16:2:8", "--repeats", "2", "--seconds", "0.001"])
+        row = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| 2:16:2:8 |"))
+        diff, rev_ms, tree_ms = (float(x) for x in row.split("|")[2:5])
+        assert rev_ms > 0 and tree_ms > 0
+        return diff
+
+    diff = run_once()
     unchanged = subprocess.run(["git", "-C", str(REPO), "diff", "--quiet", "HEAD", "--",
                                 "gptjax/native"]).returncode == 0
-    if unchanged:  # the same source built twice computes the same numbers
-        assert diff == 0.0
+    # The same source built twice computes the same numbers; a kernel change being measured
+    # may reorder float32 sums (values here are O(1)), never more.
+    assert diff == 0.0 if unchanged else diff < 1e-4
+    assert run_once() == diff  # a second build registers its own targets
     with pytest.raises(GptjaxError, match="cannot read .* at 'no-such-revision'"):
         ab.main(["--rev", "no-such-revision"])
     with pytest.raises(GptjaxError, match="bad shape"):

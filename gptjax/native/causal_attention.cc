@@ -162,8 +162,8 @@ Scratch& scratch(const Shape& sh) {
 // row, each source row's stores went to `cols` destination rows `rows` floats apart, which
 // share a few L1 sets (1 KiB apart at T = 256); perf put that loop at ~13% of the forward's
 // time and ~15% of the backward's at the 10M config's shape. In blocks the kernel ran
-// 1.06-1.10x faster there, and the same at the baby config's (benchmarks/NOTES.md, train
-// step entry 13). Its loads of k and v, the task's first reads of them, are what remains.
+// 1.06-1.10x faster there, and no differently at the baby config's (benchmarks/NOTES.md,
+// train step entry 13). Its loads of k and v, the task's first reads of them, remain.
 void transpose(const float* x, int64_t stride, int64_t rows, int64_t cols, float* out) {
   constexpr int64_t kBlock = 16;
   for (int64_t i0 = 0; i0 < rows; i0 += kBlock) {
