@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_session.sh sweep    # GPT-2 124M: bf16, vocab padding, cuDNN, scan, remat
 #   bash benchmarks/gpu_session.sh depth    # layers unrolled, batch 32; GPT-2 XL (1558M)
 #   bash benchmarks/gpu_session.sh report   # the defaults through `gptjax bench`, decode, prefetch
-#   bash benchmarks/gpu_session.sh profile  # where the step's time goes; batch 64 unrolled
+#   bash benchmarks/gpu_session.sh profile  # where the step's time goes; batch 64; donation
 #   bash benchmarks/gpu_session.sh xl       # GPT-2 XL at batch 96 and 128; 124M in float32
 #   bash benchmarks/gpu_session.sh flags    # XLA:GPU flags, one process each
 #
@@ -74,8 +74,12 @@ profile)
         "$bf16,attention_impl=cudnn,scan_unroll=1"
     # Batch 64 unrolled, alone in its process: if it runs out of memory it takes nothing else
     # with it (batch 32 is measured in "report" and "flags").
-    step b64 150 $ab --case gpt2:64:1024 --vocab 50304 --repeats 5 \
-        "$bf16,attention_impl=cudnn,scan_unroll=12"
+    defaults="$bf16,attention_impl=cudnn,scan_unroll=12"
+    step b64 150 $ab --case gpt2:64:1024 --vocab 50304 --repeats 5 "$defaults"
+    # What donating the state and updating inside the step's jit are worth (CPU: nothing
+    # resolvable, NOTES XLA:CPU entry 14).
+    step ab_structure 120 $ab --case gpt2:16:1024 --vocab 50304 --repeats 7 \
+        "$defaults" "$defaults,donate=0" "$defaults,fused_update=0"
     ;;
 xl)
     # GPT-2 XL's largest batch: 64 planned 28.3 GiB of temporaries under remat=full next to

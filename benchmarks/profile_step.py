@@ -262,7 +262,10 @@ def main(argv=None) -> None:
     if args.steps < 1 or args.top < 0:
         raise GptjaxError("--steps must be >= 1 and --top >= 0")
     host_memory.keep_freed_memory()  # as `gptjax train` does; before JAX's runtime starts
-    model_cfg, train_cfg = parse_variant(args.variant, *base_configs(args.case, args.vocab))
+    model_cfg, train_cfg, options = parse_variant(args.variant, *base_configs(args.case, args.vocab))
+    if options:  # the profile reads one compiled module
+        raise GptjaxError(f"profile_step profiles the step as training jits it; "
+                          f"{', '.join(options)} is for train_step_ab.py")
     step = bench.build_train_step(model_cfg, train_cfg)
     hlo = step.step.as_text()
     kinds = op_kinds(hlo)

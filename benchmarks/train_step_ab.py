@@ -3,18 +3,22 @@
 Each variant is the train step `gptjax train` builds (gptjax.bench.build_train_step), all
 compiled in this one process and timed alternately (the order flips every repeat), so the
 machine's drift hits every variant alike. A variant is a comma-separated list of config
-overrides (so a multi-axis `mesh` cannot be one: use a one-axis mesh); the empty variant is
-the preset as it stands. Every variant's state stays in memory at once, so on an
-accelerator compare sizes that fit together. Reported: median ms/step (min-max)
-tokens/s, MFU (PaLM formula over gptjax.bench's peak: a data sheet on accelerators, the
-measured float32 matmul rate on CPU), each variant's tokens/s over the first's, from the same
-repeats, and XLA's planned temporaries. With --compile-only nothing runs: only the
-memory plans (e.g. GPT-2 XL's remat policies on a machine that could never run it). This
-is the measurement behind the entries of benchmarks/NOTES.md. Freed host memory is kept, as
-in `gptjax train` (gptjax/host_memory.py), unless GPTJAX_KEEP_FREED_MEMORY=0.
+overrides (so a multi-axis `mesh` cannot be one: use a one-axis mesh), or of how the step is
+jitted (`donate=0`: the state not donated; `fused_update=0`: the optimizer update in a jit
+of its own); the empty variant is the preset as it stands. Every variant's state stays in
+memory at once, so on an accelerator compare sizes that fit together. Reported: median
+ms/step (min-max), tokens/s, MFU (PaLM formula over gptjax.bench's peak: a data sheet on
+accelerators, the measured float32 matmul rate on CPU), each variant's tokens/s over the
+first's (the ratio of medians, and the median of the per-repeat ratios, each repeat's
+variants having run back to back), and XLA's planned temporaries. With --compile-only
+nothing runs: only the memory plans (e.g. GPT-2 XL's remat policies on a machine that could
+never run it). This is the measurement behind the entries of benchmarks/NOTES.md. Freed
+host memory is kept, as in `gptjax train` (gptjax/host_memory.py), unless
+GPTJAX_KEEP_FREED_MEMORY=0.
 
     python benchmarks/train_step_ab.py --case mini:8:256 attention_impl=xla attention_impl=blocked
     python benchmarks/train_step_ab.py --case baby:12:64 scan_unroll=1 scan_unroll=4
+    python benchmarks/train_step_ab.py --case mini:8:256 '' donate=0 fused_update=0
     python benchmarks/train_step_ab.py --case gpt2:8:1024 --compile-only \
         scan_unroll=1 remat=dots_no_batch remat=full      # remat runs the layer scan rolled
     # on a GPU (more in benchmarks/gpu_session.sh): python benchmarks/train_step_ab.py \
@@ -35,27 +39,44 @@ from gptjax.config import ModelConfig, TrainConfig, preset
 from gptjax.errors import GptjaxError
 
 
+# Keywords of bench.build_train_step, not config fields: how the step is jitted. Training
+# always donates its state and updates inside the step's jit; these measure what that is worth.
+STEP_OPTIONS = ("donate", "fused_update")
+
+
 def parse_variant(text: str, model_cfg: ModelConfig, train_cfg: TrainConfig):
     """'field=value,field=value' applied to whichever config has the field, then validated
-    as `gptjax train` validates a run's config."""
+    as `gptjax train` validates a run's config: (model_cfg, train_cfg, step options), the
+    options being STEP_OPTIONS items (booleans) for bench.build_train_step."""
+    options = {}
     for item in filter(None, text.split(",")):
         name, sep, raw = item.partition("=")
         target = next((c for c in (model_cfg, train_cfg)  # fields, not properties
                        if name in {f.name for f in dataclasses.fields(c)}), None)
-        if not sep or target is None:
+        if not sep or (target is None and name not in STEP_OPTIONS):
             raise GptjaxError(f"bad variant item {item!r}: expected FIELD=VALUE of a model or "
-                              "train config field")
-        kind = type(getattr(target, name))
+                              f"train config field, or one of {', '.join(STEP_OPTIONS)}")
+        kind = bool if target is None else type(getattr(target, name))
         try:
-            value = raw.lower() in ("1", "true", "yes") if kind is bool else kind(raw)
+            value = parse_bool(raw) if kind is bool else kind(raw)
         except ValueError:
             raise GptjaxError(f"bad variant item {item!r}: {name} takes {kind.__name__} values") from None
-        if target is model_cfg:
+        if target is None:
+            options[name] = value
+        elif target is model_cfg:
             model_cfg = dataclasses.replace(model_cfg, **{name: value})
         else:
             train_cfg = dataclasses.replace(train_cfg, **{name: value})
     C.validate(C.RunConfig(model=model_cfg, train=train_cfg))
-    return model_cfg, train_cfg
+    return model_cfg, train_cfg, options
+
+
+def parse_bool(raw: str) -> bool:
+    if raw.lower() in ("1", "true", "yes"):
+        return True
+    if raw.lower() in ("0", "false", "no"):
+        return False
+    raise ValueError(raw)
 
 
 def base_configs(case: str, vocab: int | None) -> tuple[ModelConfig, TrainConfig]:
@@ -87,8 +108,8 @@ def main(argv=None) -> None:
     vocab = base_model.vocab_size
     runs = []
     for text in args.variants:
-        m, t = parse_variant(text, base_model, base_train)
-        step = bench.build_train_step(m, t)
+        m, t, options = parse_variant(text, base_model, base_train)
+        step = bench.build_train_step(m, t, **options)
         temp = step.memory.get("temp", 0) / 2**30
         if args.compile_only:
             print(f"| {text or '(as is)'} | temporaries {temp:.2f} GiB | compile "
@@ -117,14 +138,16 @@ def main(argv=None) -> None:
           f"{info['native_kernels']}")
     print(f"MFU over {peak['flops_per_s'] / 1e12:.3g} TFLOP/s ({peak['source']})")
     print("| variant | attention | ms/step median (min-max) | tokens/s | MFU | tokens/s vs first | "
-          "temporaries GiB |\n|---|---|---|---|---|---|---|")
+          "vs first per repeat, median (min-max) | temporaries GiB |\n|---|---|---|---|---|---|---|---|")
     medians = [statistics.median(r["ms"]) for r in runs]
     tokens_per_s = [r["step"].tokens_per_step / (ms / 1000) for r, ms in zip(runs, medians)]
     for r, ms, rate in zip(runs, medians, tokens_per_s):
         mfu = rate * r["step"].flops_per_token / peak["flops_per_s"]
+        # Repeat i of every variant ran back to back, so their ratio sees the same machine.
+        paired = [a / b for a, b in zip(runs[0]["ms"], r["ms"])]
         print(f"| {r['label']} | {r['step'].attention} | {ms:.1f} ({min(r['ms']):.1f}-{max(r['ms']):.1f}) | "
-              f"{rate:,.0f} | {mfu:.1%} | {rate / tokens_per_s[0]:.2f}x | {r['temp']:.2f} |")
-
+              f"{rate:,.0f} | {mfu:.1%} | {rate / tokens_per_s[0]:.2f}x | "
+              f"{statistics.median(paired):.3f}x ({min(paired):.2f}-{max(paired):.2f}) | {r['temp']:.2f} |")
 
 if __name__ == "__main__":
     try:

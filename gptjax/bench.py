@@ -45,7 +45,7 @@ from gptjax.errors import GptjaxError
 from gptjax.mesh import make_mesh
 from gptjax.metrics import MFU_FORMULA, PEAK_BF16, flops_per_token, measure_matmul_flops
 from gptjax.sharding import batch_sharding, check_batch, check_divisible, shardings
-from gptjax.train_step import init_state, make_train_step
+from gptjax.train_step import init_state, make_step_parts, make_train_step
 
 __all__ = ["MFU_FORMULA", "RecompileError", "TrainStepBench", "build_train_step",
            "compile_in_subprocess", "median_min_max",
@@ -128,8 +128,15 @@ class TrainStepBench:
         return {k: jax.device_put(v, self.batch_sharding) for k, v in batch.items()}
 
 
-def build_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig) -> TrainStepBench:
-    """Lower and compile the training step as `gptjax.train.CompiledSteps` builds it."""
+def build_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig, *, donate: bool = True,
+                     fused_update: bool = True) -> TrainStepBench:
+    """Lower and compile the training step as `gptjax.train.CompiledSteps` builds it.
+
+    `donate=False` and `fused_update=False` build what training does not, for the A/B that
+    measures them (benchmarks/train_step_ab.py): the state not donated, and the gradients
+    and the optimizer update as two jits called one after the other. `step` is then a
+    function of the two executables, and the compile times and memory plans are the two
+    parts' sums."""
     mesh = make_mesh(train_cfg.mesh)
     check_divisible(model_cfg, mesh)
     check_batch(train_cfg.batch_size, mesh, train_cfg.grad_accum)
@@ -137,24 +144,44 @@ def build_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig) -> TrainSte
     abstract = jax.eval_shape(lambda: init_state(model_cfg, train_cfg, tx))
     state_sharding = shardings(abstract, mesh)
     rows = batch_sharding(mesh)
+    replicated = NamedSharding(mesh, P())
     tokens = jax.ShapeDtypeStruct((train_cfg.batch_size, model_cfg.context_length), jnp.int32)
     batch = {"inputs": tokens, "targets": tokens}
+    state_donation = (0,) if donate else ()
     with jax.set_mesh(mesh):
-        jitted = jax.jit(make_train_step(model_cfg, train_cfg, tx), donate_argnums=0,
-                         in_shardings=(state_sharding, rows),
-                         out_shardings=(state_sharding, NamedSharding(mesh, P())))
+        if fused_update:
+            parts = [(jax.jit(make_train_step(model_cfg, train_cfg, tx),
+                              donate_argnums=state_donation, in_shardings=(state_sharding, rows),
+                              out_shardings=(state_sharding, replicated)), (abstract, batch))]
+        else:
+            gradients, update = make_step_parts(model_cfg, train_cfg, tx)
+            grads_sharding = (state_sharding.params, replicated, replicated)
+            grads_abstract = jax.eval_shape(gradients, abstract, batch)
+            parts = [(jax.jit(gradients, in_shardings=(state_sharding, rows),
+                              out_shardings=grads_sharding), (abstract, batch)),
+                     (jax.jit(update, donate_argnums=state_donation,
+                              in_shardings=(state_sharding, *grads_sharding),
+                              out_shardings=(state_sharding, replicated)),
+                      (abstract, *grads_abstract))]
         t0 = time.perf_counter()
-        lowered = jitted.lower(abstract, batch)
+        lowered = [jitted.lower(*args) for jitted, args in parts]
         t1 = time.perf_counter()
-        compiled = lowered.compile()
+        compiled = [low.compile() for low in lowered]
         t2 = time.perf_counter()
         fresh = jax.jit(lambda: init_state(model_cfg, train_cfg, tx), out_shardings=state_sharding)
-    memory = memory_stats(compiled)
-    note = host_memory.fit_to_compiled(compiled)
-    if note:
-        warnings.warn(note)
-    return TrainStepBench(model_cfg, train_cfg, compiled, fresh, rows, t1 - t0, t2 - t1, memory,
-                          traced_attention(model_cfg, train_cfg.batch_size, lowered))
+    plans = [memory_stats(c) for c in compiled]
+    memory = {k: sum(p[k] for p in plans) for k in plans[0]} if all(plans) else {}
+    for c in compiled:
+        note = host_memory.fit_to_compiled(c)
+        if note:
+            warnings.warn(note)
+    if fused_update:
+        step = compiled[0]
+    else:
+        def step(state, batch, grads_fn=compiled[0], update_fn=compiled[1]):
+            return update_fn(state, *grads_fn(state, batch))
+    return TrainStepBench(model_cfg, train_cfg, step, fresh, rows, t1 - t0, t2 - t1, memory,
+                          traced_attention(model_cfg, train_cfg.batch_size, lowered[0]))
 
 
 def traced_attention(cfg: ModelConfig, batch_size: int, lowered) -> str:

@@ -46,9 +46,12 @@ def _split_micro(batch: dict, n_micro: int) -> dict:
     return jax.tree.map(split, batch)
 
 
-def make_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig,
+def make_step_parts(model_cfg: ModelConfig, train_cfg: TrainConfig,
                     tx: optax.GradientTransformation | None = None, *, axis_name=None):
-    """Build train_step(state, batch) -> (state, metrics) for these configs."""
+    """The train step's two halves: gradients(state, batch) -> (grads, loss sum, token
+    count), and update(state, grads, total, count) -> (state, metrics). make_train_step
+    composes them in one function (one jit); they are apart so that a benchmark can jit
+    them apart and measure what fusing the optimizer into the step is worth."""
     tx = tx or optim.optimizer(train_cfg)
     lr_at = optim.schedule(train_cfg)
     n_micro = train_cfg.grad_accum
@@ -59,7 +62,7 @@ def make_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig,
             params, micro, model_cfg, deterministic=deterministic, rng=key)
         return total, count, grads
 
-    def train_step(state: TrainState, batch: dict):
+    def gradients(state: TrainState, batch: dict):
         step_key = jax.random.fold_in(state.rng, state.step)
         if axis_name is not None:  # each shard of the batch draws its own dropout masks
             step_key = jax.random.fold_in(step_key, jax.lax.axis_index(axis_name))
@@ -77,12 +80,26 @@ def make_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig,
                 (jnp.arange(n_micro), _split_micro(batch, n_micro)))
         if axis_name is not None:
             total, count, grads = jax.lax.psum((total, count, grads), axis_name)
+        return grads, total, count
+
+    def update(state: TrainState, grads, total, count):
         grads = jax.tree.map(lambda g: g / count, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": total / count, "grad_norm": optax.tree.norm(grads),
                    "lr": lr_at(state.step)}
         return TrainState(state.step + 1, params, opt_state, state.rng), metrics
+
+    return gradients, update
+
+
+def make_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig,
+                    tx: optax.GradientTransformation | None = None, *, axis_name=None):
+    """Build train_step(state, batch) -> (state, metrics) for these configs."""
+    gradients, update = make_step_parts(model_cfg, train_cfg, tx, axis_name=axis_name)
+
+    def train_step(state: TrainState, batch: dict):
+        return update(state, *gradients(state, batch))
 
     return train_step
 

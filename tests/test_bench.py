@@ -121,10 +121,11 @@ def test_torch_side_by_side_smoke(tmp_path):
 
 def test_variant_ab_smoke_times_every_variant(capsys):
     ab = benchmark_script("train_step_ab")
-    ab.main(["--case", "tiny:2:16", "--steps", "1", "--repeats", "2", "", "remat=full,lr=0.01"])
+    ab.main(["--case", "tiny:2:16", "--steps", "1", "--repeats", "2", "", "remat=full,lr=0.01",
+             "donate=0,fused_update=0"])
     rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()
             if line.startswith("| ")][1:]
-    assert [r[0] for r in rows] == ["| (as is)", "| remat=full,lr=0.01"]
+    assert [r[0] for r in rows] == ["| (as is)", "| remat=full,lr=0.01", "| donate=0,fused_update=0"]
     for r in rows:  # ms/step, tokens/s and MFU are positive numbers
         assert r[1] in ("native", "blocked")
         assert float(r[2].split()[0]) > 0 and float(r[3].replace(",", "")) > 0
@@ -157,9 +158,39 @@ def test_the_attention_reported_is_xla_when_cudnn_refused_while_tracing(monkeypa
     assert bench.traced_attention(cfg, 2, Lowered("stablehlo.dot_general")) == "xla"
 
 
+def test_the_step_jitted_apart_or_undonated_updates_as_training_does():
+    """build_train_step's A/B options change how the step is jitted, not what it computes:
+    two steps from the same state and batches give the same parameters and metrics."""
+    cfg = preset("tiny", vocab_size=65)
+    train_cfg = TrainConfig(batch_size=2, max_steps=100, warmup_steps=1)
+    batches = bench.random_batches(2, 2, cfg.context_length, 65)
+    results = []
+    for options in ({}, {"donate": False}, {"fused_update": False},
+                    {"donate": False, "fused_update": False}):
+        step = bench.build_train_step(cfg, train_cfg, **options)
+        state = step.init_state()
+        for b in batches:
+            state, metrics = step.step(state, step.put(b))
+        results.append((state, metrics))
+        assert (step.memory["alias"] > 0) == options.get("donate", True)
+    (ref_state, ref_metrics), *others = results
+    assert int(ref_state.step) == 2
+    for state, metrics in others:
+        assert int(state.step) == 2
+        for a, b in zip(jax.tree.leaves((ref_state.params, ref_state.opt_state, ref_metrics)),
+                        jax.tree.leaves((state.params, state.opt_state, metrics))):
+            assert jnp.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_variant_ab_reads_step_options():
+    model_cfg, train_cfg, options = benchmark_script("train_step_ab").parse_variant(
+        "donate=0,lr=0.01,fused_update=no", preset("tiny", vocab_size=65), TrainConfig())
+    assert options == {"donate": False, "fused_update": False} and train_cfg.lr == 0.01
+
+
 @pytest.mark.parametrize("item,message", [
     ("bogus=1", "expected FIELD=VALUE"), ("remat=foo", "model.remat must be one of"),
-    ("n_layer=x", "n_layer takes int values")])
+    ("n_layer=x", "n_layer takes int values"), ("donate=maybe", "donate takes bool values")])
 def test_variant_ab_rejects_bad_items(item, message):
     with pytest.raises(GptjaxError, match=message):
         benchmark_script("train_step_ab").parse_variant(item, preset("tiny", vocab_size=65), TrainConfig())

@@ -147,6 +147,11 @@ def test_profile_smoke_accounts_for_a_real_step(capsys):
     assert all(float(row[3]) <= float(row[5].rstrip(" |")) + 1e-3 for row in op_rows)
 
 
+def test_profile_refuses_a_step_jitted_other_than_training_jits_it():
+    with pytest.raises(GptjaxError, match="fused_update is for train_step_ab.py"):
+        benchmark_script("profile_step").main(["--case", "tiny:2:16", "fused_update=0"])
+
+
 def test_profile_ends_an_op_where_a_reader_of_its_output_starts():
     """An XLA:CPU "end:" event can come long after the op's work (its thread first runs the
     successors it made ready); the first start of an op reading the output bounds it,
