@@ -149,6 +149,7 @@ def main(argv=None) -> None:
               f"{rate:,.0f} | {mfu:.1%} | {rate / tokens_per_s[0]:.2f}x | "
               f"{statistics.median(paired):.3f}x ({min(paired):.2f}-{max(paired):.2f}) | {r['temp']:.2f} |")
 
+
 if __name__ == "__main__":
     try:
         main()

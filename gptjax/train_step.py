@@ -50,8 +50,9 @@ def make_step_parts(model_cfg: ModelConfig, train_cfg: TrainConfig,
                     tx: optax.GradientTransformation | None = None, *, axis_name=None):
     """The train step's two halves: gradients(state, batch) -> (grads, loss sum, token
     count), and update(state, grads, total, count) -> (state, metrics). make_train_step
-    composes them in one function (one jit); they are apart so that a benchmark can jit
-    them apart and measure what fusing the optimizer into the step is worth."""
+    composes them in one function (one jit). Apart, code can act between them (inspect or
+    change the gradients), and benchmarks/train_step_ab.py jits them apart to measure what
+    fusing the optimizer into the step is worth."""
     tx = tx or optim.optimizer(train_cfg)
     lr_at = optim.schedule(train_cfg)
     n_micro = train_cfg.grad_accum
