@@ -203,7 +203,7 @@ def validate(cfg: RunConfig) -> RunConfig:
                           f"train.grad_accum ({t.grad_accum})")
     if t.warmup_steps >= t.max_steps:
         raise GptjaxError(f"train.warmup_steps ({t.warmup_steps}) must be less than "
-                          f"train.max_steps ({t.max_steps})")
+                          f"train.max_steps ({t.max_steps}); set it with --warmup-steps")
     if not (t.beta1 < 1 and t.beta2 < 1):
         raise GptjaxError("train.beta1 and train.beta2 must be below 1")
     from gptjax.mesh import parse_mesh  # imports no JAX

@@ -78,7 +78,8 @@ def check_batch(batch_rows: int, mesh: Mesh, grad_accum: int = 1) -> None:
     shards = batch_shards(mesh)
     if batch_rows % (shards * grad_accum):
         raise GptjaxError(f"batch_size {batch_rows} is not divisible by data x fsdp = {shards}"
-                          + (f" times grad_accum {grad_accum}" if grad_accum > 1 else ""))
+                          + (f" times grad_accum {grad_accum}" if grad_accum > 1 else "")
+                          + " (--batch-size, --mesh)")
 
 
 def make_sharded_train_step(step_fn, abstract_state, mesh: Mesh):

@@ -106,8 +106,16 @@ def make_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig,
 
 
 def mean_loss(eval_step, params, batches: list[dict]) -> float:
-    """Token-weighted mean loss of eval_step over batches (one device sync at the end)."""
-    summed = jax.tree.map(lambda *x: sum(x), *[eval_step(params, b) for b in batches])
+    """Token-weighted mean loss of eval_step over batches (one device sync at the end, or
+    one per batch in a multi-process job)."""
+    parts = []
+    for b in batches:
+        parts.append(eval_step(params, b))
+        if jax.process_count() > 1:
+            # Independent steps whose collectives are in flight at once deadlocked two CPU
+            # processes (gloo); one step at a time keeps every process in the same order.
+            jax.block_until_ready(parts[-1])
+    summed = jax.tree.map(lambda *x: sum(x), *parts)
     total, count = jax.tree.map(host, summed)  # replicated: each process reads its own copy
     return float(total / count)
 

@@ -4,7 +4,8 @@
 # a multi-host launch on one laptop.
 #
 #   scripts/launch_local_cpu.sh [PROCESSES] [DEVICES_PER_PROCESS] -- [gptjax train flags...]
-#   scripts/launch_local_cpu.sh 2 4 -- --preset tiny --max-steps 50 --out runs/local-mp
+#   scripts/launch_local_cpu.sh 2 4 -- --preset tiny --batch-size 16 --max-steps 50 --warmup-steps 5 \
+#       --out runs/local-mp
 #
 # The mesh defaults to data parallelism over all PROCESSES x DEVICES devices; pass --mesh
 # to change it (the only flag that differs from a one-process run).
