@@ -59,9 +59,8 @@ def native_unusable(x: jax.Array) -> str | None:
 
 
 def cudnn_unusable(x: jax.Array) -> str | None:
-    """Why "auto" does not take cuDNN's attention for `x` (q, or q, k, v packed; head_dim
-    last), or None when it does. If cuDNN still refuses while tracing, "auto" warns and
-    takes XLA's."""
+    """Why cuDNN's attention cannot run `x` here (q, or q, k, v packed; head_dim last), or
+    None when it can. If cuDNN still refuses while tracing, "auto" warns and takes XLA's."""
     if x.dtype not in (jnp.bfloat16, jnp.float16):
         return f"it takes bfloat16 or float16 inputs, not {x.dtype}"
     if x.shape[-1] % 8 or x.shape[-1] > 128:
@@ -72,9 +71,16 @@ def cudnn_unusable(x: jax.Array) -> str | None:
     if tuple(int(p) for p in capability.split(".")) < (8, 0):
         # Older cards pass jax's checks while tracing, then fail to compile.
         return f"its flash attention needs compute capability 8.0 or newer, not {capability}"
-    if jax.device_count() > 1:
-        return "auto takes it only in a process that sees one GPU (not yet measured on several)"
     return None
+
+
+def cudnn_unchosen(x: jax.Array) -> str | None:
+    """Why "auto" does not take cuDNN's attention for `x`: cudnn_unusable's reasons, or
+    several GPUs, where it is unmeasured."""
+    why_not = cudnn_unusable(x)
+    if why_not is None and jax.device_count() > 1:
+        return "auto takes it only in a process that sees one GPU (not yet measured on several)"
+    return why_not
 
 
 def resolve_impl(impl: str, backend: str, native_ok: bool = False, cudnn_ok: bool = False) -> str:
@@ -90,13 +96,15 @@ def resolve_impl(impl: str, backend: str, native_ok: bool = False, cudnn_ok: boo
 def choose_impl(qkv_btkhd, impl: str = "auto") -> str:
     """The formulation `causal_attention_packed` takes for q, k, v packed like `qkv_btkhd`
     (an array or a jax.ShapeDtypeStruct) on this process's backend: "auto" resolved, and
-    "native" refused with the reason where it cannot run. (If cuDNN's attention then
+    "native" or "cudnn" refused with the reason where it cannot run. (If cuDNN's attention then
     refuses while tracing, "auto" warns and takes XLA's.)"""
     why_not = native_unusable(qkv_btkhd) if impl in ("auto", "native") else None
     if impl == "native" and why_not:
         raise GptjaxError(f"attention_impl=native cannot run here: {why_not}")
+    if impl == "cudnn" and (no_cudnn := cudnn_unusable(qkv_btkhd)):
+        raise GptjaxError(f"attention_impl=cudnn cannot run here: {no_cudnn}")
     return resolve_impl(impl, jax.default_backend(), native_ok=why_not is None,
-                        cudnn_ok=impl == "auto" and cudnn_unusable(qkv_btkhd) is None)
+                        cudnn_ok=impl == "auto" and cudnn_unchosen(qkv_btkhd) is None)
 
 
 def causal_attention(q_bthd: jax.Array, k_bthd: jax.Array, v_bthd: jax.Array,

@@ -183,6 +183,8 @@ def _generate(args) -> int:
         model_cfg = dataclasses.replace(model_cfg, decode_matmul=args.decode_matmul)
     params = decode_params(params)  # the decode layout, once (see gptjax.generate)
     loaded.params = None  # let the stacked copy go
+    for text in prompts:  # text the tokenizer refuses fails here, before any is echoed
+        loaded.tokenizer.encode(text)
     stream = len(prompts) == 1 and not args.no_stream
 
     def show(_row, piece):

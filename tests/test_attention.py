@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax.attention import (QUERY_BLOCK, causal_attention, cudnn_unusable, native_unusable,
-                              resolve_impl)
+from gptjax.attention import (QUERY_BLOCK, causal_attention, cudnn_unchosen, cudnn_unusable,
+                              native_unusable, resolve_impl)
+from gptjax.errors import GptjaxError
 
 
 def _qkv(t: int, dtype=jnp.float32, seed: int = 0, heads: int = 3, head_dim: int = 16):
@@ -79,7 +80,7 @@ def test_auto_is_native_or_blocked_on_cpu_cudnn_or_xla_on_gpus_and_xla_elsewhere
     for dtype in (jnp.float32, jnp.bfloat16):
         q, k, v = _qkv(QUERY_BLOCK + 3, dtype, heads=2, head_dim=64)
         expected = resolve_impl("auto", jax.default_backend(), native_unusable(q) is None,
-                                cudnn_unusable(q) is None)
+                                cudnn_unchosen(q) is None)
         np.testing.assert_array_equal(causal_attention(q, k, v, "auto"),
                                       causal_attention(q, k, v, expected))
 
@@ -91,6 +92,8 @@ def test_auto_tries_cudnn_only_where_it_can_run():
     assert "head dims" in cudnn_unusable(_qkv(8, jnp.bfloat16, head_dim=136)[0])
     if jax.default_backend() != "gpu":
         assert cudnn_unusable(q) == "it needs an NVIDIA GPU"
+        with pytest.raises(GptjaxError, match="attention_impl=cudnn cannot run here: it needs an NVIDIA GPU"):
+            causal_attention(q, q, q, "cudnn")  # asked for by name: refused in one line
 
 
 def test_auto_takes_xla_with_a_warning_when_cudnn_refuses_while_tracing(monkeypatch):
