@@ -175,9 +175,24 @@ def load(run_dir: str | Path, which: str | int = "latest", gpt2_ranks: str | Non
     return LoadedRun(path, cfg, tokenizer, params, step)
 
 
+def own_data(path: Path) -> Path:
+    """Where a run without a `data` setting keeps its prepared data: its embedded copy, or
+    for a finetune-lm run the data it was tuned on. Other fine-tuned runs (instruction and
+    classification data is not prepared data) and imported runs have none."""
+    if (path / EMBEDDED_DATA).exists():
+        return path / EMBEDDED_DATA
+    from gptjax.finetune import store
+    if store.is_finetuned(path):
+        spec = json.loads((path / store.FILE).read_text())
+        if spec.get("task") == "lm" and spec.get("settings", {}).get("data"):
+            return Path(spec["settings"]["data"])
+    raise GptjaxError(f"{path} has no prepared data of its own (fine-tuned and imported runs "
+                      "have none): pass --data")
+
+
 def run_data(run: LoadedRun, data_dir: str | None = None) -> PreparedData:
     """The run's own prepared data, or `data_dir` checked against the run's tokenizer."""
-    data = load_prepared(data_dir or run.config.data.data or run.path / EMBEDDED_DATA)
+    data = load_prepared(data_dir or run.config.data.data or own_data(run.path))
     resolve(run.config, data)  # same tokenizer kind, vocabulary fits
     check_tokenizer(run.path, data)
     return data

@@ -207,6 +207,17 @@ def test_continued_pretraining_with_lora(base, tmp_path, capsys):
     assert "trainable:" in stdout and "val loss" in stdout
     code, _, err = run_cli(capsys, "generate", "--run", out, "--max-new-tokens", "3", "--prompt", "The")
     assert code == 0, err
+    # eval without --data reads the data the run was tuned on, and agrees with --data.
+    code, own, err = run_cli(capsys, "eval", "--run", out, "--batches", "2")
+    assert code == 0, err
+    code, given, err = run_cli(capsys, "eval", "--run", out, "--batches", "2", "--data", base / "data")
+    assert code == 0 and own.split(" (")[0] == given.split(" (")[0] and "val loss" in own, err
+
+
+def test_eval_of_an_instruction_tuned_run_asks_for_data(base, sft_lora, capsys):
+    fails_cleanly(capsys, "eval", "--run", sft_lora, match="has no prepared data of its own")
+    code, out, err = run_cli(capsys, "eval", "--run", sft_lora, "--batches", "1", "--data", base / "data")
+    assert code == 0 and "val loss" in out, err
 
 
 class _Judge(BaseHTTPRequestHandler):
