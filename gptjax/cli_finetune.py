@@ -93,8 +93,9 @@ def add_parsers(sub) -> None:
                    "the last real token's hidden state, or the mean over real tokens (default: last)")
     d.add_argument("--metric", choices=("accuracy", "macro_f1", "loss"), default="accuracy",
                    help="validation metric for early stopping and the best checkpoint (default: accuracy)")
-    d.add_argument("--max-length", type=int, default=0, help="tokens kept per text (longer ones are "
-                   "cut, with a count); 0 = the model's context (default: 0)")
+    d.add_argument("--max-length", type=int, default=0, help="tokens kept per text, at most the "
+                   "model's context (longer ones are cut, with a count); 0 = the model's context "
+                   "(default: 0)")
     _add_tuning(fc, Tuning())
     _common(fc)
 

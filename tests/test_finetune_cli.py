@@ -107,6 +107,7 @@ def test_lora_classifier_trains_few_parameters(base, labelled, tmp_path, capsys)
     (["--lora-rank", "2", "--lora-targets", "attn,embed"], "'embed' matches no layer"),
     (["--split", "0.5,0.5"], "--split must be 3"),
     (["--lr", "-1"], "--lr must be positive"),
+    (["--max-length", "100000"], "--max-length must be between 0 (the context) and the model's context"),
 ])
 def test_bad_classification_input_writes_nothing(base, labelled, tmp_path, capsys, extra, match):
     fails_cleanly(capsys, "finetune-cls", "--base", base / "base", "--data", labelled, *CLS, *extra,
@@ -149,10 +150,12 @@ def test_instruction_tuning_lowers_val_loss_and_answers(base, records, tmp_path,
     assert report["val_loss"] < report["val_loss_before"] and report["truncated"] > 0
     test = json.loads((out / "test_records.json").read_text())
     assert len(test) == 8  # 10% of 80
-    code, stdout, _ = run_cli(capsys, "respond", "--run", out, "--out", tmp_path / "answers.json",
-                              "--max-new-tokens", "4", "--no-progress")
+    code, stdout, err = run_cli(capsys, "respond", "--run", out, "--out", tmp_path / "answers.json",
+                                "--max-new-tokens", "4", "--no-progress")
     answers = json.loads((tmp_path / "answers.json").read_text())
     assert code == 0 and len(answers) == 8 and all(isinstance(a["model_response"], str) for a in answers)
+    # Every prompt outgrows the context: one summary line, not one per prompt.
+    assert "8 of 8 prompts are longer than the context" in err and "prompt of" not in err, err
     fails_cleanly(capsys, "judge", "--responses", tmp_path / "answers.json", "--out",
                   tmp_path / "scored.json", "--judge-url", "", match="no judge endpoint configured")
 

@@ -57,14 +57,15 @@ def prepare(d: ClsData, tokenizer, context_length: int, seed: int) -> Prepared:
         raise GptjaxError(f"--pooling must be one of {', '.join(POOLINGS)}, got {d.pooling!r}")
     if d.metric not in METRICS:
         raise GptjaxError(f"--metric must be one of {', '.join(METRICS)}, got {d.metric!r}")
-    if not 0 <= d.max_length:
-        raise GptjaxError(f"--max-length must be >= 0, got {d.max_length}")
+    if not 0 <= d.max_length <= context_length:
+        raise GptjaxError(f"--max-length must be between 0 (the context) and the model's context "
+                          f"length {context_length}, got {d.max_length}")
     data = cls_data.read_labeled(d.path, text_column=d.text_column, label_column=d.label_column,
                                  fmt=d.format)
     train, val, test = cls_data.stratified_split(data.labels, d.split, seed)
     if d.balance:
         train = cls_data.balance(train, data.labels, seed)
-    limit = min(d.max_length or context_length, context_length)
+    limit = d.max_length or context_length
     ids, truncated = batching.encode_all(data.texts, tokenizer, limit)
     return Prepared(ids, data.labels, data.classes, train, val, test, truncated)
 

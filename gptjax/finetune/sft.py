@@ -121,16 +121,23 @@ def respond(run_dir: str | Path, records: list[dict], *, max_new_tokens: int = 2
     check_max_new_tokens(max_new_tokens)
     loaded = run.load(run_dir, checkpoint, gpt2_ranks)
     params = decode_params(loaded.params)
+    context = loaded.config.model.context_length
+    long = sum(len(loaded.tokenizer.encode(sft_data.format_prompt(r))) > context for r in records)
+    if long:  # one line for all of them, not the decoder's one per prompt
+        warnings.warn(f"{long} of {len(records)} prompts are longer than the context; each keeps "
+                      f"its last {context} tokens")
     out = []
     bar = tqdm(total=len(records), desc="respond", unit="record", disable=not progress)
-    for start in range(0, len(records), batch_size):
-        chunk = records[start:start + batch_size]
-        prompts = [sft_data.format_prompt(r) for r in chunk]
-        # The template's next section header ends an answer that forgot its end-of-text.
-        texts = generate_text(params, loaded.config.model, loaded.tokenizer, prompts, max_new_tokens,
-                              Sampling(0.0, None, None, 0), stop=["\n\n### "])
-        out += [{**r, "model_response": t.strip()} for r, t in zip(chunk, texts)]
-        bar.update(len(chunk))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "prompt of .* tokens is longer than the context")
+        for start in range(0, len(records), batch_size):
+            chunk = records[start:start + batch_size]
+            prompts = [sft_data.format_prompt(r) for r in chunk]
+            # The template's next section header ends an answer that forgot its end-of-text.
+            texts = generate_text(params, loaded.config.model, loaded.tokenizer, prompts,
+                                  max_new_tokens, Sampling(0.0, None, None, 0), stop=["\n\n### "])
+            out += [{**r, "model_response": t.strip()} for r, t in zip(chunk, texts)]
+            bar.update(len(chunk))
     bar.close()
     return out
 
