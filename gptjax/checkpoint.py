@@ -93,7 +93,7 @@ class Checkpoints:
         step = self._step(step)
         train = {"step": abstract_state.step, "opt_state": abstract_state.opt_state,
                  "rng": abstract_state.rng}
-        out = self._mgr.restore(step, args=ocp.args.Composite(
+        out = self._read(step, ocp.args.Composite(
             params=ocp.args.StandardRestore(_abstract(abstract_state.params)),
             train=ocp.args.StandardRestore(_abstract(train)), extra=ocp.args.JsonRestore()))
         t = out["train"]
@@ -102,9 +102,21 @@ class Checkpoints:
     def restore_params(self, abstract_params, step: int | None = None) -> tuple[dict, int]:
         """Only the parameters (no optimizer state is read): for inference and fine-tuning."""
         step = self._step(step)
-        out = self._mgr.restore(step, args=ocp.args.Composite(
+        out = self._read(step, ocp.args.Composite(
             params=ocp.args.StandardRestore(_abstract(abstract_params))))
         return out["params"], step
+
+    def _read(self, step: int, args):
+        try:
+            return self._mgr.restore(step, args=args)
+        except Exception as e:  # noqa: BLE001  orbax raises a bare Exception for damaged files
+            # ... chained to tensorstore's ValueError, whose first line names the file.
+            cause = e.__cause__ or e
+            first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:300]
+            others = [s for s in self.all_steps() if s != step]
+            hint = f"; the others there: {', '.join(map(str, others))}" if others else ""
+            raise GptjaxError(f"checkpoint {step} in {self.directory} cannot be read ({first})"
+                              f"{hint}") from None
 
     def close(self) -> None:
         self._mgr.wait_until_finished()
