@@ -244,6 +244,8 @@ class _Loop:
                     now = time.perf_counter()
                     rec = self._record(step, fetched, untimed, now - clock)
                     self.log.write(rec)
+                    if not self.progress:  # the bar shows these; without it, a line each
+                        self.say(_train_line(rec))
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s'] or 0:.0f}",
                                     mfu=f"{100 * (rec['mfu'] or 0):.1f}%", refresh=False)
                     bar.update(step - shown)  # the bar counts finished steps, not dispatched ones
@@ -284,6 +286,13 @@ class _Loop:
                 "loss_last": float(losses[-1]), "lr": float(metrics[-1]["lr"]),
                 "grad_norm": float(metrics[-1]["grad_norm"]), "tokens_per_s": tok_s,
                 "mfu": tok_s * self.flops_per_token / self.peak if tok_s else None}
+
+
+def _train_line(rec: dict) -> str:
+    """A console line for a log interval's record (what the progress bar shows, and lr)."""
+    speed = (f", {rec['tokens_per_s']:,.0f} tokens/s, MFU {rec['mfu']:.1%}"
+             if rec["tokens_per_s"] else "")
+    return f"step {rec['step']}: train loss {rec['loss']:.4f}{speed}, lr {rec['lr']:.2e}"
 
 
 def _finish(out: Path, cfg: C.RunConfig, val_loss, log: JsonlLog, echo, end: int) -> TrainResult:

@@ -56,6 +56,11 @@ def test_resumed_run_is_bitwise_equal_to_an_uninterrupted_one(tmp_path, char_dat
     code, stdout, err = run_cli(capsys, "train", "--out", out, "--no-progress")
     assert code == 0, err
     assert "resuming" in stdout and "from step 3" in stdout
+    # Without a progress bar, each log interval (every step here) is a console line; the
+    # first step after a (re)start is untimed, so it has no speed.
+    lines = [line for line in stdout.splitlines() if line.startswith("step ") and ", lr " in line]
+    assert [line.split(":")[0] for line in lines] == ["step 4", "step 5", "step 6"]
+    assert "tokens/s" not in lines[0] and all("tokens/s, MFU " in line for line in lines[1:])
     assert train_losses(out) == train_losses(full_run)  # exact float equality
     assert_same_params(full_run, out)
 
