@@ -43,10 +43,12 @@ def load_prepared(path: str | Path, check_ids: bool = True) -> PreparedData:
     try:
         meta = json.loads(meta_path.read_text())
         dtype = np.dtype(meta["dtype"])
-        splits = {name: _open_tokens(path / f"{name}.bin", dtype, meta[f"{name}_tokens"])
-                  for name in ("train", "val")}
-    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
+        counts = {name: int(meta[f"{name}_tokens"]) for name in ("train", "val")}
+    except KeyError as e:
+        raise GptjaxError(f"{meta_path} is malformed: it has no {e} field") from None
+    except (TypeError, ValueError, json.JSONDecodeError) as e:
         raise GptjaxError(f"{meta_path} is malformed: {e}") from None
+    splits = {name: _open_tokens(path / f"{name}.bin", dtype, n) for name, n in counts.items()}
     data = PreparedData(path, meta, splits["train"], splits["val"])
     if check_ids:
         for name, tokens in splits.items():

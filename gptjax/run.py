@@ -193,6 +193,6 @@ def own_data(path: Path) -> Path:
 def run_data(run: LoadedRun, data_dir: str | None = None) -> PreparedData:
     """The run's own prepared data, or `data_dir` checked against the run's tokenizer."""
     data = load_prepared(data_dir or run.config.data.data or own_data(run.path))
-    resolve(run.config, data)  # same tokenizer kind, vocabulary fits
-    check_tokenizer(run.path, data)
+    check_tokenizer(run.path, data)  # first: a different vocabulary is the real mismatch
+    resolve(run.config, data)  # vocabulary fits
     return data

@@ -143,12 +143,33 @@ def test_prompt_with_characters_outside_a_char_vocabulary(capsys, char_run):
     assert out == ""  # the prompt is not echoed before the error
 
 
-def test_char_data_with_another_vocabulary(tmp_path, capsys, char_run):
-    (tmp_path / "other.txt").write_text("completely different letters: qxzj QXZJ 0123456789 " * 200)
+@pytest.mark.parametrize("text", [
+    "completely different letters: qxzj QXZJ 0123456789 " * 200,
+    # more characters than the run's vocabulary: still named as a different tokenizer
+    "".join(chr(c) for c in range(0x100, 0x200)) * 40])
+def test_char_data_with_another_vocabulary(tmp_path, capsys, char_run, text):
+    (tmp_path / "other.txt").write_text(text)
     assert main(["prepare", str(tmp_path / "other.txt"), "--out", str(tmp_path / "d"),
                  "--tokenizer", "char", "--no-progress"]) == 0
     fails_cleanly(capsys, "eval", "--run", char_run, "--data", tmp_path / "d",
                   match="different char tokenizer")
+
+
+def test_classify_on_a_run_that_is_not_a_classifier(capsys, char_run):
+    fails_cleanly(capsys, "classify", "--run", char_run, "hello", match="is not a classifier run")
+
+
+def test_damaged_prepared_data_is_named(tmp_path, capsys, char_run, char_data):
+    import json
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(char_data, bad)
+    (bad / "train.bin").write_bytes(b"")
+    fails_cleanly(capsys, "eval", "--run", char_run, "--data", bad, match="train.bin holds 0 tokens")
+    meta = json.loads((bad / "meta.json").read_text())
+    del meta["dtype"]
+    (bad / "meta.json").write_text(json.dumps(meta))
+    fails_cleanly(capsys, "eval", "--run", char_run, "--data", bad, match="has no 'dtype' field")
 
 
 def test_failed_prepare_removes_the_folders_it_created(tmp_path, capsys):

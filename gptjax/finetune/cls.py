@@ -165,6 +165,9 @@ def finetune_cls(base: store.Base, data: ClsData, tuning: Tuning, out: str | Pat
 def classify(run_dir: str | Path, texts: list[str], *, checkpoint: str = "latest",
              gpt2_ranks: str | None = None) -> tuple[tuple[str, ...], np.ndarray]:
     """(class names, probabilities (len(texts), classes)) from a classifier run."""
+    if not store.is_finetuned(run_dir):
+        raise GptjaxError(f"{run_dir} is not a classifier run (no {store.FILE}); make one with "
+                          "gptjax finetune-cls")
     ft = store.load(run_dir, checkpoint, gpt2_ranks)
     if ft.spec.task != "cls":
         raise GptjaxError(f"{run_dir} is not a classifier (it was fine-tuned for {ft.spec.task}); "
