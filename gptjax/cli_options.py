@@ -22,7 +22,9 @@ def add_config_flags(parser: argparse.ArgumentParser, sections=("model", "train"
         cls = C.SECTIONS[section]
         group = parser.add_argument_group(f"{section} config", cls.__doc__.strip())
         for f in dataclasses.fields(cls):
-            help_text = f"{f.metadata['help']} (default: {getattr(getattr(shown, section), f.name)!r})"
+            value = getattr(getattr(shown, section), f.name)
+            # Empty strings mean "decided elsewhere", which each field's help explains.
+            help_text = f"{f.metadata['help']} (default: {'empty' if value == '' else repr(value)})"
             kwargs = dict(dest=f"{section}.{f.name}", default=None, help=help_text)
             if f.type in ("bool", bool):
                 group.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)

@@ -66,12 +66,21 @@ def save_hf(params: dict, cfg: C.ModelConfig, out_dir: str | os.PathLike, *,
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         # transformers refuses safetensors files without this metadata.
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        _readable_like_the_rest(tmp / "model.safetensors")
         del tensors
         if isinstance(tokenizer, GPT2Tokenizer):
             from gptjax.hf_tokenizer import save_tokenizer
             save_tokenizer(tokenizer, tmp, model_max_length=cfg.context_length)
         names = sorted(p.name for p in tmp.iterdir())
     return [out / name for name in names]
+
+
+def _readable_like_the_rest(path: Path) -> None:
+    """safetensors creates its file owner-only (0600); give it the umask's mode, as the
+    other files of the export get."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
 
 
 def load_pretrained(source: str | os.PathLike, gpt2_ranks: str | None = None, dtype=None):

@@ -196,6 +196,8 @@ def test_export_loads_in_transformers_and_round_trips_exactly(gptjax_model, tmp_
     cfg, params = gptjax_model
     written = save_hf(params, cfg, tmp_path / "out")
     assert sorted(p.name for p in written) == ["config.json", "model.safetensors"]
+    modes = {p.name: p.stat().st_mode & 0o777 for p in written}
+    assert modes["model.safetensors"] == modes["config.json"], modes  # not owner-only
     m, info = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     toks = tokens()
