@@ -5,9 +5,10 @@
 #   bash benchmarks/gpu_session.sh sweep    # GPT-2 124M: bf16, vocab padding, cuDNN, scan, remat
 #   bash benchmarks/gpu_session.sh depth    # layers unrolled, batch 32; GPT-2 XL (1558M)
 #   bash benchmarks/gpu_session.sh report   # the defaults through `gptjax bench`, decode, prefetch
-#   bash benchmarks/gpu_session.sh profile  # where the step's time goes; batch 64; donation
+#   bash benchmarks/gpu_session.sh profile  # where the step's time goes; batch 64 unrolled
 #   bash benchmarks/gpu_session.sh xl       # GPT-2 XL at batch 96 and 128; 124M in float32
 #   bash benchmarks/gpu_session.sh flags    # XLA:GPU flags, one process each
+#   bash benchmarks/gpu_session.sh structure # donated state, the optimizer's own jit
 #
 # Each step has its own time limit, so one that hangs or fails leaves the rest to run;
 # logs go to $OUT (or ./gpu-out). Run from the repository root.
@@ -76,9 +77,13 @@ profile)
     # with it (batch 32 is measured in "report" and "flags").
     defaults="$bf16,attention_impl=cudnn,scan_unroll=12"
     step b64 150 $ab --case gpt2:64:1024 --vocab 50304 --repeats 5 "$defaults"
+    ;;
+structure)
     # What donating the state and updating inside the step's jit are worth (CPU: nothing
-    # resolvable, NOTES XLA:CPU entry 14).
-    step ab_structure 120 $ab --case gpt2:16:1024 --vocab 50304 --repeats 7 \
+    # resolvable, NOTES XLA:CPU entry 14). Four unrolled compiles of ~62 s each (the split
+    # step is two), hence a phase of its own.
+    defaults="$bf16,attention_impl=cudnn,scan_unroll=12"
+    step ab_structure 420 $ab --case gpt2:16:1024 --vocab 50304 --repeats 7 \
         "$defaults" "$defaults,donate=0" "$defaults,fused_update=0"
     ;;
 xl)
@@ -109,7 +114,7 @@ flags)
     run_bench flags_none_again ""
     ;;
 *)
-    echo "usage: $0 sweep|depth|report|profile|xl|flags" >&2
+    echo "usage: $0 sweep|depth|report|profile|xl|flags|structure" >&2
     exit 2
     ;;
 esac

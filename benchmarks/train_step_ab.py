@@ -1,8 +1,8 @@
 """A/B of train-step variants: the same case under different ModelConfig/TrainConfig fields.
 
-Each variant is the train step `gptjax train` builds (gptjax.bench.build_train_step), all
-compiled in this one process and timed alternately (the order flips every repeat), so the
-machine's drift hits every variant alike. A variant is a comma-separated list of config
+Each variant is the train step `gptjax train` builds (gptjax.bench.build_train_step, unless
+it changes how the step is jitted: below), all compiled in this one process and timed
+alternately (the order flips every repeat), so the machine's drift hits every variant alike. A variant is a comma-separated list of config
 overrides (so a multi-axis `mesh` cannot be one: use a one-axis mesh), or of how the step is
 jitted (`donate=0`: the state not donated; `fused_update=0`: the optimizer update in a jit
 of its own); the empty variant is the preset as it stands. Every variant's state stays in

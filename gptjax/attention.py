@@ -14,7 +14,7 @@ Three formulations, chosen by `ModelConfig.attention_impl`:
 
 "auto" (the default) is "native" on CPU where the kernel can run (`native_unusable`),
 else "blocked" on CPU; "cudnn" on one NVIDIA GPU (compute capability 8.0 or newer) for
-bfloat16/float16 inputs it takes (`cudnn_unusable`; XLA's if cuDNN refuses while tracing),
+bfloat16/float16 inputs it takes (`cudnn_unchosen`; XLA's if cuDNN refuses while tracing),
 else "xla". On the 2-core CPU the kernel made the baby config's training step 1.14x and
 the 10M config's 1.10x faster than "blocked", which had made the 10M step 1.16x faster
 than "xla" (benchmarks/NOTES.md, train step entries 3 and 10). On an H100, cuDNN's made

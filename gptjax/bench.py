@@ -107,7 +107,8 @@ class TrainStepBench:
 
     model_cfg: ModelConfig
     train_cfg: TrainConfig
-    step: Any  # the AOT-compiled executable: (state, batch) -> (state, metrics)
+    step: Any  # (state, batch) -> (state, metrics): the AOT-compiled executable, or a
+    # function of two (build_train_step's fused_update=False)
     init_state: Any  # jitted () -> fresh state on the step's shardings
     batch_sharding: NamedSharding
     lower_seconds: float  # trace + lower to StableHLO

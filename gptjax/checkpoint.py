@@ -109,14 +109,21 @@ class Checkpoints:
     def _read(self, step: int, args):
         try:
             return self._mgr.restore(step, args=args)
-        except Exception as e:  # noqa: BLE001  orbax raises a bare Exception for damaged files
-            # ... chained to tensorstore's ValueError, whose first line names the file.
+        except Exception as e:  # noqa: BLE001  orbax raises a bare Exception; sorted below
+            # Its cause is tensorstore's ValueError, whose first line names the file; only
+            # the messages say what went wrong, so they are what is matched.
             cause = e.__cause__ or e
-            first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:300]
-            others = [s for s in self.all_steps() if s != step]
-            hint = f"; the others there: {', '.join(map(str, others))}" if others else ""
-            raise GptjaxError(f"checkpoint {step} in {self.directory} cannot be read ({first})"
-                              f"{hint}") from None
+            text = str(cause)
+            first = (text.strip().splitlines() or [type(cause).__name__])[0][:300]
+            where = f"checkpoint {step} in {self.directory}"
+            if any(k in text for k in ("Error reading", "Error opening", "DATA_LOSS", "OUT_OF_RANGE")):
+                others = [s for s in self.all_steps() if s != step]
+                hint = f"; the others there: {', '.join(map(str, others))}" if others else ""
+                raise GptjaxError(f"{where} cannot be read ({first}){hint}") from None
+            if "not compatible with the stored shape" in text or "tree structures do not match" in text:
+                raise GptjaxError(f"{where} does not match this model's parameters or optimizer "
+                                  f"state ({first})") from None
+            raise
 
     def close(self) -> None:
         self._mgr.wait_until_finished()

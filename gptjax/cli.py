@@ -256,12 +256,6 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except GptjaxError as e:
         print(f"gptjax: error: {e}", file=sys.stderr)
-        if argv is None:  # the process is this command: it exits next
-            # Work abandoned by the error (e.g. orbax's other reads of a damaged checkpoint)
-            # is finalised at exit with "Exception ignored in ..." and asyncio's "Task
-            # exception was never retrieved" reports, which add nothing to the line above.
-            sys.unraisablehook = lambda _unraisable: None
-            logging.getLogger("asyncio").disabled = True
         return 2
     except OSError as e:  # unwritable or impossible paths, full disks: say so in one line
         print(f"gptjax: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
@@ -272,5 +266,17 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> int:
+    """The `gptjax` command (and `python -m gptjax`): main() in a process that exits next."""
+    code = main()
+    if code == 2:
+        # Work an error abandoned (e.g. orbax's other reads of a damaged checkpoint) is
+        # finalised at exit with "Exception ignored in ..." and asyncio's "Task exception
+        # was never retrieved" reports, which add nothing to the one-line error.
+        sys.unraisablehook = lambda _unraisable: None
+        logging.getLogger("asyncio").disabled = True
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

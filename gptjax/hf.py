@@ -66,7 +66,7 @@ def save_hf(params: dict, cfg: C.ModelConfig, out_dir: str | os.PathLike, *,
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         # transformers refuses safetensors files without this metadata.
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        _readable_like_the_rest(tmp / "model.safetensors")
+        _mode_like(tmp / "model.safetensors", tmp / "config.json")
         del tensors
         if isinstance(tokenizer, GPT2Tokenizer):
             from gptjax.hf_tokenizer import save_tokenizer
@@ -75,12 +75,10 @@ def save_hf(params: dict, cfg: C.ModelConfig, out_dir: str | os.PathLike, *,
     return [out / name for name in names]
 
 
-def _readable_like_the_rest(path: Path) -> None:
-    """safetensors creates its file owner-only (0600); give it the umask's mode, as the
-    other files of the export get."""
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod(0o666 & ~umask)
+def _mode_like(path: Path, sibling: Path) -> None:
+    """safetensors creates its file owner-only (0600): give it the mode `sibling` got from
+    the umask."""
+    path.chmod(sibling.stat().st_mode & 0o777)
 
 
 def load_pretrained(source: str | os.PathLike, gpt2_ranks: str | None = None, dtype=None):

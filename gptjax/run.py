@@ -84,6 +84,10 @@ def check_resume(out: Path, cfg: C.RunConfig, data: PreparedData) -> None:
 def check_tokenizer(run_dir: Path, data: PreparedData) -> None:
     """Same kind is not enough: two char vocabularies map the same id to different text."""
     saved = json.loads((Path(run_dir) / "tokenizer.json").read_text())
+    kind = data.meta["tokenizer"]["kind"]
+    if saved["kind"] != kind:
+        raise GptjaxError(f"prepared data {data.path} uses the {kind} tokenizer, but run "
+                          f"{run_dir} uses {saved['kind']}")
     if saved != data.meta["tokenizer"]:
         raise GptjaxError(f"prepared data {data.path} uses a different {data.meta['tokenizer']['kind']} "
                           f"tokenizer than run {run_dir} ({saved['kind']})")
@@ -184,8 +188,11 @@ def own_data(path: Path) -> Path:
     from gptjax.finetune import store
     if store.is_finetuned(path):
         spec = json.loads((path / store.FILE).read_text())
-        if spec.get("task") == "lm" and spec.get("settings", {}).get("data"):
-            return Path(spec["settings"]["data"])
+        tuned_on = spec.get("settings", {}).get("data") if spec.get("task") == "lm" else None
+        if tuned_on and not Path(tuned_on).is_dir():
+            raise GptjaxError(f"the data {path} was tuned on ({tuned_on}) is gone; pass --data")
+        if tuned_on:
+            return Path(tuned_on)
     raise GptjaxError(f"{path} has no prepared data of its own (fine-tuned and imported runs "
                       "have none): pass --data")
 

@@ -118,7 +118,7 @@ def test_auto_takes_xla_with_a_warning_when_cudnn_refuses_while_tracing(monkeypa
 
 
 @pytest.mark.skipif(cudnn_unusable(jax.ShapeDtypeStruct((1, 1, 1, 64), jnp.bfloat16)) is not None,
-                    reason="cuDNN's attention needs one NVIDIA GPU of compute capability 8.0+")
+                    reason="cuDNN's attention needs an NVIDIA GPU of compute capability 8.0+")
 def test_cudnn_bfloat16_is_as_close_to_float32_as_the_other_formulations():
     # Runs on a GPU machine only (CI has none): the check behind "auto" choosing cuDNN there.
     q, k, v = _qkv(4 * QUERY_BLOCK, jnp.bfloat16, seed=3, heads=2, head_dim=64)

@@ -41,3 +41,16 @@ def test_restore_whole_state_or_params_only(tmp_path):
     with pytest.raises(GptjaxError, match="no checkpoint 3"):
         ckpts.restore_params(abstract.params, 3)
     ckpts.close()
+
+
+def test_a_checkpoint_of_another_shape_is_named_as_a_mismatch_not_damage(tmp_path):
+    t = TrainConfig()
+    ckpts = Checkpoints(tmp_path / "c")
+    ckpts.save(init_state(CFG, t), {}, 1.0)
+    wider = preset("tiny", vocab_size=24)  # the embedding has 24 rows, the checkpoint 20
+    abstract = jax.eval_shape(lambda: init_state(wider, t))
+    with pytest.raises(GptjaxError, match="checkpoint 0 in .* does not match this model's"):
+        ckpts.restore_params(abstract.params)
+    with pytest.raises(GptjaxError, match="does not match this model's"):
+        ckpts.restore(abstract)
+    ckpts.close()

@@ -167,4 +167,4 @@ def test_python_dash_m_and_help_list_every_field_with_its_default():
         for f in dataclasses.fields(cls):
             default = getattr(getattr(shown, section), f.name)
             assert f"--{f.name.replace('_', '-')}" in text, f.name
-            assert f"(default: {default!r})" in text, f.name
+            assert f"(default: {'empty' if default == '' else repr(default)})" in text, f.name

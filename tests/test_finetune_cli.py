@@ -202,8 +202,10 @@ def test_a_base_that_no_longer_matches_is_refused(sft_lora, tmp_path, capsys):
 
 
 def test_continued_pretraining_with_lora(base, tmp_path, capsys):
-    out = tmp_path / "lm"
-    code, stdout, err = run_cli(capsys, "finetune-lm", "--base", base / "base", "--data", base / "data",
+    import shutil
+    out, tuning_data = tmp_path / "lm", tmp_path / "tuning-data"
+    shutil.copytree(base / "data", tuning_data)  # not the base's own folder
+    code, stdout, err = run_cli(capsys, "finetune-lm", "--base", base / "base", "--data", tuning_data,
                                 "--lora-rank", "4", "--lr", "1e-2", "--epochs", "1",
                                 "--eval-every", "20", "--no-progress", "--out", out)
     assert code == 0, err
@@ -212,9 +214,11 @@ def test_continued_pretraining_with_lora(base, tmp_path, capsys):
     assert code == 0, err
     # eval without --data reads the data the run was tuned on, and agrees with --data.
     code, own, err = run_cli(capsys, "eval", "--run", out, "--batches", "2")
-    assert code == 0, err
+    assert code == 0 and f"tokens of {tuning_data.absolute()})" in own, err
     code, given, err = run_cli(capsys, "eval", "--run", out, "--batches", "2", "--data", base / "data")
     assert code == 0 and own.split(" (")[0] == given.split(" (")[0] and "val loss" in own, err
+    shutil.rmtree(tuning_data)
+    fails_cleanly(capsys, "eval", "--run", out, match="was tuned on")
 
 
 def test_eval_of_an_instruction_tuned_run_asks_for_data(base, sft_lora, capsys):

@@ -197,7 +197,9 @@ def test_export_loads_in_transformers_and_round_trips_exactly(gptjax_model, tmp_
     written = save_hf(params, cfg, tmp_path / "out")
     assert sorted(p.name for p in written) == ["config.json", "model.safetensors"]
     modes = {p.name: p.stat().st_mode & 0o777 for p in written}
-    assert modes["model.safetensors"] == modes["config.json"], modes  # not owner-only
+    umask = os.umask(0)
+    os.umask(umask)
+    assert modes == {"config.json": 0o666 & ~umask, "model.safetensors": 0o666 & ~umask}, modes
     m, info = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     toks = tokens()

@@ -204,7 +204,7 @@ def test_two_processes_train_together_like_one(char_data, alone, tmp_path):
          # Several eval batches: dispatched all at once, their collectives deadlocked the
          # two processes (gptjax.train_step.mean_loss).
          "--eval-batches", "20"],
-        env=env, capture_output=True, text=True, timeout=300)
+        env=env, capture_output=True, text=True, timeout=450)
     assert done.returncode == 0, done.stderr[-3000:]
     # Both processes share the script's stdout; only process 0 speaks, so no line of
     # gptjax's appears twice (gloo's own connection notices aside).
