@@ -107,7 +107,7 @@ def test_lora_classifier_trains_few_parameters(base, labelled, tmp_path, capsys)
     (["--lora-rank", "2", "--lora-targets", "attn,embed"], "'embed' matches no layer"),
     (["--split", "0.5,0.5"], "--split must be 3"),
     (["--lr", "-1"], "--lr must be positive"),
-    (["--max-length", "100000"], "--max-length must be between 0 (the context) and the model's context"),
+    (["--max-length", "100000"], "--max-length must be 0 (the model's context) or at most the context length"),
 ])
 def test_bad_classification_input_writes_nothing(base, labelled, tmp_path, capsys, extra, match):
     fails_cleanly(capsys, "finetune-cls", "--base", base / "base", "--data", labelled, *CLS, *extra,

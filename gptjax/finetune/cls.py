@@ -58,8 +58,8 @@ def prepare(d: ClsData, tokenizer, context_length: int, seed: int) -> Prepared:
     if d.metric not in METRICS:
         raise GptjaxError(f"--metric must be one of {', '.join(METRICS)}, got {d.metric!r}")
     if not 0 <= d.max_length <= context_length:
-        raise GptjaxError(f"--max-length must be between 0 (the context) and the model's context "
-                          f"length {context_length}, got {d.max_length}")
+        raise GptjaxError(f"--max-length must be 0 (the model's context) or at most the "
+                          f"context length {context_length}, got {d.max_length}")
     data = cls_data.read_labeled(d.path, text_column=d.text_column, label_column=d.label_column,
                                  fmt=d.format)
     train, val, test = cls_data.stratified_split(data.labels, d.split, seed)
