@@ -17,7 +17,7 @@ from pathlib import Path
 from gptjax import cli_bench, cli_convert, cli_finetune
 from gptjax import config as C
 from gptjax.cli_options import add_config_flags, apply_overrides, explicit_overrides
-from gptjax.errors import GptjaxError
+from gptjax.errors import GptjaxError, Preempted
 from gptjax.tokenizer import KINDS
 
 
@@ -260,9 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # unwritable or impossible paths, full disks: say so in one line
         print(f"gptjax: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         saved = " (checkpoint saved; rerun the same command to resume)" if args.command == "train" else ""
-        print(f"gptjax: interrupted{saved}", file=sys.stderr)
+        what = f"preempted at step {e.step}" if isinstance(e, Preempted) else "interrupted"
+        print(f"gptjax: {what}{saved}", file=sys.stderr)
         return 130
 
 

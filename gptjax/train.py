@@ -23,7 +23,7 @@ from gptjax import config as C
 from gptjax import host_memory, model, optim, run
 from gptjax.checkpoint import Checkpoints
 from gptjax.data import PreparedData, WindowSampler, eval_batches, gather, load_prepared
-from gptjax.errors import GptjaxError
+from gptjax.errors import GptjaxError, Preempted
 from gptjax.generate import generate
 from gptjax.metrics import MFU_FORMULA, JsonlLog, flops_per_token, peak_flops, plot_losses
 from gptjax.distributed import host, is_main, local_rows
@@ -228,6 +228,7 @@ class _Loop:
                    disable=not self.progress)
         pending, val_loss, train_loss = [], None, None
         clock, untimed = time.perf_counter(), 0
+        preempted = _preemption_check()
         try:
             while step < end:
                 starts = self.sampler.starts(step)
@@ -236,6 +237,8 @@ class _Loop:
                 state, metrics = self.train_step(state, batch)
                 pending.append(metrics)
                 step += 1
+                if preempted(step):  # every process is at this step: saved below, as for Ctrl-C
+                    raise Preempted(step)
                 if step == first + 1:  # the only per-step sync: keep warm-up out of tokens/s
                     jax.block_until_ready(metrics)
                     clock, untimed = time.perf_counter(), 1
@@ -286,6 +289,26 @@ class _Loop:
                 "loss_last": float(losses[-1]), "lr": float(metrics[-1]["lr"]),
                 "grad_norm": float(metrics[-1]["grad_norm"]), "tokens_per_s": tok_s,
                 "mfu": tok_s * self.flops_per_token / self.peak if tok_s else None}
+
+
+def _preemption_check():
+    """step -> whether every process of the job has reached the step at which JAX's
+    preemption service (started by jax.distributed) decided to stop after a SIGTERM reached
+    one of them. It must be asked at every step; a job without the service never stops."""
+    if jax.process_count() == 1:
+        return lambda step: False
+    from jax.experimental import multihost_utils
+    available = True
+
+    def check(step: int) -> bool:
+        nonlocal available
+        if available:
+            try:
+                return multihost_utils.reached_preemption_sync_point(step)
+            except RuntimeError:  # no preemption service in this job
+                available = False
+        return False
+    return check
 
 
 def _train_line(rec: dict) -> str:

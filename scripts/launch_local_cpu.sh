@@ -8,7 +8,8 @@
 #       --out runs/local-mp
 #
 # The mesh defaults to data parallelism over all PROCESSES x DEVICES devices; pass --mesh
-# to change it (the only flag that differs from a one-process run).
+# to change it (the only flag that differs from a one-process run). Ctrl-C stops every
+# process at one step, saved; rerunning the same command resumes there.
 set -euo pipefail
 procs=${1:-2}; devices=${2:-4}
 shift $(( $# >= 2 ? 2 : $# )); [[ "${1:-}" == "--" ]] && shift
@@ -20,6 +21,15 @@ for ((i = 0; i < procs; i++)); do
     "$@" &
   pids+=($!)
 done
+# Background children of a script ignore Ctrl-C. Pass it (and a SIGTERM) on as the
+# preemption notice JAX's service listens for: every process stops at one step and saves it.
+trap 'kill -TERM "${pids[@]}" 2>/dev/null || true' INT TERM
 status=0
-for pid in "${pids[@]}"; do wait "${pid}" || status=$?; done
+for pid in "${pids[@]}"; do
+  while :; do
+    wait "${pid}" && rc=0 || rc=$?
+    kill -0 "${pid}" 2>/dev/null || break  # a trapped signal ended the wait, not the child
+  done
+  (( rc == 0 )) || status=${rc}
+done
 exit "${status}"

@@ -183,6 +183,41 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_a_sigterm_to_one_process_stops_the_job_at_one_saved_step(char_data, tmp_path):
+    """JAX's preemption service: a SIGTERM to one of two processes makes both stop at the
+    step they agree on, save it, and say so; the run resumes from there."""
+    import re
+    import signal
+    import time
+    script = Path(__file__).resolve().parents[1] / "scripts" / "launch_local_cpu.sh"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    run = tmp_path / "preempted"
+    job = subprocess.Popen(
+        ["bash", str(script), "2", "2", "--", "--data", str(char_data), *COMMON, "--out", str(run),
+         "--join-timeout", "120", "--max-steps", "100000", "--eval-every", "50000"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while len(_losses(run) if (run / "metrics.jsonl").exists() else []) < 3:
+            assert job.poll() is None and time.monotonic() < deadline, "training never started"
+            time.sleep(0.5)
+        children = subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True,
+                                  text=True).stdout.split()
+        assert len(children) == 2
+        os.kill(int(children[1]), signal.SIGTERM)  # process 1 only: the notice spreads
+        _, err = job.communicate(timeout=180)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 130, err[-3000:]
+    stopped = {int(n) for n in re.findall(r"gptjax: preempted at step (\d+)", err)}
+    assert len(stopped) == 1, err[-3000:]  # both processes stopped at the same step
+    (step,) = stopped
+    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())[-1] == step
+    done = _train_cli(1, "--out", run, "--stop-at", step + 2, "--no-progress")
+    assert done.returncode == 0 and f"from step {step}" in done.stdout, done.stderr[-3000:]
+
+
 def test_an_unreachable_coordinator_is_one_line_exit_2(char_data, tmp_path):
     done = _train_cli(1, "--data", char_data, "--preset", "tiny", "--out", tmp_path / "r",
                       "--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2",
