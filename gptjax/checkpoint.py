@@ -55,6 +55,11 @@ class Checkpoints:
         )
         self.directory = Path(directory).absolute()
         self._mgr = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        # JAX's preemption protocol takes each process's latest step id as given; orbax would
+        # also report saved steps (from its finalising thread, later, on process 0 only) and
+        # pull process 0 back. The training loop alone reports (train._preemption_check);
+        # saves here are forced, so orbax needs the answer for nothing else.
+        self._mgr.reached_preemption = lambda step: False
 
     def latest_step(self) -> int | None:
         return self._mgr.latest_step()

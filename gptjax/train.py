@@ -237,8 +237,11 @@ class _Loop:
                 state, metrics = self.train_step(state, batch)
                 pending.append(metrics)
                 step += 1
-                if preempted(step):  # every process is at this step: saved below, as for Ctrl-C
-                    raise Preempted(step)
+                # Asked at every step, with ids from this loop's start (1, 2, ...): the
+                # protocol counts from 0, so a notice during a resumed run's start-up stops at
+                # id 1. At the last step the run just finishes.
+                if preempted(step - first) and step < end:
+                    raise Preempted(step)  # every process is here: saved below, as for Ctrl-C
                 if step == first + 1:  # the only per-step sync: keep warm-up out of tokens/s
                     jax.block_until_ready(metrics)
                     clock, untimed = time.perf_counter(), 1
@@ -292,19 +295,20 @@ class _Loop:
 
 
 def _preemption_check():
-    """step -> whether every process of the job has reached the step at which JAX's
+    """step id -> whether every process of the job has reached the step at which JAX's
     preemption service (started by jax.distributed) decided to stop after a SIGTERM reached
-    one of them. It must be asked at every step; a job without the service never stops."""
+    one of them. It must be asked at every step, with the same ids on every process; a job
+    without the service never stops."""
     if jax.process_count() == 1:
         return lambda step: False
     from jax.experimental import multihost_utils
     available = True
 
-    def check(step: int) -> bool:
+    def check(step_id: int) -> bool:
         nonlocal available
         if available:
             try:
-                return multihost_utils.reached_preemption_sync_point(step)
+                return multihost_utils.reached_preemption_sync_point(step_id)
             except RuntimeError:  # no preemption service in this job
                 available = False
         return False

@@ -16,19 +16,22 @@ shift $(( $# >= 2 ? 2 : $# )); [[ "${1:-}" == "--" ]] && shift
 port=$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 export XLA_FLAGS="--xla_force_host_platform_device_count=${devices}" JAX_PLATFORMS=cpu
 pids=()
+signalled=0
+# Background children of a script ignore Ctrl-C. Pass it (and a SIGTERM) on as the
+# preemption notice JAX's service listens for: every process stops at one step and saves it.
+# Set before the children start, so none is left behind by an early Ctrl-C.
+trap 'signalled=1; kill -TERM ${pids[@]+"${pids[@]}"} 2>/dev/null || true' INT TERM
 for ((i = 0; i < procs; i++)); do
   gptjax train --coordinator "127.0.0.1:${port}" --num-processes "${procs}" --process-id "${i}" \
     "$@" &
   pids+=($!)
 done
-# Background children of a script ignore Ctrl-C. Pass it (and a SIGTERM) on as the
-# preemption notice JAX's service listens for: every process stops at one step and saves it.
-trap 'kill -TERM "${pids[@]}" 2>/dev/null || true' INT TERM
 status=0
 for pid in "${pids[@]}"; do
   while :; do
+    signalled=0
     wait "${pid}" && rc=0 || rc=$?
-    kill -0 "${pid}" 2>/dev/null || break  # a trapped signal ended the wait, not the child
+    (( signalled )) || break  # else a trapped signal ended the wait; bash keeps the child's status
   done
   (( rc == 0 )) || status=${rc}
 done

@@ -183,39 +183,49 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_a_sigterm_to_one_process_stops_the_job_at_one_saved_step(char_data, tmp_path):
-    """JAX's preemption service: a SIGTERM to one of two processes makes both stop at the
-    step they agree on, save it, and say so; the run resumes from there."""
+def _preempt_two_processes(char_data, run: Path, after_records: int) -> int:
+    """Run (or resume) a long two-process job until metrics.jsonl holds `after_records` train
+    records, SIGTERM one process, and return the step both said they stopped at (and saved)."""
     import re
     import signal
     import time
     script = Path(__file__).resolve().parents[1] / "scripts" / "launch_local_cpu.sh"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    run = tmp_path / "preempted"
     job = subprocess.Popen(
         ["bash", str(script), "2", "2", "--", "--data", str(char_data), *COMMON, "--out", str(run),
          "--join-timeout", "120", "--max-steps", "100000", "--eval-every", "50000"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        deadline = time.monotonic() + 180
-        while len(_losses(run) if (run / "metrics.jsonl").exists() else []) < 3:
-            assert job.poll() is None and time.monotonic() < deadline, "training never started"
+        deadline = time.monotonic() + 400
+        while len(_losses(run) if (run / "metrics.jsonl").exists() else []) < after_records:
+            assert job.poll() is None and time.monotonic() < deadline, "training never got there"
             time.sleep(0.5)
         children = subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True,
                                   text=True).stdout.split()
         assert len(children) == 2
-        os.kill(int(children[1]), signal.SIGTERM)  # process 1 only: the notice spreads
-        _, err = job.communicate(timeout=180)
+        os.kill(int(children[-1]), signal.SIGTERM)  # one process: the notice spreads
+        _, err = job.communicate(timeout=300)
     finally:
-        if job.poll() is None:
-            job.kill()
+        if job.poll() is None:  # the launcher and both processes, not only bash
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
     assert job.returncode == 130, err[-3000:]
-    stopped = {int(n) for n in re.findall(r"gptjax: preempted at step (\d+)", err)}
-    assert len(stopped) == 1, err[-3000:]  # both processes stopped at the same step
-    (step,) = stopped
-    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())[-1] == step
-    done = _train_cli(1, "--out", run, "--stop-at", step + 2, "--no-progress")
-    assert done.returncode == 0 and f"from step {step}" in done.stdout, done.stderr[-3000:]
+    stopped = [int(n) for n in re.findall(r"gptjax: preempted at step (\d+)", err)]
+    assert len(stopped) == 2 and stopped[0] == stopped[1], err[-3000:]  # both, at one step
+    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())[-1] == stopped[0]
+    return stopped[0]
+
+
+def test_a_sigterm_to_one_process_stops_the_job_at_one_saved_step(char_data, tmp_path):
+    """JAX's preemption service: a SIGTERM to one of two processes makes both stop at the
+    step they agree on and save it; a resumed job stops the same way (its loop counts the
+    protocol's step ids from its own start), and the run resumes on one device too."""
+    run = tmp_path / "preempted"
+    first = _preempt_two_processes(char_data, run, after_records=3)
+    second = _preempt_two_processes(char_data, run, after_records=first + 3)
+    assert second > first
+    done = _train_cli(1, "--out", run, "--stop-at", second + 2, "--no-progress")
+    assert done.returncode == 0 and f"from step {second}" in done.stdout, done.stderr[-3000:]
 
 
 def test_an_unreachable_coordinator_is_one_line_exit_2(char_data, tmp_path):
