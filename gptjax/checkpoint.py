@@ -13,7 +13,9 @@ the lowest validation loss.
 
 from __future__ import annotations
 
+import gc
 import logging
+import warnings
 from pathlib import Path
 
 import jax
@@ -112,23 +114,35 @@ class Checkpoints:
         return out["params"], step
 
     def _read(self, step: int, args):
-        try:
-            return self._mgr.restore(step, args=args)
-        except Exception as e:  # noqa: BLE001  orbax raises a bare Exception; sorted below
-            # Its cause is tensorstore's ValueError, whose first line names the file; only
-            # the messages say what went wrong, so they are what is matched.
-            cause = e.__cause__ or e
-            text = str(cause)
-            first = (text.strip().splitlines() or [type(cause).__name__])[0][:300]
-            where = f"checkpoint {step} in {self.directory}"
-            if any(k in text for k in ("Error reading", "Error opening", "DATA_LOSS", "OUT_OF_RANGE")):
-                others = [s for s in self.all_steps() if s != step]
-                hint = f"; the others there: {', '.join(map(str, others))}" if others else ""
-                raise GptjaxError(f"{where} cannot be read ({first}){hint}") from None
-            if "not compatible with the stored shape" in text or "tree structures do not match" in text:
-                raise GptjaxError(f"{where} does not match this model's parameters or optimizer "
-                                  f"state ({first})") from None
-            raise
+        with warnings.catch_warnings():
+            # When one read fails, orbax abandons the others: their coroutines are finalised
+            # with "never awaited" warnings that add nothing to the error below.
+            warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
+            try:
+                return self._mgr.restore(step, args=args)
+            except Exception as e:  # noqa: BLE001  orbax raises a bare Exception; sorted here
+                problem = self._unreadable(step, e)
+                if problem is None:
+                    raise
+            gc.collect()  # finalise them now, while their warning is filtered
+        raise problem from None
+
+    def _unreadable(self, step: int, e: Exception) -> GptjaxError | None:
+        """The one-line error for a checkpoint that cannot be restored, or None when `e` is
+        something else. orbax's exception is chained to tensorstore's, whose first line names
+        the file; only the messages say what went wrong, so they are what is matched."""
+        cause = e.__cause__ or e
+        text = str(cause)
+        first = (text.strip().splitlines() or [type(cause).__name__])[0][:300]
+        where = f"checkpoint {step} in {self.directory}"
+        if any(k in text for k in ("Error reading", "Error opening", "DATA_LOSS", "OUT_OF_RANGE")):
+            others = [s for s in self.all_steps() if s != step]
+            hint = f"; the others there: {', '.join(map(str, others))}" if others else ""
+            return GptjaxError(f"{where} cannot be read ({first}){hint}")
+        if "not compatible with the stored shape" in text or "tree structures do not match" in text:
+            return GptjaxError(f"{where} does not match this model's parameters or optimizer "
+                               f"state ({first})")
+        return None
 
     def close(self) -> None:
         self._mgr.wait_until_finished()
