@@ -46,6 +46,10 @@ def resolve_source(name_or_dir: str | Path) -> Path:
 
 
 def _unavailable(name: str, reason: str) -> str:
+    owner, _, rest = name.rpartition("/")
+    if owner and Path(owner).is_dir():  # most likely a mistyped local path, not a Hub name
+        return (f"{name} not found: {owner}/ has no {rest} (nor could a Hugging Face model of that "
+                f"name be downloaded: {reason})")
     return (f"{name} is not a directory and could not be downloaded from "
             f"https://huggingface.co/{name} ({reason}); put its config.json and "
             "model.safetensors in a directory and pass that directory instead")

@@ -187,8 +187,8 @@ def own_data(path: Path) -> Path:
         return path / EMBEDDED_DATA
     from gptjax.finetune import store
     if store.is_finetuned(path):
-        spec = json.loads((path / store.FILE).read_text())
-        tuned_on = spec.get("settings", {}).get("data") if spec.get("task") == "lm" else None
+        spec = store.read_spec(path)
+        tuned_on = spec.settings.get("data") if spec.task == "lm" else None
         if tuned_on and not Path(tuned_on).is_dir():
             raise GptjaxError(f"the data {path} was tuned on ({tuned_on}) is gone; pass --data")
         if tuned_on:

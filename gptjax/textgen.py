@@ -51,18 +51,21 @@ class _Row:
         return piece
 
 
-def generate_text(params, config: ModelConfig, tokenizer: Tokenizer, prompts: Sequence[str],
+def generate_text(params, config: ModelConfig, tokenizer: Tokenizer,
+                  prompts: Sequence[str | Sequence[int]],
                   max_new_tokens: int, sampling: Sampling = Sampling(), *,
                   stop: Sequence[str] = (), on_text: Callable[[int, str], None] | None = None,
                   stop_at_eot: bool = True) -> list[str]:
-    """Continuations of `prompts` (without the prompts), cut at the first stop string.
+    """Continuations of `prompts` (text, or ids already encoded; without the prompts), cut at
+    the first stop string.
 
     `on_text(row, piece)` receives text as it is generated (streaming). Ids beyond the
     tokenizer's vocabulary (a padded model) are never sampled.
     """
     stops = [s for s in stop if s]
-    decoder = Decoder(params, config, [tokenizer.encode(p) for p in prompts], max_new_tokens,
-                      sampling, valid_vocab=tokenizer.vocab_size, eot_id=tokenizer.eot_id,
+    ids = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+    decoder = Decoder(params, config, ids, max_new_tokens, sampling,
+                      valid_vocab=tokenizer.vocab_size, eot_id=tokenizer.eot_id,
                       stop_at_eot=stop_at_eot)
     rows = [_Row(stops) for _ in prompts]
     eot = tokenizer.eot_id if stop_at_eot else None

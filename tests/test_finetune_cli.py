@@ -227,6 +227,17 @@ def test_eval_of_an_instruction_tuned_run_asks_for_data(base, sft_lora, capsys):
     assert code == 0 and "val loss" in out, err
 
 
+@pytest.mark.parametrize("text, match", [("{not json", "finetune.json: Expecting property name"),
+                                         ('{"task": "lm"}', "finetune.json is malformed (KeyError: 'model')")])
+def test_a_damaged_finetune_json_is_one_line(sft_lora, tmp_path, capsys, text, match):
+    import shutil
+    copy = tmp_path / "tuned"
+    shutil.copytree(sft_lora, copy)
+    (copy / "finetune.json").write_text(text)
+    fails_cleanly(capsys, "eval", "--run", copy, match=match)
+    fails_cleanly(capsys, "generate", "--run", copy, "--max-new-tokens", "2", match=match)
+
+
 class _Judge(BaseHTTPRequestHandler):
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))

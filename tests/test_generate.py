@@ -224,6 +224,9 @@ def test_text_streams_and_stops_at_stop_strings():
     cut = generate_text(p, cfg, tok, ["hi", "abc"], 24, sampling, stop=[stop], stop_at_eot=False)
     assert cut[0] == full[0][:full[0].index(stop)]
     assert cut[1] == (full[1][:full[1].index(stop)] if stop in full[1] else full[1])
+    # Prompts already encoded (as `respond` passes them) continue exactly as their text does.
+    assert generate_text(p, cfg, tok, [tok.encode("hi"), tuple(tok.encode("abc"))], 24, sampling,
+                         stop_at_eot=False) == full
 
 
 def test_numpy_scalars_are_accepted_as_sampling_settings(params):

@@ -301,11 +301,11 @@ OFFLINE_SCRIPT = textwrap.dedent("""
     import sys
     from gptjax.errors import GptjaxError
     from gptjax.hf_source import resolve_source
-    for hide_hub in (False, True):
+    for name, hide_hub in (("gpt2", False), ("gpt2", True), ("runs/nope", True)):
         if hide_hub:
             sys.modules["huggingface_hub"] = None  # as if the [hf] extra were not installed
         try:
-            resolve_source("gpt2")
+            resolve_source(name)
         except GptjaxError as e:
             print(e)
 """)
@@ -313,11 +313,14 @@ OFFLINE_SCRIPT = textwrap.dedent("""
 
 def test_hub_names_offline_give_one_clear_error(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    (tmp_path / "runs").mkdir()
     out = subprocess.run([sys.executable, "-c", OFFLINE_SCRIPT], capture_output=True, text=True,
-                         env=env, check=True, timeout=60)
+                         env=env, check=True, timeout=60, cwd=tmp_path)
     lines = out.stdout.splitlines()
-    assert len(lines) == 2, out
-    for line in lines:
+    assert len(lines) == 3, out
+    for line in lines[:2]:
         assert "config.json" in line and "model.safetensors" in line, line
         assert "https://huggingface.co/gpt2" in line and "pass that directory" in line, line
     assert "pip install 'gptjax[hf]'" in lines[1]
+    # A name whose first part is a local directory reads as a mistyped path first.
+    assert lines[2].startswith("runs/nope not found: runs/ has no nope"), lines[2]

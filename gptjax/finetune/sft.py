@@ -122,7 +122,8 @@ def respond(run_dir: str | Path, records: list[dict], *, max_new_tokens: int = 2
     loaded = run.load(run_dir, checkpoint, gpt2_ranks)
     params = decode_params(loaded.params)
     context = loaded.config.model.context_length
-    long = sum(len(loaded.tokenizer.encode(sft_data.format_prompt(r))) > context for r in records)
+    encoded = [loaded.tokenizer.encode(sft_data.format_prompt(r)) for r in records]
+    long = sum(len(ids) > context for ids in encoded)
     if long:  # one line for all of them, not the decoder's one per prompt
         warnings.warn(f"{long} of {len(records)} prompts are longer than the context; each keeps "
                       f"its last {context} tokens")
@@ -132,9 +133,9 @@ def respond(run_dir: str | Path, records: list[dict], *, max_new_tokens: int = 2
         warnings.filterwarnings("ignore", "prompt of .* tokens is longer than the context")
         for start in range(0, len(records), batch_size):
             chunk = records[start:start + batch_size]
-            prompts = [sft_data.format_prompt(r) for r in chunk]
             # The template's next section header ends an answer that forgot its end-of-text.
-            texts = generate_text(params, loaded.config.model, loaded.tokenizer, prompts,
+            texts = generate_text(params, loaded.config.model, loaded.tokenizer,
+                                  encoded[start:start + batch_size],
                                   max_new_tokens, Sampling(0.0, None, None, 0), stop=["\n\n### "])
             out += [{**r, "model_response": t.strip()} for r, t in zip(chunk, texts)]
             bar.update(len(chunk))

@@ -108,6 +108,18 @@ class Spec:
                    settings=raw.get("settings", {}))
 
 
+def read_spec(run_dir: str | Path) -> Spec:
+    """The run's finetune.json, or one line naming what is wrong with it."""
+    path = Path(run_dir) / FILE
+    try:
+        return Spec.from_json(json.loads(path.read_text()))
+    except (OSError, json.JSONDecodeError) as e:
+        raise GptjaxError(f"cannot read {path}: {e}") from None
+    except (KeyError, TypeError, AttributeError) as e:  # valid JSON, not what write_run wrote
+        raise GptjaxError(f"{path} is malformed ({type(e).__name__}: {e}); it is written by "
+                          "gptjax finetune-cls, finetune-sft and finetune-lm") from None
+
+
 def full_tree(spec: Spec, gpt: dict, key: jax.Array) -> dict:
     """{"gpt", ["head"], ["lora"]}: the base's parameters plus freshly initialised new parts."""
     head_key, lora_key = jax.random.split(key)
@@ -152,7 +164,7 @@ def load(run_dir: str | Path, which: str | int = "latest", gpt2_ranks: str | Non
     """A fine-tuned run's parameters: its checkpoint joined with its (checked) base."""
     from gptjax.run import parse_checkpoint
     path = Path(run_dir)
-    spec = Spec.from_json(json.loads((path / FILE).read_text()))
+    spec = read_spec(path)
     cfg = C.load(path / "config.json")
     gpt2_ranks = gpt2_ranks or cfg.data.gpt2_ranks or None
     tokenizer = tok.from_spec(json.loads((path / "tokenizer.json").read_text()), gpt2_ranks)
