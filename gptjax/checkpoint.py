@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import sys
 import warnings
 from pathlib import Path
 
@@ -114,6 +115,7 @@ class Checkpoints:
         return out["params"], step
 
     def _read(self, step: int, args):
+        _drop_reports_of_abandoned_reads()  # before: some arrive while orbax unwinds
         with warnings.catch_warnings():
             # When one read fails, orbax abandons the others: their coroutines are finalised
             # with "never awaited" warnings that add nothing to the error below.
@@ -147,3 +149,44 @@ class Checkpoints:
     def close(self) -> None:
         self._mgr.wait_until_finished()
         self._mgr.close()
+
+
+def _drop_reports_of_abandoned_reads() -> None:
+    """Keep tensorstore's reads that orbax abandoned from printing a traceback each.
+
+    When one read of a checkpoint fails, orbax raises its error and abandons the others,
+    which then report around the one-line error in two ways:
+    - they finish on tensorstore's threads after orbax's event loop has closed, and hand
+      their results to it through `call_soon_threadsafe`, which raises "Event loop is
+      closed" as an unraisable exception (no object; raised by asyncio's closed check);
+    - their futures, never awaited, are logged by asyncio as "exception was never
+      retrieved" with tensorstore's error.
+    Only those two reports are dropped; any other goes where it went before. Installed
+    once per process (the unraisable hook again if something replaced it since).
+    """
+    previous = sys.unraisablehook
+    if not getattr(previous, "_gptjax_drops_closed_loop", False):
+        def hook(unraisable):
+            exc, tb = unraisable.exc_value, unraisable.exc_traceback
+            while tb is not None and tb.tb_next is not None:
+                tb = tb.tb_next
+            closed_loop = (type(exc) is RuntimeError and str(exc) == "Event loop is closed"
+                           and unraisable.object is None and tb is not None
+                           and tb.tb_frame.f_code.co_name == "_check_closed")
+            if not closed_loop:
+                previous(unraisable)
+
+        hook._gptjax_drops_closed_loop = True
+        sys.unraisablehook = hook
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _UnretrievedReadFilter) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_UnretrievedReadFilter())
+
+
+class _UnretrievedReadFilter(logging.Filter):
+    """Drops asyncio's "exception was never retrieved" for a failed tensorstore read."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not ("exception was never retrieved" in str(record.msg)
+                    and "tensorstore_spec" in str(exc))
