@@ -14,6 +14,13 @@ def _verdict(row: dict, key: str) -> str:
     return "met" if row["met"][key] else "not met"
 
 
+def _torch_rate(report: dict) -> str:
+    rates = report.get("torch_matmul", {}).get("measured")  # absent in older reports
+    if not rates:
+        return ""
+    return f"; PyTorch's own float32 matmul {', '.join(f'{r / 1e9:.0f}' for r in rates)} GFLOP/s"
+
+
 def markdown(report: dict) -> str:
     m = report["machine"]
     measured = ", ".join(f"{r / 1e9:.0f}" for r in report["matmul_peak"].get("measured", []))
@@ -28,7 +35,8 @@ def markdown(report: dict) -> str:
              f"sides, full AdamW step with clipping; median of alternating repeats "
              f"({report['results'][0]['processes'] if report['results'] else ''}). FLOPs: "
              f"{report['flops_formula']}; float32 matmul rate measured in this run "
-             f"{measured} GFLOP/s (the best is the denominator). Command: `{report['command']}`.", "",
+             f"{measured} GFLOP/s (the best is the denominator){_torch_rate(report)}. "
+             f"Command: `{report['command']}`.", "",
              "| case (preset:B:T) | params | steps x repeats | gptjax tok/s (min–max) | torch tok/s "
              "(min–max) | ratio (min–max) | gptjax ms/step | torch ms/step | gptjax GFLOP/s | "
              "of matmul rate | torch of matmul rate | cores busy gptjax / torch | targets |",

@@ -28,7 +28,8 @@ side's cores busy per repeat, and warns when the machine is busy at the start.
 The reported ratio is the median over repeats of gptjax tokens/s divided by torch
 tokens/s in the same repeat. gptjax's achieved FLOP/s (PaLM formula) is also given as a
 fraction of the float32 matmul rate measured in the same run (the better of a
-measurement before and one after the cases).
+measurement before and one after the cases). PyTorch's own matmul rate is measured the same
+way and reported beside it: the two libraries need not reach the same rate on one CPU.
 
     python benchmarks/train_throughput.py                       # the issue's CPU cases
     python benchmarks/train_throughput.py --cases tiny:4:32 --repeats 2 --steps 2
@@ -271,6 +272,20 @@ def _cpu_per_wall(cpu: list[float], wall: list[float]) -> float:
     return statistics.median(c / w for c, w in zip(cpu, wall))
 
 
+def torch_matmul_flops(n: int = 1024, repeats: int = 10, min_seconds: float = 0.5) -> float:
+    """PyTorch's own float32 matmul rate, measured as `measure_matmul_flops` measures XLA's:
+    the two libraries need not reach the same rate on one CPU (MKL on AMD, for one)."""
+    a = torch.ones(n, n)
+    a @ a
+    best, done, start = float("inf"), 0, time.perf_counter()
+    while done < repeats or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - t0)
+        done += 1
+    return 2.0 * n ** 3 / best
+
+
 def finish(rows: list[dict], peak: float) -> None:
     """Fractions of the final matmul rate, and the targets' verdicts."""
     for row in rows:
@@ -331,6 +346,7 @@ def main(argv=None) -> int:
               f"{provenance.usable_cores()} cores); torch's OpenMP threads slow down badly under "
               "contention, so ratios will overstate gptjax", file=sys.stderr)
     peak = bench.resolve_peak()
+    torch_rates = [torch_matmul_flops()]
     rows = []
     for name, batch, context in cases:
         row = run_case(name, batch, context, args)
@@ -339,12 +355,16 @@ def main(argv=None) -> int:
               f"torch {row['torch']['tokens_per_s']['median']:,.0f} tok/s, "
               f"ratio {row['ratio']['median']:.2f}x", flush=True)
     peak = bench.remeasure_peak(peak)
+    torch_rates.append(torch_matmul_flops())
     finish(rows, peak["flops_per_s"])
     machine = {**provenance.machine_info(), "load_average_1min_start": load_start, "torch": torch.__version__,
                "torch_threads": torch.get_num_threads()}
     report = {"machine": machine, "command": " ".join(["python", "benchmarks/train_throughput.py",
                                                        *(argv if argv is not None else sys.argv[1:])]),
-              "flops_formula": MFU_FORMULA, "matmul_peak": peak, "dtype": "float32", "results": rows}
+              "flops_formula": MFU_FORMULA, "matmul_peak": peak,
+              "torch_matmul": {"flops_per_s": max(torch_rates), "measured": torch_rates,
+                               "source": "torch float32 matmul (1024^3, best of 10)"},
+              "dtype": "float32", "results": rows}
     provenance.publish(report, markdown(report), args.json, args.results)
     return 0
 

@@ -14,13 +14,24 @@ import jax
 from gptjax import host_memory, native
 
 def cpu_model() -> str:
+    """The CPU's name, with its x86 family and model numbers where /proc/cpuinfo has them:
+    virtual machines often report only "AMD EPYC", and results differ by generation (on a
+    family 26 machine XLA's float32 products ran at 2.2x PyTorch's MKL, on the earlier
+    machines at about its rate; benchmarks/NOTES.md)."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break  # the first processor's block is enough
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
     except OSError:
         pass
+    if "model name" in fields:
+        numbers = (f" (family {fields['cpu family']} model {fields['model']})"
+                   if "cpu family" in fields and "model" in fields else "")
+        return fields["model name"] + numbers
     import platform
     return platform.processor() or platform.machine()
 
