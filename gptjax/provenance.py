@@ -15,9 +15,9 @@ from gptjax import host_memory, native
 
 def cpu_model() -> str:
     """The CPU's name, with its x86 family and model numbers where /proc/cpuinfo has them:
-    virtual machines often report only "AMD EPYC", and results differ by generation (on a
-    family 26 machine XLA's float32 products ran at 2.2x PyTorch's MKL, on the earlier
-    machines at about its rate; benchmarks/NOTES.md)."""
+    virtual machines often report only "AMD EPYC", and results differ by generation (XLA's
+    float32 product ran at ~470 GFLOP/s on a family 26 machine, ~217 on the earlier ones;
+    benchmarks/NOTES.md, XLA:CPU entry 15)."""
     fields = {}
     try:
         with open("/proc/cpuinfo") as f:
