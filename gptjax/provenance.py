@@ -15,9 +15,8 @@ from gptjax import host_memory, native
 
 def cpu_model() -> str:
     """The CPU's name, with its x86 family and model numbers where /proc/cpuinfo has them:
-    virtual machines often report only "AMD EPYC", and results differ by generation (XLA's
-    float32 product ran at ~470 GFLOP/s on a family 26 machine, ~217 on the earlier ones;
-    benchmarks/NOTES.md, XLA:CPU entry 15)."""
+    virtual machines often report only "AMD EPYC", and results differ by generation
+    (benchmarks/NOTES.md, XLA:CPU entry 15)."""
     fields = {}
     try:
         with open("/proc/cpuinfo") as f:
@@ -29,7 +28,7 @@ def cpu_model() -> str:
     except OSError:
         pass
     if "model name" in fields:
-        numbers = (f" (family {fields['cpu family']} model {fields['model']})"
+        numbers = (f", family {fields['cpu family']} model {fields['model']}"
                    if "cpu family" in fields and "model" in fields else "")
         return fields["model name"] + numbers
     import platform

@@ -243,9 +243,13 @@ def test_a_damaged_checkpoint_is_one_line_naming_it(tmp_path, capsys, char_data)
 def test_only_the_reports_of_abandoned_reads_are_dropped(monkeypatch, caplog):
     from gptjax import checkpoint
     seen = []
+    log = logging.getLogger("asyncio")
     monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    monkeypatch.setattr(log, "filters", [])  # nothing of this test outlives it
     checkpoint._drop_reports_of_abandoned_reads()
+    hook, filters = sys.unraisablehook, list(log.filters)
     checkpoint._drop_reports_of_abandoned_reads()  # once per process: not wrapped twice
+    assert sys.unraisablehook is hook and log.filters == filters and len(filters) == 1
     loop = asyncio.new_event_loop()
     loop.close()
 
@@ -262,11 +266,14 @@ def test_only_the_reports_of_abandoned_reads_are_dropped(monkeypatch, caplog):
     report(lambda: (_ for _ in ()).throw(RuntimeError("Event loop is closed")))
     report(lambda: 1 / 0)
     assert [type(u.exc_value) for u in seen] == [RuntimeError, RuntimeError, ZeroDivisionError]
-    log = logging.getLogger("asyncio")
-    for error in (ValueError("OUT_OF_RANGE: ... [tensorstore_spec='{}']"), ValueError("other")):
-        log.error("Future exception was never retrieved\nfuture: <Future>",
-                  exc_info=(ValueError, error, None))
-    assert [str(r.exc_info[1]) for r in caplog.records] == ["other"]
+    read_error = ValueError("OUT_OF_RANGE: ... [tensorstore_spec='{}']")
+    for message, error in (("Future exception was never retrieved", read_error),
+                           ("Future exception was never retrieved", ValueError("other")),
+                           ("Exception in callback", read_error)):
+        log.error(f"{message}\nfuture: <Future>", exc_info=(ValueError, error, None))
+    assert [r.getMessage().split("\n")[0] for r in caplog.records] == [
+        "Future exception was never retrieved", "Exception in callback"]
+    assert str(caplog.records[0].exc_info[1]) == "other"
 
 
 def test_jsonl_with_unpaired_surrogates_is_replaced_not_fatal(tmp_path, capsys):

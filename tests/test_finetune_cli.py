@@ -227,13 +227,20 @@ def test_eval_of_an_instruction_tuned_run_asks_for_data(base, sft_lora, capsys):
     assert code == 0 and "val loss" in out, err
 
 
-@pytest.mark.parametrize("text, match", [("{not json", "finetune.json: Expecting property name"),
-                                         ('{"task": "lm"}', "finetune.json is malformed (KeyError: 'model')")])
+@pytest.mark.parametrize("text, match", [
+    (b"{not json", "finetune.json: Expecting property name"),
+    (b"\xff\xfe{", "finetune.json: 'utf-8' codec can't decode"),
+    (b'{"task": "lm"}', "finetune.json is malformed (KeyError: 'model')"),
+    (b'[]', "finetune.json is malformed (AttributeError:"),
+    (None, "finetune.json is malformed (TypeError: settings is not an object)")])
 def test_a_damaged_finetune_json_is_one_line(sft_lora, tmp_path, capsys, text, match):
     import shutil
     copy = tmp_path / "tuned"
     shutil.copytree(sft_lora, copy)
-    (copy / "finetune.json").write_text(text)
+    if text is None:  # every field in place but one of the wrong type
+        text = json.dumps({**json.loads((copy / "finetune.json").read_text()), "settings": None})
+        text = text.encode()
+    (copy / "finetune.json").write_bytes(text)
     fails_cleanly(capsys, "eval", "--run", copy, match=match)
     fails_cleanly(capsys, "generate", "--run", copy, "--max-new-tokens", "2", match=match)
 

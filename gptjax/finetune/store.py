@@ -112,9 +112,13 @@ def read_spec(run_dir: str | Path) -> Spec:
     """The run's finetune.json, or one line naming what is wrong with it."""
     path = Path(run_dir) / FILE
     try:
-        return Spec.from_json(json.loads(path.read_text()))
-    except (OSError, json.JSONDecodeError) as e:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
         raise GptjaxError(f"cannot read {path}: {e}") from None
+    try:
+        if not isinstance(raw.get("settings", {}), dict):
+            raise TypeError("settings is not an object")
+        return Spec.from_json(raw)
     except (KeyError, TypeError, AttributeError) as e:  # valid JSON, not what write_run wrote
         raise GptjaxError(f"{path} is malformed ({type(e).__name__}: {e}); it is written by "
                           "gptjax finetune-cls, finetune-sft and finetune-lm") from None
