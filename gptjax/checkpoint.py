@@ -14,6 +14,7 @@ the lowest validation loss.
 from __future__ import annotations
 
 import gc
+import inspect
 import logging
 import sys
 import warnings
@@ -160,20 +161,16 @@ def _drop_reports_of_abandoned_reads() -> None:
       their results to it through `call_soon_threadsafe`, which raises "Event loop is
       closed" as an unraisable exception (no object; raised by asyncio's closed check);
     - their futures, never awaited, are logged by asyncio as "exception was never
-      retrieved" with tensorstore's error.
-    Only those two reports are dropped; any other goes where it went before. Installed
-    once per process (the unraisable hook again if something replaced it since).
+      retrieved" with tensorstore's error;
+    - orbax's per-shard read coroutines, closed unfinished when collected, raise from their
+      error handler ("Exception ignored in: <coroutine _read_array_index_and_device_put>").
+    Only those reports are dropped; any other goes where it went before. Installed once per
+    process (the unraisable hook again if something replaced it since).
     """
     previous = sys.unraisablehook
     if not getattr(previous, "_gptjax_drops_closed_loop", False):
         def hook(unraisable):
-            exc, tb = unraisable.exc_value, unraisable.exc_traceback
-            while tb is not None and tb.tb_next is not None:
-                tb = tb.tb_next
-            closed_loop = (type(exc) is RuntimeError and str(exc) == "Event loop is closed"
-                           and unraisable.object is None and tb is not None
-                           and tb.tb_frame.f_code.co_name == "_check_closed")
-            if not closed_loop:
+            if not _abandoned_read(unraisable):
                 previous(unraisable)
 
         hook._gptjax_drops_closed_loop = True
@@ -181,6 +178,17 @@ def _drop_reports_of_abandoned_reads() -> None:
     asyncio_log = logging.getLogger("asyncio")
     if not any(isinstance(f, _UnretrievedReadFilter) for f in asyncio_log.filters):
         asyncio_log.addFilter(_UnretrievedReadFilter())
+
+
+def _abandoned_read(unraisable) -> bool:
+    """Whether an unraisable report is one of an abandoned read's (see above)."""
+    exc, tb, obj = unraisable.exc_value, unraisable.exc_traceback, unraisable.object
+    if inspect.iscoroutine(obj):
+        return obj.__qualname__ == "_read_array_index_and_device_put"
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return (type(exc) is RuntimeError and str(exc) == "Event loop is closed" and obj is None
+            and tb is not None and tb.tb_frame.f_code.co_name == "_check_closed")
 
 
 class _UnretrievedReadFilter(logging.Filter):

@@ -240,6 +240,14 @@ def test_a_damaged_checkpoint_is_one_line_naming_it(tmp_path, capsys, char_data)
         assert "checkpoint 6 in " in done.stderr
 
 
+async def _read_array_index_and_device_put():  # named as orbax's per-shard read
+    pass
+
+
+async def another_coroutine():
+    pass
+
+
 def test_only_the_reports_of_abandoned_reads_are_dropped(monkeypatch, caplog):
     from gptjax import checkpoint
     seen = []
@@ -265,7 +273,13 @@ def test_only_the_reports_of_abandoned_reads_are_dropped(monkeypatch, caplog):
     report(lambda: loop.call_soon_threadsafe(print), obj="something")
     report(lambda: (_ for _ in ()).throw(RuntimeError("Event loop is closed")))
     report(lambda: 1 / 0)
-    assert [type(u.exc_value) for u in seen] == [RuntimeError, RuntimeError, ZeroDivisionError]
+    for make in (_read_array_index_and_device_put, another_coroutine):
+        coroutine = make()
+        report(lambda: (_ for _ in ()).throw(KeyError("read")), obj=coroutine)  # dropped, kept
+        coroutine.close()
+    assert [type(u.exc_value) for u in seen] == [RuntimeError, RuntimeError, ZeroDivisionError,
+                                                 KeyError]
+    assert seen[-1].object.__qualname__ == "another_coroutine"
     read_error = ValueError("OUT_OF_RANGE: ... [tensorstore_spec='{}']")
     for message, error in (("Future exception was never retrieved", read_error),
                            ("Future exception was never retrieved", ValueError("other")),
