@@ -299,3 +299,15 @@ def test_the_kernel_ab_builds_a_revision_beside_the_tree_and_times_both(capsys):
         ab.main(["--rev", "no-such-revision"])
     with pytest.raises(GptjaxError, match="bad shape"):
         ab.main(["--shapes", "2:16:2"])
+
+
+@needs_kernel
+def test_the_decode_products_benchmark_times_both_sides_on_the_same_products(capsys):
+    script = benchmark_script("decode_products")
+    assert script.main(["--layers", "1", "--rows", "2", "--repeats", "1", "--calls", "1"]) == 0
+    out = capsys.readouterr().out
+    differ = float(out.split("differ by at most ")[1].split()[0])
+    assert differ < 1e-4  # float32 sums in another order, O(1) values
+    rows = {ln.split("|")[1].strip(): float(ln.split("|")[2].split()[0])
+            for ln in out.splitlines() if ln.startswith(("| native", "| xla"))}
+    assert set(rows) == {"native", "xla"} and min(rows.values()) > 0
