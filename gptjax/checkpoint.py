@@ -156,7 +156,7 @@ def _drop_reports_of_abandoned_reads() -> None:
     """Keep tensorstore's reads that orbax abandoned from printing a traceback each.
 
     When one read of a checkpoint fails, orbax raises its error and abandons the others,
-    which then report around the one-line error in two ways:
+    which then report around the one-line error in three ways:
     - they finish on tensorstore's threads after orbax's event loop has closed, and hand
       their results to it through `call_soon_threadsafe`, which raises "Event loop is
       closed" as an unraisable exception (no object; raised by asyncio's closed check);
@@ -168,12 +168,12 @@ def _drop_reports_of_abandoned_reads() -> None:
     process (the unraisable hook again if something replaced it since).
     """
     previous = sys.unraisablehook
-    if not getattr(previous, "_gptjax_drops_closed_loop", False):
+    if not getattr(previous, "_gptjax_drops_abandoned_reads", False):
         def hook(unraisable):
             if not _abandoned_read(unraisable):
                 previous(unraisable)
 
-        hook._gptjax_drops_closed_loop = True
+        hook._gptjax_drops_abandoned_reads = True
         sys.unraisablehook = hook
     asyncio_log = logging.getLogger("asyncio")
     if not any(isinstance(f, _UnretrievedReadFilter) for f in asyncio_log.filters):
