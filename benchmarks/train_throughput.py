@@ -52,7 +52,7 @@ import torch
 from gptjax import bench, host_memory, model, provenance
 from gptjax.config import TrainConfig, preset
 from gptjax.errors import GptjaxError
-from gptjax.metrics import MFU_FORMULA, flops_per_token
+from gptjax.metrics import MFU_FORMULA, flops_per_token, matmul_rate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch_gpt  # noqa: E402  (the reference lives next to this script)
@@ -272,18 +272,11 @@ def _cpu_per_wall(cpu: list[float], wall: list[float]) -> float:
     return statistics.median(c / w for c, w in zip(cpu, wall))
 
 
-def torch_matmul_flops(n: int = 1024, repeats: int = 10, min_seconds: float = 0.5) -> float:
+def torch_matmul_flops(n: int = 1024) -> float:
     """PyTorch's own float32 matmul rate, measured as `measure_matmul_flops` measures XLA's:
     the two libraries need not reach the same rate on one CPU (MKL on AMD, for one)."""
     a = torch.ones(n, n)
-    a @ a
-    best, done, start = float("inf"), 0, time.perf_counter()
-    while done < repeats or time.perf_counter() - start < min_seconds:
-        t0 = time.perf_counter()
-        a @ a
-        best = min(best, time.perf_counter() - t0)
-        done += 1
-    return 2.0 * n ** 3 / best
+    return matmul_rate(lambda: a @ a, n)
 
 
 def finish(rows: list[dict], peak: float) -> None:

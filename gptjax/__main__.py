@@ -1,5 +1,5 @@
 import sys
 
-from gptjax.cli import entry
+from gptjax.cli import main
 
-sys.exit(entry())
+sys.exit(main())

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import math
 import os
 import sys
@@ -267,17 +266,5 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def entry() -> int:
-    """The `gptjax` command (and `python -m gptjax`): main() in a process that exits next."""
-    code = main()
-    if code == 2:
-        # Work an error abandoned (e.g. orbax's other reads of a damaged checkpoint) is
-        # finalised at exit with "Exception ignored in ..." and asyncio's "Task exception
-        # was never retrieved" reports, which add nothing to the one-line error.
-        sys.unraisablehook = lambda _unraisable: None
-        logging.getLogger("asyncio").disabled = True
-    return code
-
-
 if __name__ == "__main__":
-    sys.exit(entry())
+    sys.exit(main())

@@ -33,11 +33,17 @@ def measure_matmul_flops(n: int = 1024, repeats: int = 10, min_seconds: float = 
     window is harder for a burst of other work on the machine to cover."""
     a = jnp.ones((n, n), jnp.float32)
     mm = jax.jit(lambda x: x @ x)
-    mm(a).block_until_ready()
+    return matmul_rate(lambda: mm(a).block_until_ready(), n, repeats, min_seconds)
+
+
+def matmul_rate(product, n: int, repeats: int = 10, min_seconds: float = 0.5) -> float:
+    """FLOP/s of `product()`, one finished n x n x n product per call (any library): the
+    best call of at least `repeats` and at least `min_seconds`, after one untimed call."""
+    product()
     best, done, start = float("inf"), 0, time.perf_counter()
     while done < repeats or time.perf_counter() - start < min_seconds:
         t0 = time.perf_counter()
-        mm(a).block_until_ready()
+        product()
         best = min(best, time.perf_counter() - t0)
         done += 1
     return 2.0 * n ** 3 / best
