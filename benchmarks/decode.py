@@ -16,7 +16,7 @@ next to it, and the median of those ratios is reported.
 
     python benchmarks/decode.py                      # the issue's CPU cases
     python benchmarks/decode.py --cases 1:float32 --repeats 3 --new 16   # a quick check
-    python benchmarks/decode.py --cases 1:bfloat16:xla 1:bfloat16:auto   # XLA vs native kernel
+    python benchmarks/decode.py --cases 1:float32:xla 1:float32:native   # XLA vs native kernel
 
 A case is BATCH:DTYPE[:MATMUL], MATMUL being ModelConfig.decode_matmul (default auto).
 """

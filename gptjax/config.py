@@ -68,9 +68,12 @@ class ModelConfig:
         "may change on resume",
         choices=("auto", "native", "blocked", "xla", "cudnn"), resume_safe=True)
     decode_matmul: str = _f(
-        "auto", "decoding's few-row products: auto = gptjax's native kernel on x86 CPUs with "
-        "AVX-512 (built on first use; XLA where it cannot be), xla = XLA's dot always",
-        choices=("auto", "xla"), resume_safe=True)
+        "auto", "decoding's few-row products: native = gptjax's kernel for up to 8 float32 "
+        "or 32 bfloat16 rows on x86 CPUs with AVX-512 (built on first use; XLA where it "
+        "cannot be); auto = the same, except that one float32 row takes whichever of the "
+        "kernel and XLA's dot this machine measured faster (timed once, recorded); xla = "
+        "XLA's dot always",
+        choices=("auto", "native", "xla"), resume_safe=True)
 
     @property
     def head_dim(self) -> int:

@@ -33,7 +33,7 @@ from gptjax.attention import causal_attention_packed
 from gptjax.config import FULL_UNROLL_MAX_LAYERS, ModelConfig
 from gptjax.kv_cache import KVCache, cached_attention, init_cache
 from gptjax.mesh import constrain_rows
-from gptjax.products import dense_dot, out_major_product, uses_native
+from gptjax.products import dense_dot, out_major_product
 
 __all__ = ["GPT", "KVCache", "LoRA", "apply", "apply_cached", "cast", "decode_params", "init",
            "init_cache", "loss", "loss_sum", "param_count"]
@@ -272,10 +272,9 @@ def _remat(block_cls, cfg: ModelConfig):
 
 def _decode_head(x_bd, wte: nn.Embed, cfg: ModelConfig) -> jax.Array:
     """Logits (batch, vocab) of one position per row: the tied embedding, read as an
-    output-major (vocab, d_model) kernel. One row without the native kernel is a plain
-    matrix-vector product: faster than the barrier form (6.4 vs 7.7 ms for GPT-2)."""
-    if x_bd.shape[0] == 1 and not uses_native(wte.embedding, 1, cfg):
-        return wte.attend(x_bd).astype(jnp.float32)
+    output-major (vocab, d_model) kernel. For one row too: `wte.attend`'s plain product
+    made XLA copy the whole table transposed in the prefill (11 ms of a 41 ms first token
+    for GPT-2 124M, benchmarks/NOTES.md decode 16), and was no faster per token."""
     return out_major_product(wte.embedding, x_bd, cfg, jnp.float32)
 
 

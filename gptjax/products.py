@@ -2,19 +2,21 @@
 
 - `dense_dot`: the training layout's projections (flax `DenseGeneral`'s `dot_general`).
 - `out_major_product`: the decode layout's products, output-major kernels (out, in), sent to
-  gptjax's native CPU kernel (gptjax.native) for few rows.
+  gptjax's native CPU kernel (gptjax.native) for few rows; for one float32 row, only where
+  this machine measured the kernel faster than XLA's dot (`kernel_wins_one_float32_row`).
 
 Each keeps the values of the plain product; only the orientation XLA is asked for changes.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 
-from gptjax import native
+from gptjax import measured_choice, native, provenance
 from gptjax.config import ModelConfig
 
 
@@ -26,23 +28,66 @@ NATIVE_MAX_ROWS = {jnp.dtype(jnp.float32): 8, jnp.dtype(jnp.bfloat16): 32}
 
 def uses_native(w_oi, rows: int, cfg: ModelConfig) -> bool:
     """Whether `out_major_product` sends this product to gptjax's native CPU kernel."""
-    return (cfg.decode_matmul == "auto" and rows <= NATIVE_MAX_ROWS.get(jnp.dtype(w_oi.dtype), 0)
-            and jax.default_backend() == "cpu" and native.available())
+    dtype = jnp.dtype(w_oi.dtype)
+    if (cfg.decode_matmul == "xla" or rows > NATIVE_MAX_ROWS.get(dtype, 0)
+            or jax.default_backend() != "cpu" or not native.available()):
+        return False
+    if cfg.decode_matmul == "native" or rows > 1 or dtype != jnp.float32:
+        return True
+    return kernel_wins_one_float32_row()
 
 
 def out_major_product(w_oi, x_ri, cfg: ModelConfig, out_dtype) -> jax.Array:
     """(rows, out) = x (rows, in) times an output-major kernel (out, in): decoding's products.
 
-    On CPU, few rows go to gptjax's native kernel (gptjax.native) when it is available.
-    XLA's product is formed output-major, (out, rows), and transposed after a barrier (else
-    XLA folds the transpose back in): for few rows XLA:CPU reads an (out, in) kernel that
-    way at ~20-26 GB/s, against ~14-21 GB/s in training's (in, out) orientation.
-    """
+    On CPU, few rows go to gptjax's native kernel (gptjax.native) when it is available
+    (`uses_native`)."""
     if uses_native(w_oi, x_ri.shape[0], cfg):
         return native.skinny_matmul(x_ri, w_oi).astype(out_dtype)
+    return _xla_out_major_product(w_oi, x_ri, out_dtype)
+
+
+def _xla_out_major_product(w_oi, x_ri, out_dtype) -> jax.Array:
+    """XLA's product, formed output-major, (out, rows), and transposed after a barrier (else
+    XLA folds the transpose back in): for few rows XLA:CPU reads an (out, in) kernel that
+    way at ~20-26 GB/s, against ~14-21 GB/s in training's (in, out) orientation."""
     y_or = jnp.einsum("oi,ri->or", jnp.asarray(w_oi, x_ri.dtype), x_ri,
                       preferred_element_type=out_dtype)
     return jax.lax.optimization_barrier(y_or).T
+
+
+# One float32 row is the case where the faster path depends on the CPU: the kernel on the
+# Zen 4 EPYCs it was tuned on (16.9 against 18.8 ms a GPT-2 step), XLA's dot on a Zen 5 EPYC
+# (12.0 against 15.3 ms a token; benchmarks/NOTES.md, decode 12, 15 and 16). So it is timed,
+# on GPT-2 124M's head and three of its blocks (240 MB: reading weights from memory, not
+# from a large CPU's 32-96 MiB L3, is what a decode step pays for; the head alone is 30% of
+# a step's bytes, and XLA's lead was largest there).
+ONE_ROW_SHAPES = [(50257, 768)] + [(2304, 768), (768, 768), (3072, 768), (768, 3072)] * 3
+
+
+@functools.cache
+def kernel_wins_one_float32_row() -> bool:
+    """Whether gptjax's native kernel multiplies one float32 row faster than XLA's dot on
+    this machine with this many threads: measured the first time a process asks (about a
+    second), then read back from `<kernel library>.choices.json` in gptjax's cache (delete
+    it to measure again). A near tie (within 3%) keeps the kernel. Needs `native.available()`."""
+    record = native.library_path().with_suffix(".choices.json")
+    # XLA:CPU's pool has a thread per usable core; taskset to one core, the two paths ran
+    # alike where with two XLA's was faster, so the record is per core count.
+    key = f"one float32 row, {provenance.usable_cores()} threads"
+    return measured_choice.fastest(record, key, _one_row_candidates, prefer="native") == "native"
+
+
+def _one_row_candidates() -> measured_choice.Candidates:
+    weights = [jnp.full(shape, 0.01, jnp.float32) for shape in ONE_ROW_SHAPES]
+    rows = {n: jnp.ones((1, n), jnp.float32) for n in (768, 3072)}
+
+    def all_products(product):
+        # One column of each output keeps the result small; every weight is still read.
+        run = jax.jit(lambda ws, xs: [product(w, xs[w.shape[1]])[:, :1] for w in ws])
+        return lambda: run(weights, rows)
+    return {"native": all_products(native.skinny_matmul),
+            "xla": all_products(lambda w, x: _xla_out_major_product(w, x, jnp.float32))}
 
 
 def dense_dot(x, kernel, dimension_numbers, precision=None, preferred_element_type=None):

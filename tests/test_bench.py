@@ -196,6 +196,21 @@ def test_variant_ab_rejects_bad_items(item, message):
         benchmark_script("train_step_ab").parse_variant(item, preset("tiny", vocab_size=65), TrainConfig())
 
 
+def test_decode_matmul_ab_times_every_mode_in_turn(tmp_path, capsys):
+    """benchmarks/decode_matmul_ab.py on a tiny saved GPT-2: a row per decode_matmul mode."""
+    import transformers  # in the test extra
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=97)).save_pretrained(tmp_path / "hf")
+    code = benchmark_script("decode_matmul_ab").main([
+        "--weights", str(tmp_path / "hf"), "--prompt-len", "5", "--new", "4", "--repeats", "2"])
+    assert code == 0
+    out = capsys.readouterr().out
+    rows = {ln.split("|")[1].strip(): float(ln.split("|")[2].split()[0])
+            for ln in out.splitlines() if ln.startswith("| ") and "decode_matmul" not in ln}
+    assert set(rows) == {"auto", "native", "xla"} and min(rows.values()) > 0
+    assert "floor (weights read once, median)" in out
+
+
 def test_decode_side_by_side_smoke(tmp_path):
     """benchmarks/decode.py end to end on a tiny saved GPT-2: every case gets both sides
     and a floor read next to each repeat, in the JSON and in the appended table."""

@@ -5,6 +5,7 @@ when they cannot be built; benchmarks/native_attention_ab.py, which times a revi
 attention kernel beside the working tree's."""
 
 import dataclasses
+import json
 import os
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax import attention, model, native, products
+from gptjax import attention, model, native, products, provenance
 from gptjax.config import preset
 from gptjax.errors import GptjaxError
 from gptjax.generate import generate_batch
@@ -61,13 +62,37 @@ def test_products_equal_float64_products_of_the_same_weights(dtype, rows, n_out,
 
 def test_the_kernel_takes_up_to_the_measured_row_limits():
     """Beyond NATIVE_MAX_ROWS (8 float32 rows, 32 bfloat16) XLA's products were as fast."""
-    cfg = preset("tiny", vocab_size=50, context_length=16)
+    cfg = preset("tiny", vocab_size=50, context_length=16, decode_matmul="native")
     expected = native.available() and jax.default_backend() == "cpu"
     for dtype, limit in (("float32", 8), ("bfloat16", 32)):
         w = jnp.zeros((4, 4), dtype)
+        assert products.uses_native(w, 1, cfg) == expected
         assert products.uses_native(w, limit, cfg) == expected
         assert not products.uses_native(w, limit + 1, cfg)
         assert not products.uses_native(w, 1, dataclasses.replace(cfg, decode_matmul="xla"))
+
+
+@needs_kernel
+@pytest.mark.parametrize("kernel_wins", [True, False])
+def test_auto_follows_the_measurement_for_one_float32_row_only(monkeypatch, kernel_wins):
+    monkeypatch.setattr(products, "kernel_wins_one_float32_row", lambda: kernel_wins)
+    cfg = preset("tiny", vocab_size=50, context_length=16)
+    assert cfg.decode_matmul == "auto"
+    f32, bf16 = jnp.zeros((4, 4), jnp.float32), jnp.zeros((4, 4), jnp.bfloat16)
+    assert products.uses_native(f32, 1, cfg) == kernel_wins
+    assert products.uses_native(f32, 2, cfg) and products.uses_native(bf16, 1, cfg)
+    assert products.uses_native(f32, 1, dataclasses.replace(cfg, decode_matmul="native"))
+
+
+@needs_kernel
+def test_the_one_row_measurement_is_recorded_beside_the_kernels_and_agrees_with_itself():
+    wins = products.kernel_wins_one_float32_row()
+    entries = json.loads(native.library_path().with_suffix(".choices.json").read_text())
+    entry = entries[f"one float32 row, {provenance.usable_cores()} threads"]
+    ms = entry["median_ms"]
+    assert set(ms) == {"native", "xla"} and min(ms.values()) > 0
+    assert entry["choice"] == ("native" if wins else "xla")
+    assert wins == (ms["native"] <= (1 + entry["prefer_within"]) * ms["xla"])
 
 
 @needs_kernel
@@ -94,16 +119,16 @@ def test_decoding_with_the_kernel_equals_decoding_with_xla(dtype, rows):
     params = model.decode_params(params)
     prompts = [[1, 2, 3], [4, 5], [6]][:rows]
     ids = {m: generate_batch(params, dataclasses.replace(cfg, decode_matmul=m), prompts, 10,
-                             Sampling(temperature=0.0)) for m in ("auto", "xla")}
-    assert ids["auto"] == ids["xla"]
+                             Sampling(temperature=0.0)) for m in ("native", "xla")}
+    assert ids["native"] == ids["xla"]
     cache = model.init_cache(cfg, rows, 8, np.ones((rows, 8), bool))
     tokens = jnp.ones((rows, 1), jnp.int32)
     logits = {m: model.apply_cached(params, tokens, jnp.zeros((rows, 1), jnp.int32), cache,
                                     dataclasses.replace(cfg, decode_matmul=m))[0]
-              for m in ("auto", "xla")}
+              for m in ("native", "xla")}
     tolerance = 1e-5 if dtype == "float32" else 2e-2  # bfloat16 activations round differently
-    np.testing.assert_allclose(logits["auto"], logits["xla"], atol=tolerance)
-    for m, expected in (("auto", True), ("xla", False)):  # auto really took the kernel
+    np.testing.assert_allclose(logits["native"], logits["xla"], atol=tolerance)
+    for m, expected in (("native", True), ("xla", False)):  # native really took the kernel
         step = jax.jit(lambda p, t, c, m=m: model.apply_cached(
             p, t, jnp.zeros_like(t), c, dataclasses.replace(cfg, decode_matmul=m)))
         assert ("gptjax_skinny_matmul" in step.lower(params, tokens, cache).as_text()) == expected

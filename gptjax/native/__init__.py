@@ -113,31 +113,38 @@ def cpu_has_avx512() -> bool:
         return False
 
 
-@functools.cache
 def available() -> bool:
     """Whether the kernels are built and registered with XLA (decided once per process).
 
     False, silently, off x86 or without AVX-512 (where they would be slower than XLA);
     False with one warning when the build fails."""
+    return library_path() is not None
+
+
+@functools.cache
+def library_path() -> Path | None:
+    """The kernels' library, built, loaded and registered with XLA; None where they are not
+    `available()`. What is measured on this machine with these kernels is kept beside it."""
     if platform.machine().lower() not in ("x86_64", "amd64") or not cpu_has_avx512():
-        return False
+        return None
     try:
         compiler = _compiler()
         if not compiler:
             raise RuntimeError("no C++ compiler found (set CXX)")
-        lib = ctypes.cdll.LoadLibrary(str(_build(compiler)))
+        path = _build(compiler)
+        lib = ctypes.cdll.LoadLibrary(str(path))
     except (OSError, RuntimeError, subprocess.SubprocessError,
             metadata.PackageNotFoundError) as err:
         warnings.warn(f"gptjax's CPU kernels are unavailable, decoding and attention use "
-                      f"XLA's products: {err}", RuntimeWarning, stacklevel=2)
-        return False
+                      f"XLA's products: {err}", RuntimeWarning, stacklevel=3)
+        return None
     # Both sources are compiled by one command with one set of flags: one check covers both.
     if not lib.gptjax_skinny_matmul_vectorized():
-        return False  # the compiler did not enable AVX-512 after all
+        return None  # the compiler did not enable AVX-512 after all
     for target, symbol in _SYMBOLS.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
                                     platform="cpu")
-    return True
+    return path
 
 
 def skinny_matmul(x_ri: jax.Array, w_oi: jax.Array) -> jax.Array:
