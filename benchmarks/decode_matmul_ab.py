@@ -62,7 +62,9 @@ def main(argv=None) -> int:
     print(f"batch {args.batch}, {args.dtype} weights, prompt {args.prompt_len} + {args.new} "
           f"new tokens, {args.repeats} alternating repeats; floor (weights read once, median) "
           f"{floor:.2f} ms")
-    if "auto" in configs and args.batch == 1 and args.dtype == "float32" and native.available():
+    if not native.available():
+        print("gptjax's native kernel is not available here: every setting ran XLA's dot")
+    elif "auto" in configs and args.batch == 1 and args.dtype == "float32":
         print("auto took the "
               + ("native kernel" if products.kernel_wins_one_float32_row() else "XLA dot")
               + " (this machine's one-row measurement)")

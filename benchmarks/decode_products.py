@@ -22,11 +22,7 @@ import jax.numpy as jnp
 
 from gptjax import native
 from gptjax.config import preset
-from gptjax.products import out_major_product
-
-# (out, in) of one block's qkv, attention output, fc and proj kernels.
-BLOCK_SHAPES = [(2304, 768), (768, 768), (3072, 768), (768, 3072)]
-HEAD_SHAPE = (50257, 768)
+from gptjax.products import GPT2_BLOCK_SHAPES, GPT2_HEAD_SHAPE, out_major_product
 
 
 def products(mode: str):
@@ -56,7 +52,7 @@ def main(argv=None) -> int:
         print("error: needs a CPU where gptjax's native kernels are available", file=sys.stderr)
         return 2
     key = jax.random.PRNGKey(0)
-    shapes = BLOCK_SHAPES * args.layers + [HEAD_SHAPE]
+    shapes = [*GPT2_BLOCK_SHAPES * args.layers, GPT2_HEAD_SHAPE]
     weights = [(0.02 * jax.random.normal(jax.random.fold_in(key, i), s)).astype(args.dtype)
                for i, s in enumerate(shapes)]
     inputs = {n: jax.random.normal(jax.random.fold_in(key, 10_000 + n), (args.rows, n))

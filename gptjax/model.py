@@ -272,9 +272,10 @@ def _remat(block_cls, cfg: ModelConfig):
 
 def _decode_head(x_bd, wte: nn.Embed, cfg: ModelConfig) -> jax.Array:
     """Logits (batch, vocab) of one position per row: the tied embedding, read as an
-    output-major (vocab, d_model) kernel. For one row too: `wte.attend`'s plain product
-    made XLA copy the whole table transposed in the prefill (11 ms of a 41 ms first token
-    for GPT-2 124M, benchmarks/NOTES.md decode 16), and was no faster per token."""
+    output-major (vocab, d_model) kernel, for one row too: in the prefill, `wte.attend`'s
+    plain product made XLA copy the whole table transposed, and GPT-2 124M's first token
+    took 41 ms instead of 28-31 with XLA's products; per token the two forms ran alike
+    (benchmarks/NOTES.md, decode 16)."""
     return out_major_product(wte.embedding, x_bd, cfg, jnp.float32)
 
 

@@ -56,38 +56,51 @@ def _xla_out_major_product(w_oi, x_ri, out_dtype) -> jax.Array:
     return jax.lax.optimization_barrier(y_or).T
 
 
-# One float32 row is the case where the faster path depends on the CPU: the kernel on the
-# Zen 4 EPYCs it was tuned on (16.9 against 18.8 ms a GPT-2 step), XLA's dot on a Zen 5 EPYC
-# (12.0 against 15.3 ms a token; benchmarks/NOTES.md, decode 12, 15 and 16). So it is timed,
-# on GPT-2 124M's head and three of its blocks (240 MB: reading weights from memory, not
-# from a large CPU's 32-96 MiB L3, is what a decode step pays for; the head alone is 30% of
-# a step's bytes, and XLA's lead was largest there).
-ONE_ROW_SHAPES = [(50257, 768)] + [(2304, 768), (768, 768), (3072, 768), (768, 3072)] * 3
+# GPT-2 124M's products, output-major (out, in): one block's qkv, attention output, fc and
+# proj kernels, and the tied head.
+GPT2_BLOCK_SHAPES = ((2304, 768), (768, 768), (3072, 768), (768, 3072))
+GPT2_HEAD_SHAPE = (50257, 768)
 
 
 @functools.cache
 def kernel_wins_one_float32_row() -> bool:
     """Whether gptjax's native kernel multiplies one float32 row faster than XLA's dot on
-    this machine with this many threads: measured the first time a process asks (about a
-    second), then read back from `<kernel library>.choices.json` in gptjax's cache (delete
-    it to measure again). A near tie (within 3%) keeps the kernel. Needs `native.available()`."""
+    this machine, with this many cores.
+
+    The answer depends on the CPU: the kernel on the Zen 4 EPYCs it was tuned on (16.9
+    against 18.8 ms a GPT-2 step), XLA's dot on a Zen 5 EPYC (benchmarks/NOTES.md, decode 12,
+    15 and 16). So the first process on a machine to ask times both (about a second), on
+    three of GPT-2 124M's blocks and its head chained as in a decode step, and records the
+    answer in `kernels-<hash>.choices.json` beside the built kernels in gptjax's cache;
+    delete that file to measure again. A near tie (within 3%) keeps the kernel. Needs
+    `native.available()`."""
     record = native.library_path().with_suffix(".choices.json")
     # XLA:CPU's pool has a thread per usable core; taskset to one core, the two paths ran
     # alike where with two XLA's was faster, so the record is per core count.
-    key = f"one float32 row, {provenance.usable_cores()} threads"
+    key = f"one float32 row through a decode step's chain, {provenance.usable_cores()} threads"
     return measured_choice.fastest(record, key, _one_row_candidates, prefer="native") == "native"
 
 
 def _one_row_candidates() -> measured_choice.Candidates:
-    weights = [jnp.full(shape, 0.01, jnp.float32) for shape in ONE_ROW_SHAPES]
-    rows = {n: jnp.ones((1, n), jnp.float32) for n in (768, 3072)}
+    """A decode step's products for one row, each fed by the last (the activations are
+    kept bounded by tanh): three GPT-2 blocks and the head, 240 MB of float32, beyond a
+    large CPU's per-complex L3 of 32-96 MiB, as a decode step's weights are. The head is
+    30% of a step's bytes, and XLA's lead was largest there."""
+    blocks = [[jnp.full(shape, 0.01, jnp.float32) for shape in GPT2_BLOCK_SHAPES]
+              for _ in range(3)]
+    head = jnp.full(GPT2_HEAD_SHAPE, 0.01, jnp.float32)
+    x = jnp.ones((1, GPT2_HEAD_SHAPE[1]), jnp.float32)
 
-    def all_products(product):
-        # One column of each output keeps the result small; every weight is still read.
-        run = jax.jit(lambda ws, xs: [product(w, xs[w.shape[1]])[:, :1] for w in ws])
-        return lambda: run(weights, rows)
-    return {"native": all_products(native.skinny_matmul),
-            "xla": all_products(lambda w, x: _xla_out_major_product(w, x, jnp.float32))}
+    def step(product):
+        def chain(blocks, head, x):
+            for qkv, out, fc, proj in blocks:
+                x = jnp.tanh(x + product(out, product(qkv, x)[:, :x.shape[1]]))
+                x = jnp.tanh(x + product(proj, jnp.tanh(product(fc, x))))
+            return product(head, x)[:, :1]
+        run = jax.jit(chain)
+        return lambda: run(blocks, head, x)
+    return {"native": step(lambda w, x: native.skinny_matmul(x, w)),
+            "xla": step(lambda w, x: _xla_out_major_product(w, x, jnp.float32))}
 
 
 def dense_dot(x, kernel, dimension_numbers, precision=None, preferred_element_type=None):

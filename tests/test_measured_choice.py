@@ -52,17 +52,29 @@ def test_a_near_tie_keeps_the_preferred_path(tmp_path):
                                    clock=clock) == "xla"
 
 
-def test_an_unreadable_record_is_measured_again_and_other_entries_are_kept(tmp_path):
+def test_an_unreadable_or_partial_record_is_measured_again_and_other_entries_are_kept(tmp_path):
     clock, record = FakeClock(), tmp_path / "choices.json"
     record.write_text("{not json")
     make = clock.candidates({"a": 0.002, "b": 0.001})
     assert measured_choice.fastest(record, "first", make, prefer="a", clock=clock) == "b"
-    record.write_text(json.dumps({"first": {"choice": "b"}, "second": "not an entry"}))
-    assert measured_choice.fastest(record, "second", clock.candidates({"a": 0.001, "b": 0.002}),
-                                   prefer="a", clock=clock) == "a"
-    entries = json.loads(record.read_text())
-    assert entries["first"] == {"choice": "b"} and entries["second"]["choice"] == "a"
-    assert [p.name for p in tmp_path.iterdir()] == ["choices.json"]  # no partial file left
+    first = json.loads(record.read_text())["first"]
+    assert record.stat().st_mode & 0o777 == 0o644  # readable by a shared cache's other users
+    for broken in ("not an entry", {"choice": "a"}, {"choice": "c", "median_ms": {"a": 1.0}}):
+        record.write_text(json.dumps({"first": first, "second": broken}))
+        assert measured_choice.fastest(record, "second", clock.candidates(
+            {"a": 0.001, "b": 0.002}), prefer="a", clock=clock) == "a"
+        entries = json.loads(record.read_text())
+        assert entries["first"] == first and entries["second"]["median_ms"] == {"a": 1.0, "b": 2.0}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["choices.json", "choices.json.lock"]
+
+
+def test_a_failed_measurement_keeps_the_preferred_path_with_a_warning_and_records_nothing(
+        tmp_path):
+    def make():
+        raise MemoryError("no room for the weights")
+    with pytest.warns(RuntimeWarning, match="using 'kernel': MemoryError: no room"):
+        assert measured_choice.fastest(tmp_path / "r.json", "k", make, prefer="kernel") == "kernel"
+    assert not (tmp_path / "r.json").exists()
 
 
 def test_a_record_that_cannot_be_written_still_gives_the_choice(tmp_path):
@@ -81,15 +93,19 @@ def test_a_preferred_name_that_is_not_a_candidate_is_refused(tmp_path):
 
 
 def test_it_measures_real_jitted_runs_while_another_function_is_traced(tmp_path):
-    """Decoding asks while its step is being traced: the runs must execute, not be staged."""
+    """Decoding asks while its step is being traced: the runs must execute, not be staged
+    (a staged run would fail in `make` and leave no record), under any transfer guard."""
     def make():
         a = jnp.ones((64, 64))
+        assert not isinstance(a, jax.core.Tracer)  # made and run for real, not staged
         return {"matmul": lambda: jax.jit(jnp.matmul)(a, a), "add": lambda: a + a}
 
     @jax.jit
     def step(x):
         return x * (measured_choice.fastest(tmp_path / "r.json", "k", make, prefer="matmul",
                                             repeats=3) in ("matmul", "add"))
-    assert float(step(jnp.float32(2.0))) == 2.0
+    x = jnp.float32(2.0)
+    with jax.transfer_guard("disallow"):
+        assert float(step(x)) == 2.0
     entry = json.loads((tmp_path / "r.json").read_text())["k"]
     assert set(entry["median_ms"]) == {"matmul", "add"} and min(entry["median_ms"].values()) > 0

@@ -88,11 +88,44 @@ def test_auto_follows_the_measurement_for_one_float32_row_only(monkeypatch, kern
 def test_the_one_row_measurement_is_recorded_beside_the_kernels_and_agrees_with_itself():
     wins = products.kernel_wins_one_float32_row()
     entries = json.loads(native.library_path().with_suffix(".choices.json").read_text())
-    entry = entries[f"one float32 row, {provenance.usable_cores()} threads"]
+    entry = entries[f"one float32 row through a decode step's chain, "
+                    f"{provenance.usable_cores()} threads"]
     ms = entry["median_ms"]
     assert set(ms) == {"native", "xla"} and min(ms.values()) > 0
     assert entry["choice"] == ("native" if wins else "xla")
     assert wins == (ms["native"] <= (1 + entry["prefer_within"]) * ms["xla"])
+
+
+@needs_kernel
+def test_the_one_row_measurement_times_two_ways_of_computing_the_same_chain():
+    runs = products._one_row_candidates()
+    assert set(runs) == {"native", "xla"}
+    kernel, xla = (np.asarray(runs[name]()) for name in ("native", "xla"))
+    assert kernel.shape == xla.shape == (1, 1)
+    np.testing.assert_allclose(kernel, xla, rtol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("recorded", ["native", "xla"])
+def test_a_one_row_decode_step_takes_the_path_the_record_names(recorded):
+    record = native.library_path().with_suffix(".choices.json")
+    key = f"one float32 row through a decode step's chain, {provenance.usable_cores()} threads"
+    products.kernel_wins_one_float32_row()  # make sure this machine's real record exists
+    kept = record.read_text()
+    cfg = preset("tiny", vocab_size=50, context_length=16)
+    params = model.decode_params(model.init(cfg, jax.random.PRNGKey(1)))
+    tokens = jnp.ones((1, 1), jnp.int32)
+    cache = model.init_cache(cfg, 1, 8, np.ones((1, 8), bool))
+    try:
+        record.write_text(json.dumps({**json.loads(kept), key: {
+            "choice": recorded, "median_ms": {"native": 1.0, "xla": 1.0}}}))
+        products.kernel_wins_one_float32_row.cache_clear()
+        step = jax.jit(lambda p, t, c: model.apply_cached(p, t, jnp.zeros_like(t), c, cfg))
+        lowered = step.lower(params, tokens, cache).as_text()
+        assert ("gptjax_skinny_matmul" in lowered) == (recorded == "native")
+    finally:
+        record.write_text(kept)
+        products.kernel_wins_one_float32_row.cache_clear()
 
 
 @needs_kernel
