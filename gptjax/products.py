@@ -75,8 +75,8 @@ def kernel_wins_one_float32_row() -> bool:
     delete that file to measure again. A near tie (within 3%) keeps the kernel. Needs
     `native.available()`."""
     record = native.library_path().with_suffix(".choices.json")
-    # XLA:CPU's pool has a thread per usable core; taskset to one core, the two paths ran
-    # alike where with two XLA's was faster, so the record is per core count.
+    # XLA:CPU's pool has a thread per usable core, and the gap moved with it (kernel/XLA
+    # 1.4 on one core of the Zen 5 machine, 1.2 on two), so the record is per core count.
     key = f"one float32 row through a decode step's chain, {provenance.usable_cores()} threads"
     return measured_choice.fastest(record, key, _one_row_candidates, prefer="native") == "native"
 
@@ -84,8 +84,8 @@ def kernel_wins_one_float32_row() -> bool:
 def _one_row_candidates() -> measured_choice.Candidates:
     """A decode step's products for one row, each fed by the last (the activations are
     kept bounded by tanh): three GPT-2 blocks and the head, 240 MB of float32, beyond a
-    large CPU's per-complex L3 of 32-96 MiB, as a decode step's weights are. The head is
-    30% of a step's bytes, and XLA's lead was largest there."""
+    large CPU's per-complex L3 of 32-96 MiB, as a decode step's weights are (the head is
+    30% of GPT-2 124M's step)."""
     blocks = [[jnp.full(shape, 0.01, jnp.float32) for shape in GPT2_BLOCK_SHAPES]
               for _ in range(3)]
     head = jnp.full(GPT2_HEAD_SHAPE, 0.01, jnp.float32)
