@@ -5,7 +5,7 @@ get by default), so XLA compiles one block body whatever the depth; this measure
 to flat that keeps compile time. Shape: the `gpt2` preset's width (d 768, 12 heads, its
 GPT-2 vocabulary, context 1024) and batch 8, float32; the two depths differ only in n_layer.
 Each measurement is a fresh Python process with no persistent compilation cache
-(`python -m gptjax.bench compile`), so nothing is reused between them; the depths
+(`python -m gptjax.bench.train_step compile`), so nothing is reused between them; the depths
 alternate, and the reported figure is the ratio of the medians of trace+lower+compile.
 Nothing is allocated: the step is compiled from abstract shapes.
 
@@ -20,7 +20,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from gptjax import bench, provenance
+from gptjax.bench import provenance
+from gptjax.bench import train_step as bench
 from gptjax.config import TrainConfig, preset
 
 TARGET_RATIO = 1.5  # the issue: 48 layers compile within 1.5x the time of 12

@@ -37,10 +37,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax import bench, model, native, provenance
-from gptjax.generate import Decoder, _advance, _start
-from gptjax.hf import load_hf
-from gptjax.sampling import Sampling
+from gptjax import model
+from gptjax.bench import provenance
+from gptjax.bench import train_step as bench
+from gptjax.cpu import native
+from gptjax.generation.decoder import Decoder, _advance, _start
+from gptjax.generation.sampling import Sampling
+from gptjax.hf.io import load_hf
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CASES = ["1:float32", "1:bfloat16", "8:float32"]  # batch:gptjax weight dtype[:matmul]
@@ -159,8 +162,8 @@ def parse_case(case: str) -> tuple[int, str, str]:
 
 
 def random_gpt2(directory: Path) -> Path:
-    from transformers import GPT2Config, GPT2LMHeadModel
     import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config()).save_pretrained(directory)
     return directory
@@ -216,7 +219,7 @@ def main(argv=None) -> int:
 
 
 def machine(threads: int) -> dict:
-    """gptjax.bench's record of the machine, with this run's threads and the peer's versions."""
+    """gptjax.bench.train_step's record of the machine, with this run's threads and the peer's versions."""
     import torch
     import transformers
     info = provenance.machine_info()

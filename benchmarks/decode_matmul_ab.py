@@ -21,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from gptjax import model, native, products
-from gptjax.hf import load_hf
+from gptjax import model
+from gptjax.cpu import native, products
+from gptjax.hf.io import load_hf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode import MATMULS, random_gpt2, time_gptjax, weight_floor  # noqa: E402

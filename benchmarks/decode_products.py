@@ -20,9 +20,9 @@ import time
 import jax
 import jax.numpy as jnp
 
-from gptjax import native
 from gptjax.config import preset
-from gptjax.products import GPT2_BLOCK_SHAPES, GPT2_HEAD_SHAPE, out_major_product
+from gptjax.cpu import native
+from gptjax.cpu.products import GPT2_BLOCK_SHAPES, GPT2_HEAD_SHAPE, out_major_product
 
 
 def products(mode: str):

@@ -34,7 +34,7 @@ sweep)
     step env 60 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm \
         --format=csv; python -c "import jax, flax, optax; print(jax.__version__, flax.__version__, \
         optax.__version__, jax.devices())"'
-    step cudnn_test 120 python -m pytest -q -p no:cacheprovider tests/test_attention.py
+    step cudnn_test 120 python -m pytest -q -p no:cacheprovider tests/model/test_attention.py
     # One change at a time from bf16 with XLA's attention under a rolled scan: padded
     # vocabulary, cuDNN's attention, layers unrolled; and rematerialised attention. Every
     # setting is pinned, so the variants mean the same whatever the defaults become.
@@ -45,7 +45,7 @@ sweep)
         "$rolled,attention_impl=cudnn,remat=dots_no_batch"
     ;;
 depth)
-    step precision_tests 90 python -m pytest -q -p no:cacheprovider tests/test_attention.py \
+    step precision_tests 90 python -m pytest -q -p no:cacheprovider tests/model/test_attention.py \
         -k "blocked_equals or blocked_gradients"
     # How many layers to unroll (1 measured 53.4 ms, 12 36.1 ms in "sweep"), and batch 32
     # (batch 64 ran out of memory under the rolled scan).
@@ -59,7 +59,7 @@ depth)
         "$bf16,attention_impl=cudnn,scan_unroll=1,remat=full"
     ;;
 report)
-    step auto_tests 120 python -m pytest -q -p no:cacheprovider tests/test_attention.py -k "cudnn or auto"
+    step auto_tests 120 python -m pytest -q -p no:cacheprovider tests/model/test_attention.py -k "cudnn or auto"
     # The defaults (cuDNN attention, unrolled layers, padded vocabulary), with no overrides.
     step bench_gpt2 300 python -m gptjax bench --preset gpt2 --batch 16,32 --context 1024 \
         --dtype bfloat16 --json "$out/bench_gpt2.json" --results "$out/RESULTS.md" \

@@ -6,7 +6,7 @@ memory-mapped token file, `jax.make_array_from_process_local_data`) and dispatch
 without waiting for it, so the host normally runs ahead of the device and the data path is
 hidden. Prefetching batches to the device in a background thread can only remove what is
 left exposed. This times both, alternating repeats in one process on the same compiled step
-(`gptjax.train.CompiledSteps`, as `gptjax train` compiles it):
+(`gptjax.training.train.CompiledSteps`, as `gptjax train` compiles it):
 
   live:  the loop's own data path every step (sample, gather from a np.memmap, put);
   ready: the same number of steps over batches placed on the device beforehand, which is
@@ -33,11 +33,13 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from gptjax import bench, host_memory, provenance
 from gptjax import config as C
-from gptjax.data import WindowSampler, gather
+from gptjax.bench import provenance
+from gptjax.bench import train_step as bench
+from gptjax.cpu import host_memory
+from gptjax.data.windows import WindowSampler, gather
 from gptjax.errors import GptjaxError
-from gptjax.train import CompiledSteps
+from gptjax.training.train import CompiledSteps
 
 DEFAULT_CASES = ["tiny:8:64", "baby:12:64"]
 

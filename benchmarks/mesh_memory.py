@@ -21,14 +21,15 @@ if __name__ == "__main__" and "--xla_force_host_platform_device_count" not in os
 
 import jax  # noqa: E402  (after XLA_FLAGS)
 import jax.numpy as jnp  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P
 
 from gptjax import config as C  # noqa: E402
-from gptjax import optim  # noqa: E402
-from gptjax.mesh import make_mesh  # noqa: E402
-from gptjax.model import param_count  # noqa: E402
-from gptjax.sharding import batch_sharding, check_batch, check_divisible, shardings  # noqa: E402
-from gptjax.train_step import init_state, make_train_step  # noqa: E402
+from gptjax.model.gpt import param_count  # noqa: E402
+from gptjax.parallel.mesh import make_mesh  # noqa: E402
+from gptjax.parallel.sharding import batch_sharding, check_batch, check_divisible, shardings  # noqa: E402
+from gptjax.training import optim  # noqa: E402
+from gptjax.training.step import init_state, make_train_step  # noqa: E402
 
 GIB = 2**30
 

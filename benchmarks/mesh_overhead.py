@@ -23,9 +23,9 @@ import jax  # noqa: E402  (after XLA_FLAGS)
 import numpy as np  # noqa: E402
 
 from gptjax import config as C  # noqa: E402
-from gptjax.mesh import make_mesh  # noqa: E402
-from gptjax.sharding import make_sharded_train_step  # noqa: E402
-from gptjax.train_step import init_state, make_train_step  # noqa: E402
+from gptjax.parallel.mesh import make_mesh  # noqa: E402
+from gptjax.parallel.sharding import make_sharded_train_step  # noqa: E402
+from gptjax.training.step import init_state, make_train_step  # noqa: E402
 
 MESHES = ["data=1", "data=8", "fsdp=8", "data=2,fsdp=2,tensor=2", "data=2,tensor=4"]
 

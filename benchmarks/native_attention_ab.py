@@ -31,11 +31,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax import native
+from gptjax.cpu import native
 from gptjax.errors import GptjaxError
 
 REPO = Path(__file__).resolve().parents[1]
-FOLDER = "gptjax/native"
+FOLDER = "gptjax/cpu/native"
 SOURCE = f"{FOLDER}/causal_attention.cc"
 RENAMED = {"GptjaxCausalAttentionForward": "GptjaxAbForward",
            "GptjaxCausalAttentionBackward": "GptjaxAbBackward"}
@@ -137,12 +137,12 @@ def main(argv=None) -> None:
     shapes = [parse_shape(s) for s in args.shapes]
     if args.repeats < 1 or args.seconds <= 0:
         raise GptjaxError("--repeats must be >= 1 and --seconds > 0")
-    if Path(native.__file__).resolve().parents[2] != REPO:
-        raise GptjaxError(f"the imported gptjax ({Path(native.__file__).parents[1]}) is not this "
+    if Path(native.__file__).resolve().parents[3] != REPO:
+        raise GptjaxError(f"the imported gptjax ({Path(native.__file__).parents[2]}) is not this "
                           f"checkout's ({REPO / 'gptjax'}): install it with `pip install -e .`")
     if not native.available():
         raise GptjaxError("gptjax's native kernels are not available on this machine "
-                          "(gptjax.native.available())")
+                          "(gptjax.cpu.native.available())")
     with tempfile.TemporaryDirectory() as workdir:
         rev_targets = build_revision(args.rev, Path(workdir))
     print(f"{SOURCE}: {args.rev} vs the working tree, forward + backward, median of "

@@ -1,6 +1,6 @@
 """Where a train step's time goes: a profiler trace of the compiled step, per XLA op.
 
-The step is the one `gptjax train` builds (gptjax.bench.build_train_step), with one optional
+The step is the one `gptjax train` builds (gptjax.bench.train_step.build_train_step), with one optional
 variant in train_step_ab.py's FIELD=VALUE syntax. After warm-up it times `--steps` steps,
 then runs as many under `jax.profiler.trace` and reads the trace back
 (jax.profiler.ProfileData), so no TensorBoard is needed. Ops are named as in the compiled
@@ -39,7 +39,9 @@ from pathlib import Path
 
 import jax
 
-from gptjax import bench, host_memory, provenance
+from gptjax.bench import provenance
+from gptjax.bench import train_step as bench
+from gptjax.cpu import host_memory
 from gptjax.errors import GptjaxError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

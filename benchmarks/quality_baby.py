@@ -2,7 +2,7 @@
 
 Both train on the same prepared data with the same batches (gptjax's WindowSampler) and
 are evaluated on the same validation batches; gptjax trains through its real entry point
-(`gptjax.train`). Prints a markdown table of validation loss per evaluation and seed.
+(`gptjax.training.train`). Prints a markdown table of validation loss per evaluation and seed.
 
     python benchmarks/quality_baby.py [--data DIR] [--seeds 0 1 2] [--steps 2000]
 """
@@ -20,12 +20,13 @@ from pathlib import Path
 import jax
 import numpy as np
 import torch
+from torch_gpt import TorchGPT, optimizer, train_step
 
 import gptjax
 from gptjax.config import RunConfig, TrainConfig, preset
-from gptjax.data import WindowSampler, eval_batches, gather, load_prepared
-from gptjax.metrics import JsonlLog
-from torch_gpt import TorchGPT, optimizer, train_step
+from gptjax.data.prepared import load_prepared
+from gptjax.data.windows import WindowSampler, eval_batches, gather
+from gptjax.training.metrics import JsonlLog
 
 
 def torch_run(cfg: RunConfig, data, evals_at: list[int]) -> dict[int, float]:
@@ -67,7 +68,7 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="quality-"))
     data_dir = args.data or str(work / "data")
     if not args.data:
-        gptjax.prepare(None, data_dir, "char", progress=False)
+        gptjax.data.prepare(None, data_dir, "char", progress=False)
     data = load_prepared(data_dir)
     evals_at = list(range(250, args.steps + 1, 250))
     rows = []
@@ -76,7 +77,7 @@ def main():
                         train=TrainConfig(seed=seed, max_steps=args.steps, sample_tokens=0),
                         data=dataclasses.replace(RunConfig().data, data=data_dir))
         t0 = time.perf_counter()
-        gptjax.train(cfg, work / f"gptjax-{seed}", progress=False, echo=lambda *_: None)
+        gptjax.training.train(cfg, work / f"gptjax-{seed}", progress=False, echo=lambda *_: None)
         jax_s = time.perf_counter() - t0
         records = JsonlLog(work / f"gptjax-{seed}" / "metrics.jsonl").read()
         jax_val = {r["step"]: r["val_loss"] for r in records if r["kind"] == "eval"}

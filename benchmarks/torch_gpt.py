@@ -1,7 +1,7 @@
 """A plain PyTorch (eager) GPT matching gptjax's architecture, init and optimizer.
 
 Benchmarks only (the `[bench]` extra): the side-by-side reference for quality and speed.
-Same shapes as gptjax.model (pre-LN blocks, tanh-GELU MLP, tied head, GPT-2 init with
+Same shapes as gptjax.model.gpt (pre-LN blocks, tanh-GELU MLP, tied head, GPT-2 init with
 scaled residual projections), AdamW with decay on linear weights only, and the same
 warmup-cosine schedule as optax.warmup_cosine_decay_schedule.
 """

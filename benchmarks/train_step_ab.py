@@ -1,13 +1,13 @@
 """A/B of train-step variants: the same case under different ModelConfig/TrainConfig fields.
 
-Each variant is the train step `gptjax train` builds (gptjax.bench.build_train_step, unless
+Each variant is the train step `gptjax train` builds (gptjax.bench.train_step.build_train_step, unless
 it changes how the step is jitted: below), all compiled in this one process and timed
 alternately (the order flips every repeat), so the machine's drift hits every variant alike. A variant is a comma-separated list of config
 overrides (so a multi-axis `mesh` cannot be one: use a one-axis mesh), or of how the step is
 jitted (`donate=0`: the state not donated; `fused_update=0`: the optimizer update in a jit
 of its own); the empty variant is the preset as it stands. Every variant's state stays in
 memory at once, so on an accelerator compare sizes that fit together. Reported: median
-ms/step (min-max), tokens/s, MFU (PaLM formula over gptjax.bench's peak: a data sheet on
+ms/step (min-max), tokens/s, MFU (PaLM formula over gptjax.bench.train_step's peak: a data sheet on
 accelerators, the measured float32 matmul rate on CPU), each variant's tokens/s over the
 first's (the ratio of medians, and the median of the per-repeat ratios, each repeat's
 variants having run back to back), and XLA's planned temporaries. With --compile-only
@@ -33,11 +33,12 @@ import statistics
 
 import jax
 
-from gptjax import bench, host_memory, provenance
 from gptjax import config as C
+from gptjax.bench import provenance
+from gptjax.bench import train_step as bench
 from gptjax.config import ModelConfig, TrainConfig, preset
+from gptjax.cpu import host_memory
 from gptjax.errors import GptjaxError
-
 
 # Keywords of bench.build_train_step, not config fields: how the step is jitted. Training
 # always donates its state and updates inside the step's jit; these measure what that is worth.

@@ -49,10 +49,13 @@ from pathlib import Path
 
 import torch
 
-from gptjax import bench, host_memory, model, provenance
+from gptjax import model
+from gptjax.bench import provenance
+from gptjax.bench import train_step as bench
 from gptjax.config import TrainConfig, preset
+from gptjax.cpu import host_memory
 from gptjax.errors import GptjaxError
-from gptjax.metrics import MFU_FORMULA, flops_per_token, matmul_rate
+from gptjax.training.metrics import MFU_FORMULA, flops_per_token, matmul_rate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch_gpt  # noqa: E402  (the reference lives next to this script)

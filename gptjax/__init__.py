@@ -7,32 +7,35 @@ The public surface is plain functions of pytrees and frozen config dataclasses:
     logits = gptjax.apply(params, tokens, cfg)
     step = jax.jit(gptjax.make_train_step(cfg, gptjax.TrainConfig()))
 
-Names are imported on first use, so `import gptjax.tokenizer` (or a tokenizer worker
+Names are imported on first use, so `import gptjax.data.tokenizer` (or a tokenizer worker
 process) does not pay for importing JAX.
 """
 
 import importlib
 
+from gptjax.version import __version__  # noqa: F401
+
 _EXPORTS = {
     "gptjax.config": ["DataConfig", "ModelConfig", "RunConfig", "TrainConfig", "preset"],
-    "gptjax.data": ["WindowSampler", "gather", "load_prepared"],
     "gptjax.errors": ["GptjaxError"],
-    "gptjax.generate": ["Decoder", "generate", "generate_batch"],
-    "gptjax.hf": ["load_hf", "load_pretrained", "save_hf"],
-    "gptjax.kv_cache": ["KVCache", "init_cache"],
-    "gptjax.model": ["apply", "apply_cached", "decode_params", "init", "loss", "param_count"],
-    "gptjax.optim": ["optimizer", "schedule"],
-    "gptjax.prepare": ["prepare"],
-    "gptjax.sampling": ["Sampling"],
-    "gptjax.textgen": ["generate_text"],
-    "gptjax.tokenizer": ["ByteTokenizer", "CharTokenizer", "GPT2Tokenizer"],
-    "gptjax.train": ["train"],
-    "gptjax.train_step": ["TrainState", "init_state", "make_eval_step", "make_train_step"],
+    "gptjax.data.prepare": ["prepare"],
+    "gptjax.data.prepared": ["load_prepared"],
+    "gptjax.data.tokenizer": ["ByteTokenizer", "CharTokenizer", "GPT2Tokenizer"],
+    "gptjax.data.windows": ["WindowSampler", "gather"],
+    "gptjax.model.gpt": ["apply", "apply_cached", "decode_params", "init", "loss", "param_count"],
+    "gptjax.model.kv_cache": ["KVCache", "init_cache"],
+    "gptjax.generation.decoder": ["Decoder", "generate", "generate_batch"],
+    "gptjax.generation.sampling": ["Sampling"],
+    "gptjax.generation.textgen": ["generate_text"],
+    "gptjax.training.optim": ["optimizer", "schedule"],
+    "gptjax.training.step": ["TrainState", "init_state", "make_eval_step", "make_train_step"],
+    "gptjax.training.train": ["train"],
+    "gptjax.hf.io": ["load_hf", "save_hf"],
+    "gptjax.runs.load": ["load_pretrained"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
 __all__ = sorted(_WHERE)
-__version__ = "0.1.0"
 
 
 def __getattr__(name: str):

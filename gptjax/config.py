@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from gptjax.errors import GptjaxError
-from gptjax.tokenizer import KINDS
 
 
 def _f(default, help: str, *, choices=None, resume_safe: bool = False):
@@ -31,6 +30,8 @@ def _f(default, help: str, *, choices=None, resume_safe: bool = False):
 # "baby" on a 2-core CPU (benchmarks/NOTES.md: "Unrolling the layer scan", GPU entry 2).
 # Deeper models keep the rolled scan's flat compile time.
 FULL_UNROLL_MAX_LAYERS = 12
+
+TOKENIZER_KINDS = ("gpt2", "char", "byte")
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ class DataConfig:
     data: str = _f("", "prepared data directory (gptjax prepare); empty = embedded corpus")
     tokenizer: str = _f("", "char, byte or gpt2; empty = char for the embedded corpus, else the "
                             "prepared data's (a different one is an error)",
-                        choices=KINDS)
+                        choices=TOKENIZER_KINDS)
     val_fraction: float = _f(0.1, "share of the embedded corpus held out for validation")
     gpt2_ranks: str = _f("", "local GPT-2 BPE ranks file (else $GPTJAX_GPT2_RANKS, else download)",
                          resume_safe=True)
@@ -209,10 +210,9 @@ def validate(cfg: RunConfig) -> RunConfig:
                           f"train.max_steps ({t.max_steps}); set it with --warmup-steps")
     if not (t.beta1 < 1 and t.beta2 < 1):
         raise GptjaxError("train.beta1 and train.beta2 must be below 1")
-    from gptjax.mesh import parse_mesh  # imports no JAX
     parse_mesh(t.mesh)
-    if d.tokenizer not in ("", *KINDS):
-        raise GptjaxError(f"unknown tokenizer {d.tokenizer!r}; choose one of {', '.join(KINDS)}")
+    if d.tokenizer not in ("", *TOKENIZER_KINDS):
+        raise GptjaxError(f"unknown tokenizer {d.tokenizer!r}; choose one of {', '.join(TOKENIZER_KINDS)}")
     if not 0.0 < d.val_fraction < 1.0:
         raise GptjaxError(f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
     return cfg
@@ -263,3 +263,35 @@ def training_differences(saved: RunConfig, given: RunConfig) -> list[str]:
                 diffs.append(f"{section}.{f.name} (run has {getattr(a, f.name)!r}, "
                              f"given {getattr(b, f.name)!r})")
     return diffs
+
+
+# ---- the mesh spec: written in the config, resolved against devices in gptjax.parallel ----
+
+AXES = ("data", "fsdp", "tensor")
+
+
+def parse_mesh(spec: str | dict | None) -> dict[str, int]:
+    """{"data": n, "fsdp": n, "tensor": n} from "data=2,fsdp=-1" (or a dict, or None = data=-1)."""
+    if spec is None or spec == "":
+        return {"data": -1, "fsdp": 1, "tensor": 1}
+    if isinstance(spec, str):
+        sizes = {}
+        for part in spec.split(","):
+            name, eq, value = part.strip().partition("=")
+            if not eq:
+                raise GptjaxError(f"mesh entry {part.strip()!r} is not AXIS=SIZE (e.g. data=2,fsdp=4)")
+            try:
+                sizes[name.strip()] = int(value)
+            except ValueError:
+                raise GptjaxError(f"mesh axis {name.strip()} has a non-integer size {value!r}") from None
+    else:
+        sizes = dict(spec)
+    unknown = sorted(set(sizes) - set(AXES))
+    if unknown:
+        raise GptjaxError(f"unknown mesh axis {', '.join(unknown)}; the axes are {', '.join(AXES)}")
+    bad = [f"{k}={v}" for k, v in sizes.items() if v == 0 or v < -1]
+    if bad:
+        raise GptjaxError(f"mesh axis sizes must be positive or -1 (the rest): {', '.join(bad)}")
+    if sum(v == -1 for v in sizes.values()) > 1:
+        raise GptjaxError("at most one mesh axis may be -1 (the remaining devices)")
+    return {axis: sizes.get(axis, 1) for axis in AXES}

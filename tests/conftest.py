@@ -21,7 +21,7 @@ os.environ.setdefault("GPTJAX_CACHE_DIR",
 
 # In-process CLI calls (run_cli) would otherwise set gptjax train's allocator policy on this
 # pytest process whenever they ran before anything started JAX: off, so the suite's behaviour
-# does not depend on test order. tests/test_host_memory.py turns it on where it tests it.
+# does not depend on test order. tests/cpu/test_host_memory.py turns it on where it tests it.
 os.environ.setdefault("GPTJAX_KEEP_FREED_MEMORY", "0")
 
 STORY = (

@@ -17,10 +17,12 @@ import jax
 import numpy as np
 
 from gptjax.errors import GptjaxError
-from gptjax.finetune import batching, cls_data, cls_metrics, session, store
-from gptjax.finetune.classifier import POOLINGS, make_loss_sum, make_predict
-from gptjax.finetune.params import join
+from gptjax.finetune import batching, cls_data, cls_metrics, session
 from gptjax.finetune.settings import Tuning
+from gptjax.model.classifier import POOLINGS, make_loss_sum, make_predict
+from gptjax.model.parts import join
+from gptjax.runs import finetuned
+from gptjax.runs.load import Base, load_finetuned
 
 METRICS = ("accuracy", "macro_f1", "loss")
 
@@ -108,10 +110,10 @@ def evaluate_rows(predict, params, p: Prepared, rows, size, context, pad_id) -> 
             "report": report}
 
 
-def finetune_cls(base: store.Base, data: ClsData, tuning: Tuning, out: str | Path, *,
+def finetune_cls(base: Base, data: ClsData, tuning: Tuning, out: str | Path, *,
                  progress: bool = True, say=print) -> dict:
     """Fine-tune `base` as a classifier on `data`; returns the test report of the best checkpoint."""
-    from gptjax.hf import check_new_dir
+    from gptjax.hf.io import check_new_dir
     out = Path(out)
     check_new_dir(out)
     tuning.check()
@@ -165,10 +167,10 @@ def finetune_cls(base: store.Base, data: ClsData, tuning: Tuning, out: str | Pat
 def classify(run_dir: str | Path, texts: list[str], *, checkpoint: str = "latest",
              gpt2_ranks: str | None = None) -> tuple[tuple[str, ...], np.ndarray]:
     """(class names, probabilities (len(texts), classes)) from a classifier run."""
-    if not store.is_finetuned(run_dir):
-        raise GptjaxError(f"{run_dir} is not a classifier run (no {store.FILE}); make one with "
+    if not finetuned.is_finetuned(run_dir):
+        raise GptjaxError(f"{run_dir} is not a classifier run (no {finetuned.FILE}); make one with "
                           "gptjax finetune-cls")
-    ft = store.load(run_dir, checkpoint, gpt2_ranks)
+    ft = load_finetuned(run_dir, checkpoint, gpt2_ranks)
     if ft.spec.task != "cls":
         raise GptjaxError(f"{run_dir} is not a classifier (it was fine-tuned for {ft.spec.task}); "
                           "use gptjax generate --run")

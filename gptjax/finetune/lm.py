@@ -8,22 +8,24 @@ from pathlib import Path
 
 import jax
 
-from gptjax.data import WindowSampler, eval_batches, gather, load_prepared
+from gptjax.data.prepared import load_prepared
+from gptjax.data.windows import WindowSampler, eval_batches, gather
 from gptjax.errors import GptjaxError
-from gptjax.finetune import session, store
+from gptjax.finetune import session
 from gptjax.finetune.lm_loss import make_loss_sum, mean_loss
-from gptjax.finetune.params import join
 from gptjax.finetune.settings import Tuning
 from gptjax.finetune.step import make_eval
 from gptjax.finetune.trainer import perplexity
+from gptjax.model.parts import join
+from gptjax.runs.load import Base
 
 VAL_BATCHES = 20
 
 
-def finetune_lm(base: store.Base, data_dir: str, tuning: Tuning, out: str | Path, *,
+def finetune_lm(base: Base, data_dir: str, tuning: Tuning, out: str | Path, *,
                 progress: bool = True, say=print) -> dict:
     """Train `base` on the prepared data in `data_dir` (gptjax prepare, same tokenizer)."""
-    from gptjax.hf import check_new_dir
+    from gptjax.hf.io import check_new_dir
     out = Path(out)
     check_new_dir(out)
     tuning.check()

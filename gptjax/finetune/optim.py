@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gptjax.finetune.params import NEW_PARTS
-from gptjax.optim import decay_mask
+from gptjax.model.parts import NEW_PARTS
+from gptjax.training.optim import decay_mask
 
 
 def schedule(peak: float, warmup_steps: int, total_steps: int) -> optax.Schedule:

@@ -13,19 +13,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax import config as C
-from gptjax.checkpoint import Checkpoints
-from gptjax.finetune import optim, store
-from gptjax.finetune.lora import LoRAConfig, count, parse_targets
-from gptjax.finetune.params import parse_trainable
+from gptjax.finetune import optim
 from gptjax.finetune.settings import Tuning
 from gptjax.finetune.step import init_state, make_step
 from gptjax.finetune.trainer import FitResult, Schedule, fit
-from gptjax.metrics import JsonlLog
+from gptjax.model.lora import LoRAConfig, count, parse_targets
+from gptjax.model.parts import parse_trainable
+from gptjax.runs import finetuned
+from gptjax.runs.load import Base
+from gptjax.training.checkpoint import Checkpoints
+from gptjax.training.metrics import JsonlLog
 
 
 @dataclasses.dataclass
 class Setup:
-    spec: store.Spec
+    spec: finetuned.Spec
     trainable: dict
     frozen: dict
     n_trainable: int
@@ -40,7 +42,7 @@ class Setup:
                 f"({100 * self.n_trainable / self.n_total:.2f}%): {what}")
 
 
-def setup(base: store.Base, tuning: Tuning, task: str, *, classes: tuple[str, ...] = (),
+def setup(base: Base, tuning: Tuning, task: str, *, classes: tuple[str, ...] = (),
           pooling: str = "last", settings: dict | None = None) -> Setup:
     """The full parameter tree {"gpt", ["head"], ["lora"]} split into trainable and frozen."""
     tuning.check()
@@ -49,14 +51,14 @@ def setup(base: store.Base, tuning: Tuning, task: str, *, classes: tuple[str, ..
     lora = None
     if tuning.lora_rank:
         lora = LoRAConfig(tuning.lora_rank, tuning.lora_alpha, parse_targets(tuning.lora_targets)).check()
-    spec = store.Spec(task, m, trainable_spec, lora, base.origin, store.fingerprint(base.params),
+    spec = finetuned.Spec(task, m, trainable_spec, lora, base.origin, finetuned.fingerprint(base.params),
                       classes, pooling, settings or {})
-    tree = store.full_tree(spec, base.params, jax.random.PRNGKey(tuning.seed))
-    trainable, frozen = store.trainable_part(spec, tree)
+    tree = finetuned.full_tree(spec, base.params, jax.random.PRNGKey(tuning.seed))
+    trainable, frozen = finetuned.trainable_part(spec, tree)
     return Setup(spec, trainable, frozen, _trained_count(spec, trainable), count(tree))
 
 
-def _trained_count(spec: store.Spec, trainable: dict) -> int:
+def _trained_count(spec: finetuned.Spec, trainable: dict) -> int:
     """Parameters that can change: only the trained layers' rows of stacked block weights."""
     total = count(trainable)
     blocks = trainable.get("gpt", {}).get("blocks")
@@ -66,7 +68,7 @@ def _trained_count(spec: store.Spec, trainable: dict) -> int:
     return total
 
 
-def run(out: Path, s: Setup, tuning: Tuning, base: store.Base, loss_sum, epoch_batches,
+def run(out: Path, s: Setup, tuning: Tuning, base: Base, loss_sum, epoch_batches,
         steps_per_epoch: int, evaluate, monitor: str, higher_is_better: bool,
         progress: bool, say=print) -> FitResult:
     """Create the run in `out` and fit; the best trainable parameters are checkpointed."""
@@ -82,7 +84,7 @@ def run(out: Path, s: Setup, tuning: Tuning, base: store.Base, loss_sum, epoch_b
     # The step donates its state: give it its own copy, so the caller's base survives.
     state = init_state(jax.tree.map(jnp.copy, s.trainable), tx, tuning.seed)
     data_cfg = C.DataConfig(tokenizer=base.tokenizer.spec()["kind"], gpt2_ranks=base.config.data.gpt2_ranks)
-    store.write_run(out, s.spec, base.tokenizer.spec(), data_cfg)
+    finetuned.write_run(out, s.spec, base.tokenizer.spec(), data_cfg)
     ckpts = Checkpoints(out / "checkpoints", keep=1)
 
     def on_best(best, at, metrics):

@@ -19,12 +19,13 @@ import jax
 import numpy as np
 
 from gptjax.errors import GptjaxError
-from gptjax.finetune import batching, session, sft_data, store
+from gptjax.finetune import batching, session, sft_data
 from gptjax.finetune.lm_loss import make_loss_sum, mean_loss
-from gptjax.finetune.params import join
 from gptjax.finetune.settings import Tuning
 from gptjax.finetune.step import make_eval
 from gptjax.finetune.trainer import perplexity
+from gptjax.model.parts import join
+from gptjax.runs.load import Base
 
 TEST_RECORDS = "test_records.json"
 
@@ -46,10 +47,10 @@ def _batch(examples, eot: int, rows: int, context: int, mask_prompt: bool) -> di
     return b
 
 
-def finetune_sft(base: store.Base, data: SftData, tuning: Tuning, out: str | Path, *,
+def finetune_sft(base: Base, data: SftData, tuning: Tuning, out: str | Path, *,
                  progress: bool = True, say=print) -> dict:
     """Fine-tune `base` on instruction records; returns val losses before and after."""
-    from gptjax.hf import check_new_dir
+    from gptjax.hf.io import check_new_dir
     out = Path(out)
     check_new_dir(out)
     tuning.check()
@@ -113,13 +114,13 @@ def respond(run_dir: str | Path, records: list[dict], *, max_new_tokens: int = 2
     """Each record with the model's greedy "model_response" to its formatted prompt."""
     from tqdm import tqdm
 
-    from gptjax import run
-    from gptjax.model import decode_params
-    from gptjax.sampling import Sampling, check_max_new_tokens
-    from gptjax.textgen import generate_text
+    from gptjax.generation.sampling import Sampling, check_max_new_tokens
+    from gptjax.generation.textgen import generate_text
+    from gptjax.model.gpt import decode_params
+    from gptjax.runs.load import load as load_run
 
     check_max_new_tokens(max_new_tokens)
-    loaded = run.load(run_dir, checkpoint, gpt2_ranks)
+    loaded = load_run(run_dir, checkpoint, gpt2_ranks)
     params = decode_params(loaded.params)
     context = loaded.config.model.context_length
     encoded = [loaded.tokenizer.encode(sft_data.format_prompt(r)) for r in records]

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gptjax.finetune.params import join
+from gptjax.model.parts import join
 
 # loss_sum(params, batch, rng) -> (summed loss, summed weight): exact averages over batches.
 LossSum = Callable[[dict, dict, jax.Array], tuple[jax.Array, jax.Array]]

@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gptjax.finetune.step import FinetuneState
-from gptjax.metrics import JsonlLog
+from gptjax.training.metrics import JsonlLog
 
 
 @dataclass(frozen=True)

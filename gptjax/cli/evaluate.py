@@ -1,0 +1,21 @@
+"""`gptjax eval`: validation loss and perplexity of a run's checkpoint."""
+
+from __future__ import annotations
+
+
+def add_parser(sub) -> None:
+    ev = sub.add_parser("eval", help="validation loss and perplexity of a run")
+    ev.add_argument("--run", required=True, help="run directory")
+    ev.add_argument("--data", help="prepared data to evaluate on (default: the run's own)")
+    ev.add_argument("--checkpoint", default="latest", help="latest, best or a step (default: latest)")
+    ev.add_argument("--batches", type=int, help="validation batches (default: the run's eval_batches)")
+    ev.add_argument("--gpt2-ranks", help="local GPT-2 ranks file (else $GPTJAX_GPT2_RANKS)")
+
+
+def run(args) -> int:
+    from gptjax.eval.loss import evaluate
+
+    result = evaluate(args.run, args.data, args.checkpoint, args.batches, args.gpt2_ranks)
+    print(f"step {result.step}: val loss {result.loss:.4f}, perplexity {result.perplexity:.3f} "
+          f"({result.tokens:,} tokens of {result.data})")
+    return 0

@@ -1,0 +1,93 @@
+"""`gptjax train` and `gptjax prepare`: pretraining a GPT and tokenizing its corpus."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from gptjax import config as C
+from gptjax.cli.options import add_config_flags, apply_overrides, explicit_overrides
+from gptjax.config import TOKENIZER_KINDS
+from gptjax.errors import GptjaxError
+
+
+def add_parsers(sub) -> None:
+    tr = sub.add_parser("train", help="train a GPT (resumes when --out is an existing run)",
+                        description="Train a GPT. With no arguments: a 0.8M-parameter model on "
+                        "the Python reference docs from the standard library, char tokenizer. "
+                        "Every config field below is a flag; unset flags keep the preset's "
+                        "value (new run) or the saved value (resumed run). On Linux, freed "
+                        "host memory is kept for reuse, which made XLA:CPU steps 10-20% faster "
+                        "and resident memory higher; GPTJAX_KEEP_FREED_MEMORY=0 turns that off.")
+    tr.add_argument("--out", help="run directory (default: runs/<date-time>); an existing run "
+                    "is resumed with its saved config")
+    tr.add_argument("--preset", choices=list(C.PRESETS), help="model preset (default: baby; "
+                    "explicit model flags override it)")
+    tr.add_argument("--stop-at", type=int, metavar="STEP", help="stop (with a checkpoint) at this "
+                    "step without changing the schedule; rerun to continue")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bars")
+    hosts = tr.add_argument_group(
+        "many processes", "every process runs the same command (see scripts/); the mesh spans "
+        "all their devices, each reads only its rows, process 0 writes the run's files")
+    hosts.add_argument("--distributed", action="store_true", help="join a multi-process job "
+                       "detected from the environment (TPU VM slices, SLURM, ...)")
+    hosts.add_argument("--coordinator", metavar="HOST:PORT", help="explicit job: process 0's "
+                       "address (with --num-processes and --process-id)")
+    hosts.add_argument("--num-processes", type=int, help="explicit job: number of processes")
+    hosts.add_argument("--process-id", type=int, help="explicit job: this process, 0..N-1")
+    hosts.add_argument("--join-timeout", type=int, default=300, metavar="SECONDS",
+                       help="give up joining after this long (default: 300)")
+    add_config_flags(tr)
+
+    pr = sub.add_parser("prepare", help="tokenize text/JSONL files into train/val token files")
+    pr.add_argument("inputs", nargs="+", metavar="INPUT", help="text files, folders, JSONL files")
+    pr.add_argument("--out", required=True, help="new output folder")
+    pr.add_argument("--tokenizer", default="gpt2", choices=TOKENIZER_KINDS,
+                    help="tokenizer (default: gpt2)")
+    pr.add_argument("--val-fraction", type=float, default=0.1,
+                    help="last share of tokens held out for validation (default: 0.1)")
+    pr.add_argument("--text-field", default="text", help="JSONL field with the text (default: text)")
+    pr.add_argument("--gpt2-ranks", help="local GPT-2 ranks file (else $GPTJAX_GPT2_RANKS)")
+    pr.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                    help="tokenizer processes for corpora over 4 MiB (default: all cores)")
+    pr.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+
+def run_train(args) -> int:
+    from gptjax.parallel.distributed import initialize
+    from gptjax.training.run_dir import is_run
+    from gptjax.training.train import train
+
+    if args.stop_at is not None and args.stop_at < 1:
+        raise GptjaxError(f"--stop-at must be a positive step, got {args.stop_at}")
+    initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed,
+               timeout=args.join_timeout)
+    out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+    overrides = explicit_overrides(args)
+    if is_run(out):
+        base = C.load(out / "config.json")
+        if args.preset:
+            overrides["model"] = {**C.PRESETS[args.preset], **overrides.get("model", {})}
+    else:
+        base = C.RunConfig(model=C.preset(args.preset or C.DEFAULT_PRESET))
+    cfg = apply_overrides(base, overrides)
+    train(cfg, out, stop_at=args.stop_at, progress=not args.no_progress)
+    return 0
+
+
+def run_prepare(args) -> int:
+    from gptjax.data.prepare import prepare
+
+    meta = prepare(args.inputs, args.out, args.tokenizer, val_fraction=args.val_fraction,
+                   gpt2_ranks=args.gpt2_ranks, text_field=args.text_field, workers=args.workers,
+                   progress=not args.no_progress)
+    print(f"{args.out}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens "
+          f"({meta['tokenizer']['kind']}, vocabulary {meta['vocab_size']:,}, {meta['dtype']}); "
+          f"{len(meta['sources'])} file(s), {meta['replaced_invalid_utf8_bytes']} invalid UTF-8 "
+          "byte(s) replaced")
+    return 0
+
+
+COMMANDS = {"train": run_train, "prepare": run_prepare}

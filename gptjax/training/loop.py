@@ -1,0 +1,128 @@
+"""The stepping loop with its logging, evaluation and checkpoint cadence.
+
+The hot loop only dispatches: batches are built on the host while the device works, and
+metrics stay on the device until a log interval, when they are fetched together.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from gptjax import config as C
+from gptjax import model
+from gptjax.data.prepared import PreparedData
+from gptjax.data.windows import WindowSampler, eval_batches, gather
+from gptjax.errors import Preempted
+from gptjax.parallel.distributed import host
+from gptjax.parallel.preemption import preemption_check
+from gptjax.training.checkpoint import Checkpoints
+from gptjax.training.compiled import CompiledSteps
+from gptjax.training.metrics import MFU_FORMULA, JsonlLog, flops_per_token
+from gptjax.training.run_dir import data_fingerprint
+from gptjax.training.step import TrainState, mean_loss
+
+
+class Loop:
+    """The stepping loop with its logging, evaluation and checkpoint cadence."""
+
+    def __init__(self, cfg: C.RunConfig, data: PreparedData, sampler: WindowSampler,
+                 steps: CompiledSteps, ckpts: Checkpoints, log: JsonlLog, progress: bool, echo):
+        m, t = cfg.model, cfg.train
+        self.cfg, self.data, self.sampler, self.ckpts, self.log = cfg, data, sampler, ckpts, log
+        self.say = tqdm.write if progress else echo  # tqdm.write keeps lines clear of the bar
+        self.progress = progress
+        self.train_step, self.put_batch = steps.train_step, steps.put_batch
+        val = [steps.put_batch(lambda rows, b=b: {k: v[rows] for k, v in b.items()}, steps.eval_rows)
+               for b in eval_batches(data.val, m.context_length, steps.eval_rows,
+                                     t.eval_batches * t.grad_accum)]
+        self.evaluate = lambda params: mean_loss(steps.eval_step, params, val)
+        self.tokens_per_step = t.batch_size * m.context_length
+        self.flops_per_token = flops_per_token(m, model.param_count(m, exclude_position=True))
+        self.peak = t.peak_flops
+        echo(f"MFU uses {MFU_FORMULA}; peak {self.peak / 1e12:.3g} TFLOP/s "
+             f"(train.peak_flops: data sheet, or measured f32 matmul at the run's start on CPU)")
+
+    def run(self, state: TrainState, end: int) -> tuple[TrainState, float | None]:
+        """Step from `state` to step `end`; the final state and the last validation loss."""
+        t, T = self.cfg.train, self.cfg.model.context_length
+        step = first = shown = int(host(state.step))
+        bar = tqdm(total=end, initial=step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=not self.progress)
+        pending, val_loss, train_loss = [], None, None
+        clock, untimed = time.perf_counter(), 0
+        preempted = preemption_check()
+        try:
+            while step < end:
+                starts = self.sampler.starts(step)
+                batch = self.put_batch(lambda rows: gather(self.data.train, starts[rows], T),
+                                       len(starts))
+                state, metrics = self.train_step(state, batch)
+                pending.append(metrics)
+                step += 1
+                # Asked at every step, with ids from this loop's start (1, 2, ...): the
+                # protocol counts from 0, so a notice during a resumed run's start-up stops at
+                # id 1. At the last step the run just finishes.
+                if preempted(step - first) and step < end:
+                    raise Preempted(step)  # every process is here: saved below, as for Ctrl-C
+                if step == first + 1:  # the only per-step sync: keep warm-up out of tokens/s
+                    jax.block_until_ready(metrics)
+                    clock, untimed = time.perf_counter(), 1
+                if step % t.log_every == 0 or step == end:
+                    fetched = [jax.tree.map(host, m_) for m_ in pending]  # waits for them
+                    now = time.perf_counter()
+                    rec = self._record(step, fetched, untimed, now - clock)
+                    self.log.write(rec)
+                    if not self.progress:  # the bar shows these; without it, a line each
+                        self.say(_train_line(rec))
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s'] or 0:.0f}",
+                                    mfu=f"{100 * (rec['mfu'] or 0):.1f}%", refresh=False)
+                    bar.update(step - shown)  # the bar counts finished steps, not dispatched ones
+                    shown = step
+                    pending, clock, untimed, train_loss = [], now, 0, rec["loss"]
+                if step % t.eval_every == 0 or step == end:
+                    val_loss = self._evaluate_and_save(state, train_loss)
+                    clock = time.perf_counter()  # keep evaluation out of tokens/s
+        except KeyboardInterrupt:
+            bar.close()
+            if pending:  # keep the interval's losses; its timing is meaningless now
+                fetched = [jax.tree.map(host, m_) for m_ in pending]
+                self.log.write(self._record(step, fetched, len(pending), 0.0))
+            if self.ckpts.latest_step() != int(host(state.step)):
+                self._evaluate_and_save(state, None)
+            raise
+        bar.close()
+        return state, val_loss
+
+    def _evaluate_and_save(self, state: TrainState, train_loss: float | None) -> float:
+        step = int(host(state.step))
+        val_loss = self.evaluate(state.params)
+        ppl = math.exp(min(val_loss, 50))
+        self.log.write({"kind": "eval", "step": step, "val_loss": val_loss, "val_ppl": ppl})
+        head = f"step {step}: " + (f"train loss {train_loss:.4f}, " if train_loss is not None else "")
+        self.say(f"{head}val loss {val_loss:.4f}, val perplexity {ppl:.2f}")
+        self.ckpts.save(state, {"config": C.to_dict(self.cfg), "data_position": {"step": step},
+                                "data": data_fingerprint(self.data)}, val_loss)
+        return val_loss
+
+    def _record(self, step: int, metrics: list[dict], untimed: int, seconds: float) -> dict:
+        """One JSONL record for a log interval; `untimed` leading steps ran before the clock."""
+        losses = np.array([m_["loss"] for m_ in metrics], np.float64)
+        timed = len(metrics) - untimed
+        tok_s = self.tokens_per_step * timed / seconds if timed and seconds > 0 else None
+        loss = float(losses.mean())
+        return {"kind": "train", "step": step, "loss": loss, "ppl": math.exp(min(loss, 50)),
+                "loss_last": float(losses[-1]), "lr": float(metrics[-1]["lr"]),
+                "grad_norm": float(metrics[-1]["grad_norm"]), "tokens_per_s": tok_s,
+                "mfu": tok_s * self.flops_per_token / self.peak if tok_s else None}
+
+
+def _train_line(rec: dict) -> str:
+    """A console line for a log interval's record (what the progress bar shows, and lr)."""
+    speed = (f", {rec['tokens_per_s']:,.0f} tokens/s, MFU {rec['mfu']:.1%}"
+             if rec["tokens_per_s"] else "")
+    return f"step {rec['step']}: train loss {rec['loss']:.4f}{speed}, lr {rec['lr']:.2e}"

@@ -1,0 +1,181 @@
+"""`train`: set up or resume a run, then config -> data -> compiled steps -> loop ->
+checkpoints -> report, one way; the end sample comes from the state in memory."""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jax
+
+from gptjax import config as C
+from gptjax import model
+from gptjax.cpu import host_memory
+from gptjax.data.prepare import prepare_embedded
+from gptjax.data.prepared import PreparedData, load_prepared
+from gptjax.data.windows import WindowSampler
+from gptjax.errors import GptjaxError
+from gptjax.generation.decoder import generate
+from gptjax.parallel.distributed import host, is_main
+from gptjax.training import run_dir
+from gptjax.training.checkpoint import Checkpoints
+from gptjax.training.compiled import CompiledSteps
+from gptjax.training.loop import Loop
+from gptjax.training.metrics import JsonlLog, peak_flops, plot_losses
+from gptjax.training.step import TrainState
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    val_loss: float | None
+    sample: str = ""
+    files: dict = field(default_factory=dict)
+
+
+def train(cfg: C.RunConfig, out_dir: str | Path, *, stop_at: int | None = None,
+          progress: bool = True, echo=print) -> TrainResult:
+    """Train (or resume) the run in `out_dir` until max_steps, or until step `stop_at`."""
+    out = Path(out_dir)
+    if not is_main():  # one voice and one writer: process 0
+        echo, progress = (lambda *args, **kwargs: None), False
+    cfg, data, tokenizer, sampler, steps, resuming = _setup(cfg, out, progress)
+    m, t = cfg.model, cfg.train
+    log = JsonlLog(out / "metrics.jsonl") if is_main() else _NoLog()
+    ckpts = Checkpoints(out / "checkpoints", keep=t.keep_checkpoints)
+    try:
+        if resuming:
+            state, extra = ckpts.restore(steps.abstract_state)
+            _check_data_position(extra, data, int(host(state.step)))
+            log.truncate_after(int(host(state.step)))  # records past the checkpoint get redone
+            echo(f"resuming {out} from step {int(host(state.step))}")
+        else:
+            state = steps.init_state()
+        echo(f"model: {model.param_count(m):,} parameters | data: {data.meta['train_tokens']:,} "
+             f"train / {data.meta['val_tokens']:,} val tokens ({cfg.data.tokenizer}) | run: {out}")
+        mesh = ",".join(f"{a}={n}" for a, n in steps.mesh.shape.items())
+        echo(f"compiled the train and eval steps for mesh {mesh} ({steps.mesh.size} "
+             f"device{'s' if steps.mesh.size > 1 else ''}) in {steps.compile_seconds:.1f}s; "
+             f"freed host memory: {host_memory.status()}")
+        if steps.host_memory_note:
+            echo(steps.host_memory_note)
+        end = min(t.max_steps, stop_at or t.max_steps)
+        val_loss = None
+        if int(host(state.step)) < end:
+            state, val_loss = Loop(cfg, data, sampler, steps, ckpts, log, progress, echo).run(state, end)
+        else:
+            echo(f"nothing to train: the run is at step {int(host(state.step))} of {t.max_steps}"
+                 + (f" and --stop-at is {stop_at}" if stop_at and stop_at < t.max_steps else ""))
+    finally:
+        ckpts.close()  # waits for asynchronous saves: never exit with one half-written
+    if not is_main():
+        return TrainResult(out, end, val_loss)
+    return _finish(out, cfg, tokenizer, state, val_loss, log, echo, end)
+
+
+def _setup(cfg: C.RunConfig, out: Path, progress: bool):
+    """Validate, open the data and compile; only then write anything into `out`."""
+    C.validate(cfg)
+    resuming = run_dir.check_out_dir(out)
+    with tempfile.TemporaryDirectory(prefix="gptjax-") as scratch:
+        if cfg.data.data:
+            data = load_prepared(cfg.data.data)
+        elif resuming:
+            data = load_prepared(out / run_dir.EMBEDDED_DATA)
+        else:
+            data = prepare_embedded(cfg.data, Path(scratch) / "data", progress)
+        cfg = run_dir.resolve(cfg, data)
+        tokenizer = data.tokenizer(cfg.data.gpt2_ranks or None)  # the end sample's: fail now, not then
+        cfg = _resolve_peak_flops(cfg)
+        if resuming:
+            run_dir.check_resume(out, cfg, data)
+        sampler = _sampler(data.train, cfg, f"training split of {data.path}")
+        _sampler(data.val, cfg, f"validation split of {data.path}")
+        steps = CompiledSteps(cfg)
+        if jax.process_count() > 1:
+            # Every process has looked at `out` before process 0 writes into it.
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("gptjax: run checked")
+        # Process 0 writes the run's files; the others train from their own copy of the data.
+        if is_main() and resuming:
+            C.save(cfg, out / "config.json")  # keeps changed resume-safe fields for next time
+        elif is_main():
+            if run_dir.is_run(out):
+                run_dir.start_over(out)  # it has no checkpoint: nothing trained to lose
+            data = run_dir.create(out, cfg, data)
+    return cfg, data, tokenizer, sampler, steps, resuming
+
+
+def _resolve_peak_flops(cfg: C.RunConfig) -> C.RunConfig:
+    """Fix the MFU denominator once per run: a CPU's measured rate varies with load."""
+    if cfg.train.peak_flops > 0:
+        return cfg
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, peak_flops=peak_flops()))
+
+
+def _sampler(tokens, cfg: C.RunConfig, what: str) -> WindowSampler:
+    t = cfg.train
+    try:
+        return WindowSampler(len(tokens), cfg.model.context_length, t.batch_size, t.sampler,
+                             t.stride, t.seed)
+    except GptjaxError as e:
+        raise GptjaxError(f"{what}: {e}; use a larger corpus or a smaller --context-length") from None
+
+
+class _NoLog:
+    """Processes other than 0 keep no metrics file."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def truncate_after(self, step: int) -> None:
+        pass
+
+
+def _check_data_position(extra: dict, data: PreparedData, step: int) -> None:
+    if extra.get("data") != run_dir.data_fingerprint(data):
+        raise GptjaxError(f"checkpoint at step {step} was trained on different data "
+                          f"({extra.get('data')}); refusing to resume on {data.path}")
+    if extra.get("data_position", {}).get("step") != step:
+        raise GptjaxError(f"checkpoint data position {extra.get('data_position')} does not "
+                          f"match its step {step}")
+
+
+def _finish(out: Path, cfg: C.RunConfig, tokenizer, state: TrainState, val_loss, log: JsonlLog,
+            echo, end: int) -> TrainResult:
+    """Sample from the trained state (the latest checkpoint holds the same), plot the
+    losses, and say where everything is."""
+    if jax.process_count() > 1:
+        # The state is spread over every process's devices; generate from the run instead.
+        echo(f"(no sample from a {jax.process_count()}-process job: run `gptjax generate "
+             f"--run {out}`)")
+        return _report(TrainResult(out, end, val_loss), log, out, echo)
+    step = int(host(state.step))
+    result = TrainResult(out, step, val_loss)
+    if step < cfg.train.max_steps:
+        echo(f"stopped at step {step} of {cfg.train.max_steps}; "
+             f"run `gptjax train --out {out}` to continue")
+    if cfg.train.sample_tokens:
+        # On the host first: the decoder lays parameters out for one device, not the mesh.
+        params = jax.device_get(state.params)
+        ids = generate(params, cfg.model, [], cfg.train.sample_tokens, seed=cfg.train.seed,
+                       temperature=0.8, top_k=40, valid_vocab=tokenizer.vocab_size,
+                       eot_id=tokenizer.eot_id, stop_at_eot=False)
+        result.sample = tokenizer.decode(ids)
+        (out / "sample.txt").write_text(result.sample)
+        result.files["sample"] = out / "sample.txt"
+        echo("sample (temperature 0.8, top-k 40, from end-of-text):\n" + result.sample.strip() + "\n")
+    return _report(result, log, out, echo)
+
+
+def _report(result: TrainResult, log: JsonlLog, out: Path, echo) -> TrainResult:
+    result.files["loss curve"] = plot_losses(log.read(), out / "loss.png")
+    result.files["metrics"] = log.path
+    result.files["checkpoints"] = out / "checkpoints"
+    result.files["config"] = out / "config.json"
+    for what, path in result.files.items():
+        echo(f"{what:>12}: {path}")
+    return result
