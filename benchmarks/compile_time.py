@@ -22,6 +22,7 @@ from pathlib import Path
 
 from gptjax.bench import provenance
 from gptjax.bench import train_step as bench
+from gptjax.bench.compile import compile_in_subprocess
 from gptjax.config import TrainConfig, preset
 
 TARGET_RATIO = 1.5  # the issue: 48 layers compile within 1.5x the time of 12
@@ -52,7 +53,7 @@ def main(argv=None) -> int:
     for r in range(args.repeats):
         order = args.layers if r % 2 == 0 else args.layers[::-1]
         for n in order:
-            result = bench.compile_in_subprocess(configs[n], train_cfg)
+            result = compile_in_subprocess(configs[n], train_cfg)
             runs[n].append(result)
             print(f"repeat {r + 1}: {n} layers: lower {result['lower_seconds']:.2f}s + compile "
                   f"{result['compile_seconds']:.2f}s", flush=True)

@@ -40,6 +40,7 @@ import numpy as np
 from gptjax import model
 from gptjax.bench import provenance
 from gptjax.bench import train_step as bench
+from gptjax.config import ModelConfig
 from gptjax.cpu import native
 from gptjax.generation.decoder import Decoder, _advance, _start
 from gptjax.generation.sampling import Sampling
@@ -47,7 +48,7 @@ from gptjax.hf.io import load_hf
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CASES = ["1:float32", "1:bfloat16", "8:float32"]  # batch:gptjax weight dtype[:matmul]
-MATMULS = model.ModelConfig.__dataclass_fields__["decode_matmul"].metadata["choices"]
+MATMULS = ModelConfig.__dataclass_fields__["decode_matmul"].metadata["choices"]
 
 
 def weight_floor(params, contiguous_mib: int = 512):

@@ -3,7 +3,7 @@ tree's, both loaded into this one process and timed alternately (forward + backw
 
 The kernel is built per process from its source, so two builds cannot otherwise be timed
 side by side; across processes this machine's noise (+-10%) hides kernel changes of a few
-percent. Here the revision's `gptjax/native/causal_attention.cc` is compiled with the same
+percent. Here the revision's `gptjax/cpu/native/causal_attention.cc` is compiled with the same
 flags into a second library whose handler symbols are renamed, registered under its own
 FFI targets, and called on the same inputs. Printed per shape: the largest difference
 between the two builds' outputs (0 for a change that keeps every floating-point operation in

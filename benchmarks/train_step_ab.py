@@ -13,7 +13,7 @@ first's (the ratio of medians, and the median of the per-repeat ratios, each rep
 variants having run back to back), and XLA's planned temporaries. With --compile-only
 nothing runs: only the memory plans (e.g. GPT-2 XL's remat policies on a machine that could
 never run it). This is the measurement behind the entries of benchmarks/NOTES.md. Freed
-host memory is kept, as in `gptjax train` (gptjax/host_memory.py), unless
+host memory is kept, as in `gptjax train` (gptjax/cpu/host_memory.py), unless
 GPTJAX_KEEP_FREED_MEMORY=0.
 
     python benchmarks/train_step_ab.py --case mini:8:256 attention_impl=xla attention_impl=blocked

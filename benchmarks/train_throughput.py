@@ -5,7 +5,7 @@ architecture, init and optimizer), the same batches (WindowSampler windows of on
 token array, built once as numpy and handed to both), float32, and the same thread count
 (XLA:CPU sizes its pool to the usable cores; torch.set_num_threads is set to that), and
 one allocator policy, set per process before either runtime starts: freed host memory
-kept, as in `gptjax train` (gptjax/host_memory.py), or with --system-malloc glibc's default.
+kept, as in `gptjax train` (gptjax/cpu/host_memory.py), or with --system-malloc glibc's default.
 Each side's step is a whole optimizer step: forward, backward, global-norm clipping,
 AdamW with the warmup-cosine learning rate (torch: zero_grad included; no torch.compile).
 
@@ -314,7 +314,7 @@ def main(argv=None) -> int:
                     "process (still alternating) instead of both in this one")
     ap.add_argument("--system-malloc", action="store_true",
                     help="leave glibc's allocator as it is (default: both sides keep freed host "
-                    "memory, as `gptjax train` does; see gptjax/host_memory.py)")
+                    "memory, as `gptjax train` does; see gptjax/cpu/host_memory.py)")
     ap.add_argument("--worker", choices=sorted(SIDES), help=argparse.SUPPRESS)
     ap.add_argument("--worker-case", help=argparse.SUPPRESS)
     ap.add_argument("--json", type=Path, help="write the full results here")

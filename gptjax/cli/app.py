@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # Commands that repeat one compiled step and check its temporaries against the RAM
-# (host_memory.fit_to_step): they keep freed host memory (host_memory.py).
+# (host_memory.fit_to_step): they keep freed host memory (gptjax/cpu/host_memory.py).
 STEP_COMMANDS = {"train", "bench"}
 
 COMMANDS = {**cli_train.COMMANDS, "generate": cli_generate.run, "eval": cli_evaluate.run,

@@ -146,6 +146,7 @@ def run(args) -> int:
     from gptjax.bench import decode as bench_decode
     from gptjax.bench import provenance
     from gptjax.bench import train_step as bench
+    from gptjax.bench.compile import compile_in_subprocess
     from gptjax.config import TrainConfig
     from gptjax.cpu import host_memory
     from gptjax.model.gpt import param_count
@@ -192,8 +193,8 @@ def run(args) -> int:
                           "host_memory": host_memory.status()}}
         if args.compile_cache:
             with tempfile.TemporaryDirectory(prefix="gptjax-jax-cache-") as cache:
-                row["compile"]["cold_process"] = bench.compile_in_subprocess(cfg, train_cfg, cache)
-                row["compile"]["cached_process"] = bench.compile_in_subprocess(cfg, train_cfg, cache)
+                row["compile"]["cold_process"] = compile_in_subprocess(cfg, train_cfg, cache)
+                row["compile"]["cached_process"] = compile_in_subprocess(cfg, train_cfg, cache)
         rows.append(row)
         del state, step  # free the case's buffers before the next one compiles
         tok = result["tokens_per_s"]

@@ -28,6 +28,7 @@ from gptjax import model
 from gptjax.config import ModelConfig
 from gptjax.errors import GptjaxError
 from gptjax.generation.sampling import Sampling, check_max_new_tokens, sample_logits, top_k_cap
+from gptjax.model.kv_cache import KVCache
 
 MIN_BUCKET = 16
 
@@ -37,7 +38,7 @@ class _State(NamedTuple):
     lengths: jax.Array  # (batch,) new ids per row (stops growing once the row is done)
     done: jax.Array  # (batch,) bool
     n: jax.Array  # int32: decode steps taken (new ids written per unfinished row)
-    cache: model.KVCache
+    cache: KVCache
     key: jax.Array
 
 

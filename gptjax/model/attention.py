@@ -2,7 +2,7 @@
 
 Three formulations, chosen by `ModelConfig.attention_impl`:
 
-- "native": gptjax's fused CPU kernel (gptjax/native/causal_attention.cc), float32, forward
+- "native": gptjax's fused CPU kernel (gptjax/cpu/native/causal_attention.cc), float32, forward
   and backward. The (batch, head) pairs are tasks shared out between the calling thread
   and XLA's pool; the forward keeps two numbers a row (the largest score, 1 / the sum of exponentials) and the
   backward recomputes the probabilities from them.

@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gptjax import model
 from gptjax.config import ModelConfig
+from gptjax.model import gpt as model
 
 POOLINGS = ("last", "mean")
 

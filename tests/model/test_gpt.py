@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax import model
 from gptjax.config import preset
+from gptjax.model import gpt as model
 
 CFG = preset("tiny", vocab_size=97)
 
@@ -83,7 +83,7 @@ def _loss_and_grads(params, adapters, config, tokens, lora):
 
 
 def test_rematerialised_blocks_give_the_same_loss_and_gradients(params):
-    from gptjax.finetune import lora as L
+    from gptjax.model import lora as L
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 97, (4, 17)), jnp.int32)
     # A rolled scan (where remat saves memory), dropout (the recomputed masks must be the
     # forward's) and LoRA adapters (a second variable collection the scan must carry).
