@@ -159,8 +159,8 @@ def _finish(out: Path, cfg: C.RunConfig, tokenizer, state: TrainState, val_loss,
         echo(f"stopped at step {step} of {cfg.train.max_steps}; "
              f"run `gptjax train --out {out}` to continue")
     if cfg.train.sample_tokens:
-        # On the host first: the decoder lays parameters out for one device, not the mesh.
-        params = jax.device_get(state.params)
+        # Onto one device: the decoder lays parameters out for one device, not the mesh.
+        params = jax.device_put(state.params, jax.devices()[0])
         ids = generate(params, cfg.model, [], cfg.train.sample_tokens, seed=cfg.train.seed,
                        temperature=0.8, top_k=40, valid_vocab=tokenizer.vocab_size,
                        eot_id=tokenizer.eot_id, stop_at_eot=False)

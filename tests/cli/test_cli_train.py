@@ -40,6 +40,18 @@ def test_run_directory_has_everything(full_run):
     assert [e["step"] for e in evals] == [3, 6] and all(np.isfinite(e["val_loss"]) for e in evals)
 
 
+
+def test_the_end_sample_is_what_the_saved_checkpoint_generates(full_run):
+    """The sample comes from the state in memory; the last checkpoint holds that state, so
+    generating from the saved run with the sample's settings gives the same text."""
+    from gptjax.generation.decoder import generate
+    loaded = load_run(full_run)
+    t, tok = loaded.config.train, loaded.tokenizer
+    ids = generate(loaded.params, loaded.config.model, [], t.sample_tokens, seed=t.seed,
+                   temperature=0.8, top_k=40, valid_vocab=tok.vocab_size, eot_id=tok.eot_id,
+                   stop_at_eot=False)
+    assert tok.decode(ids) == (full_run / "sample.txt").read_text()
+
 def assert_same_params(run_a, run_b):
     a, b = load_run(run_a), load_run(run_b)
     assert a.step == b.step
