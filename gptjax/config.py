@@ -113,6 +113,18 @@ class TrainConfig:
     mesh: str = _f("", "device mesh, e.g. data=2,fsdp=2,tensor=2 (one axis may be -1 = the "
                        "rest); empty = data parallel over all devices. May change on resume: "
                        "checkpoints restore onto any mesh", resume_safe=True)
+    on_nonfinite: str = _f(
+        "abort", "a non-finite loss or gradient norm: abort (stop with an error; nothing past "
+        "the last finite checkpoint is saved) or skip (drop that update, stop after max_skips "
+        "in a row); may change on resume", choices=("abort", "skip"), resume_safe=True)
+    max_skips: int = _f(10, "with on_nonfinite skip: dropped updates in a row that stop the run",
+                        resume_safe=True)
+    spike_policy: str = _f(
+        "none", "a loss above spike_factor x the running median of the last 100 step losses: "
+        "none (train on) or rollback (restore the last checkpoint and skip the batches since "
+        "it); may change on resume", choices=("none", "rollback"), resume_safe=True)
+    spike_factor: float = _f(3.0, "with spike_policy rollback: how many times the median loss "
+                                  "is a spike", resume_safe=True)
     peak_flops: float = _f(0.0, "peak FLOP/s for MFU; 0 = the data-sheet bf16 peak of known "
                                 "accelerators, else the float32 matmul rate measured at start "
                                 "(then saved with the run)", resume_safe=True)
@@ -191,8 +203,10 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise GptjaxError(f"model.dropout must be in [0, 1), got {m.dropout}")
     if not 0 <= t.seed < 2**31:
         raise GptjaxError(f"train.seed must be in [0, 2**31), got {t.seed}")
+    if t.spike_factor <= 1.0:
+        raise GptjaxError(f"train.spike_factor must be above 1, got {t.spike_factor}")
     for name in ("batch_size", "grad_accum", "max_steps", "log_every", "eval_every",
-                 "eval_batches", "keep_checkpoints"):
+                 "eval_batches", "keep_checkpoints", "max_skips"):
         _positive(f"train.{name}", getattr(t, name))
     for name in ("lr", "beta2", "eps"):
         _positive(f"train.{name}", getattr(t, name))

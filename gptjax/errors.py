@@ -6,10 +6,22 @@ class GptjaxError(ValueError):
     """A problem with the user's input or files; the CLI prints it and exits with 2."""
 
 
-class Preempted(KeyboardInterrupt):
-    """A multi-process job stopped where JAX's preemption service had every process agree
-    to stop (a SIGTERM reached one of them); like Ctrl-C, the state there is saved."""
+class CheckpointDamaged(GptjaxError):
+    """A checkpoint whose files cannot be read or whose arrays do not match their
+    checksums."""
 
-    def __init__(self, step: int):
+
+class RunFailed(GptjaxError):
+    """A run that started and then had to stop: a non-finite loss, a failed write. The CLI
+    prints it in one line and exits with 1."""
+
+
+class Preempted(KeyboardInterrupt):
+    """A run stopped at a step boundary after a SIGTERM or SIGINT (for a multi-process job,
+    where JAX's preemption service had every process agree to stop); like Ctrl-C, the
+    state there is saved."""
+
+    def __init__(self, step: int, reason: str = "preempted"):
         super().__init__(step)
         self.step = step
+        self.reason = reason

@@ -1,7 +1,9 @@
 """The `gptjax` command: the parser made of every command group's subcommands, and the
 exit codes.
 
-Exit codes: 0 success, 2 bad input (one line on stderr, nothing written), 130 interrupted.
+Exit codes: 0 success, 1 a run that started and failed (a non-finite loss, a failed write;
+one line on stderr, the checkpoints before it intact), 2 bad input (one line on stderr,
+nothing written), 130 interrupted or stopped by SIGTERM (the step reached is saved).
 """
 
 from __future__ import annotations
@@ -10,12 +12,13 @@ import argparse
 import sys
 
 from gptjax.cli import bench as cli_bench
+from gptjax.cli import check as cli_check
 from gptjax.cli import convert as cli_convert
 from gptjax.cli import evaluate as cli_evaluate
 from gptjax.cli import finetune as cli_finetune
 from gptjax.cli import generate as cli_generate
 from gptjax.cli import train as cli_train
-from gptjax.errors import GptjaxError, Preempted
+from gptjax.errors import GptjaxError, Preempted, RunFailed
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     cli_evaluate.add_parser(sub)
     cli_convert.add_parser(sub)
     cli_bench.add_parser(sub)
+    cli_check.add_parser(sub)
     cli_finetune.add_parsers(sub)
     return p
 
@@ -45,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
 STEP_COMMANDS = {"train", "bench"}
 
 COMMANDS = {**cli_train.COMMANDS, "generate": cli_generate.run, "eval": cli_evaluate.run,
-            "convert": cli_convert.run, "bench": cli_bench.run, **cli_finetune.COMMANDS}
+            "convert": cli_convert.run, "bench": cli_bench.run,
+            "check": cli_check.run, **cli_finetune.COMMANDS}
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
@@ -62,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         keep_freed_memory()  # before anything starts JAX's runtime
     try:
         return COMMANDS[args.command](args)
+    except RunFailed as e:
+        print(f"gptjax: error: {e}", file=sys.stderr)
+        return 1
     except GptjaxError as e:
         print(f"gptjax: error: {e}", file=sys.stderr)
         return 2
@@ -70,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as e:
         saved = " (checkpoint saved; rerun the same command to resume)" if args.command == "train" else ""
-        what = f"preempted at step {e.step}" if isinstance(e, Preempted) else "interrupted"
+        what = f"{e.reason} at step {e.step}" if isinstance(e, Preempted) else "interrupted"
         print(f"gptjax: {what}{saved}", file=sys.stderr)
         return 130
 

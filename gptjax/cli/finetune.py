@@ -180,11 +180,13 @@ def _base(args):
 def run_finetune_cls(args) -> int:
     from gptjax.finetune.cls import ClsData, finetune_cls
     from gptjax.hf.io import check_new_dir
+    from gptjax.training.run_lock import hold
     data = ClsData(args.data, args.text_column, args.label_column, args.format, _split(args.split),
                    args.balance, args.class_weights, args.pooling, args.metric, args.max_length)
     tuning = tuning_from(args).check()
-    check_new_dir(Path(args.out))
-    finetune_cls(_base(args), data, tuning, args.out, progress=not args.no_progress)
+    with hold(args.out, "gptjax finetune-cls"):  # a second writer is refused before any work
+        check_new_dir(Path(args.out))
+        finetune_cls(_base(args), data, tuning, args.out, progress=not args.no_progress)
     return 0
 
 
@@ -208,19 +210,23 @@ def run_classify(args) -> int:
 def run_finetune_sft(args) -> int:
     from gptjax.finetune.sft import SftData, finetune_sft
     from gptjax.hf.io import check_new_dir
+    from gptjax.training.run_lock import hold
     data = SftData(args.data, _split(args.split), args.mask_prompt)
     tuning = tuning_from(args).check()
-    check_new_dir(Path(args.out))
-    finetune_sft(_base(args), data, tuning, args.out, progress=not args.no_progress)
+    with hold(args.out, "gptjax finetune-sft"):
+        check_new_dir(Path(args.out))
+        finetune_sft(_base(args), data, tuning, args.out, progress=not args.no_progress)
     return 0
 
 
 def run_finetune_lm(args) -> int:
     from gptjax.finetune.lm import finetune_lm
     from gptjax.hf.io import check_new_dir
+    from gptjax.training.run_lock import hold
     tuning = tuning_from(args).check()
-    check_new_dir(Path(args.out))
-    finetune_lm(_base(args), args.data, tuning, args.out, progress=not args.no_progress)
+    with hold(args.out, "gptjax finetune-lm"):
+        check_new_dir(Path(args.out))
+        finetune_lm(_base(args), args.data, tuning, args.out, progress=not args.no_progress)
     return 0
 
 

@@ -21,6 +21,7 @@ from gptjax.model.lora import LoRAConfig, count, parse_targets
 from gptjax.model.parts import parse_trainable
 from gptjax.runs import finetuned
 from gptjax.runs.load import Base
+from gptjax.training import run_lock
 from gptjax.training.checkpoint import Checkpoints
 from gptjax.training.metrics import JsonlLog
 
@@ -84,15 +85,22 @@ def run(out: Path, s: Setup, tuning: Tuning, base: Base, loss_sum, epoch_batches
     # The step donates its state: give it its own copy, so the caller's base survives.
     state = init_state(jax.tree.map(jnp.copy, s.trainable), tx, tuning.seed)
     data_cfg = C.DataConfig(tokenizer=base.tokenizer.spec()["kind"], gpt2_ranks=base.config.data.gpt2_ranks)
-    finetuned.write_run(out, s.spec, base.tokenizer.spec(), data_cfg)
+    with run_lock.hold(out, f"gptjax finetune-{s.spec.task}"):  # nests inside the CLI's
+        finetuned.write_run(out, s.spec, base.tokenizer.spec(), data_cfg)
+        return _fit(out, s, tuning, state, step, schedule, epoch_batches, evaluate, progress, say)
+
+
+def _fit(out: Path, s: Setup, tuning: Tuning, state, step, schedule: Schedule, epoch_batches,
+         evaluate, progress: bool, say) -> FitResult:
     ckpts = Checkpoints(out / "checkpoints", keep=1)
 
     def on_best(best, at, metrics):
         ckpts.save_params(at, best, {"metrics": _jsonable(metrics)})
 
     say(s.describe())
-    say(f"{tuning.epochs} epoch(s) of {steps_per_epoch} steps, validating every {eval_every} steps "
-        f"on {monitor}" + (f", stopping after {tuning.patience} without improvement" if tuning.patience else ""))
+    say(f"{tuning.epochs} epoch(s) of {schedule.steps_per_epoch} steps, validating every "
+        f"{schedule.eval_every} steps on {schedule.monitor}"
+        + (f", stopping after {tuning.patience} without improvement" if tuning.patience else ""))
     try:
         return fit(state, s.frozen, step, epoch_batches, evaluate, schedule, on_best=on_best,
                    log=JsonlLog(out / "metrics.jsonl"), progress=progress, say=say)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,9 +162,16 @@ def _restore(path: Path, abstract, which: str | int):
     ckpts = Checkpoints(path / "checkpoints", create=False)
     try:
         step = ckpts.best_step() if which == "best" else None if which == "latest" else which
-        return ckpts.restore_params(abstract, step)
+        return ckpts.restore_params(abstract, step, fallback=_use_the_previous)
     finally:
         ckpts.close()
+
+
+def _use_the_previous(damaged, step: int) -> None:
+    """Reading "latest" goes on to the newest checkpoint that verifies, and says so."""
+    warnings.warn(f"{damaged}; using checkpoint {step} instead (nothing is deleted: remove "
+                  "the damaged one, or move it out of the checkpoints folder, once you have "
+                  "looked at it)", stacklevel=2)
 
 
 def own_data(path: Path) -> Path:

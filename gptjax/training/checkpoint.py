@@ -1,8 +1,12 @@
 """Checkpoints through orbax's CheckpointManager.
 
-Each checkpoint holds three items: "params" (the model parameters), "train" (optimizer
-state, step and RNG key) and "extra" (JSON: the run config, the data position and the
-validation loss). Parameters are their own item so inference and fine-tuning can restore
+Each checkpoint holds four items: "params" (the model parameters), "train" (optimizer
+state, step and RNG key), "extra" (JSON: the run config, the data position and the
+validation loss) and "checksums" (SHA-256 of every array's bytes and of "extra",
+`integrity`), all in one atomic commit. Every restore verifies what it read against
+"checksums": a damaged checkpoint raises CheckpointDamaged naming the first bad leaf, and
+restoring "the latest" may fall back to the newest one that verifies. Checkpoints written
+before checksums existed load unverified, with a warning. Parameters are their own item so inference and fine-tuning can restore
 them without the optimizer state, which is twice their size; imported weights are saved
 with no "train" item at all (`save_params`): loadable, not resumable. Orbax writes into a
 temporary folder and renames it when complete, so an interrupted save never leaves a
@@ -15,19 +19,29 @@ from __future__ import annotations
 
 import gc
 import inspect
+import json
 import logging
+import os
+import re
+import shutil
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from gptjax.errors import GptjaxError
+from gptjax.errors import CheckpointDamaged, GptjaxError, RunFailed
+from gptjax.training import integrity
 from gptjax.training.step import TrainState
 
-ITEMS = ("params", "train", "extra")
+ITEMS = ("params", "train", "extra", "checksums")
+# Recorded in "extra" so that a checkpoint whose "checksums" item went missing is damaged,
+# not mistaken for one written before checksums existed.
+INTEGRITY_KEY = "integrity"
+_warned_unverified: set[str] = set()
 
 
 def _val_loss(metrics) -> float:
@@ -48,8 +62,13 @@ def _abstract(tree):
 
 
 class Checkpoints:
-    def __init__(self, directory: Path, keep: int = 3, create: bool = True):
-        options = ocp.CheckpointManagerOptions(
+    """A run's checkpoints folder. With `set_aside` (a function told of each move), a
+    writer moves damaged checkpoints out of the way into a sibling folder
+    `damaged-checkpoints/` (nothing is deleted), so that the run can resume from the newest
+    good one and later save over the same step numbers."""
+
+    def __init__(self, directory: Path, keep: int = 3, create: bool = True, set_aside=None):
+        self._options = ocp.CheckpointManagerOptions(
             best_fn=_val_loss, best_mode="min", create=create,
             preservation_policy=policies.AnyPreservationPolicy([
                 policies.LatestN(n=keep),
@@ -58,12 +77,41 @@ class Checkpoints:
             ]),
         )
         self.directory = Path(directory).absolute()
-        self._mgr = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        self._set_aside = set_aside
+        _quiet_failed_writes()
+        self._open()
+
+    def _open(self) -> None:
+        try:
+            self._mgr = ocp.CheckpointManager(self.directory, options=self._options,
+                                              item_names=ITEMS)
+        except Exception as e:  # noqa: BLE001  orbax reads every step's metrics file here
+            step = _step_with_unreadable_metrics(self.directory)
+            if step is None:
+                raise
+            damaged = CheckpointDamaged(
+                f"checkpoint {step} in {self.directory} is damaged: its metrics file cannot "
+                f"be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+            if self._set_aside is None:
+                raise CheckpointDamaged(f"{damaged}; move it out of the folder "
+                                        f"(mv {self.directory / str(step)} ...) to use the others") from None
+            self._move_aside(step, damaged)
+            return self._open()
         # JAX's preemption protocol takes each process's latest step id as given; orbax would
         # also report saved steps (from its finalising thread, later, on process 0 only) and
         # pull process 0 back. The training loop alone reports (train._preemption_check);
         # saves here are forced, so orbax needs the answer for nothing else.
         self._mgr.reached_preemption = lambda step: False
+
+    def _move_aside(self, step: int, damaged: CheckpointDamaged) -> None:
+        aside = self.directory.parent / "damaged-checkpoints"
+        aside.mkdir(exist_ok=True)
+        target = aside / str(step)
+        n = 1
+        while target.exists():
+            target, n = aside / f"{step}-{n}", n + 1
+        os.replace(self.directory / str(step), target)
+        self._set_aside(damaged, target)
 
     def latest_step(self) -> int | None:
         return self._mgr.latest_step()
@@ -76,18 +124,25 @@ class Checkpoints:
 
     def save(self, state: TrainState, extra: dict, val_loss: float) -> None:
         train = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
-        self._mgr.save(int(state.step), args=ocp.args.Composite(
-            params=ocp.args.StandardSave(state.params), train=ocp.args.StandardSave(train),
-            extra=ocp.args.JsonSave(extra)), metrics={"val_loss": float(val_loss)}, force=True)
+        extra = {**extra, INTEGRITY_KEY: integrity.ALGORITHM}
+        sums = _checksums({"params": state.params, "train": train}, extra)
+        self._write(int(state.step), (state.params, train), lambda: self._mgr.save(
+            int(state.step), args=ocp.args.Composite(
+                params=ocp.args.StandardSave(state.params), train=ocp.args.StandardSave(train),
+                extra=ocp.args.JsonSave(extra), checksums=ocp.args.JsonSave(sums)),
+            metrics={"val_loss": float(val_loss)}, force=True))
 
     def save_params(self, step: int, params, extra: dict) -> None:
         """Parameters and JSON extra only (imported weights): restorable, not resumable."""
         # No validation loss exists yet; orbax would warn that none was given.
         quiet = _DropMessage("did not provide metrics")
         logging.getLogger("absl").addFilter(quiet)
+        extra = {**extra, INTEGRITY_KEY: integrity.ALGORITHM}
+        sums = _checksums({"params": params}, extra)
         try:
-            self._mgr.save(int(step), args=ocp.args.Composite(
-                params=ocp.args.StandardSave(params), extra=ocp.args.JsonSave(extra)), force=True)
+            self._write(int(step), params, lambda: self._mgr.save(int(step), args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params), extra=ocp.args.JsonSave(extra),
+                checksums=ocp.args.JsonSave(sums)), force=True))
         finally:
             logging.getLogger("absl").removeFilter(quiet)
 
@@ -97,23 +152,117 @@ class Checkpoints:
             raise GptjaxError(f"no checkpoint{'' if step is None else f' {step}'} in {self.directory}")
         return step
 
-    def restore(self, abstract_state: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
-        """The whole TrainState at `step` (default: latest), shaped and sharded like the target."""
-        step = self._step(step)
+    def restore(self, abstract_state: TrainState, step: int | None = None,
+                fallback=None) -> tuple[TrainState, dict]:
+        """The whole TrainState at `step` (default: latest), shaped and sharded like the
+        target, verified against its checksums. With `fallback` (a function told of each
+        damaged checkpoint and the step tried next), a damaged latest checkpoint gives way
+        to the newest one that verifies; an explicit `step` never falls back."""
         train = {"step": abstract_state.step, "opt_state": abstract_state.opt_state,
                  "rng": abstract_state.rng}
-        out = self._read(step, ocp.args.Composite(
-            params=ocp.args.StandardRestore(_abstract(abstract_state.params)),
-            train=ocp.args.StandardRestore(_abstract(train)), extra=ocp.args.JsonRestore()))
+        args = {"params": ocp.args.StandardRestore(_abstract(abstract_state.params)),
+                "train": ocp.args.StandardRestore(_abstract(train))}
+        out, _ = self._newest_good(step, fallback, lambda s: self._verified_read(s, args))
         t = out["train"]
         return TrainState(t["step"], out["params"], t["opt_state"], t["rng"]), out["extra"]
 
-    def restore_params(self, abstract_params, step: int | None = None) -> tuple[dict, int]:
-        """Only the parameters (no optimizer state is read): for inference and fine-tuning."""
-        step = self._step(step)
-        out = self._read(step, ocp.args.Composite(
-            params=ocp.args.StandardRestore(_abstract(abstract_params))))
+    def restore_params(self, abstract_params, step: int | None = None,
+                       fallback=None) -> tuple[dict, int]:
+        """Only the parameters (no optimizer state is read), verified: for inference and
+        fine-tuning. `fallback` as for `restore`."""
+        args = {"params": ocp.args.StandardRestore(_abstract(abstract_params))}
+        out, step = self._newest_good(step, fallback, lambda s: self._verified_read(s, args))
         return out["params"], step
+
+    def verify(self, step: int) -> None:
+        """Read a whole checkpoint onto one device, as saved, and verify it
+        (CheckpointDamaged if it does not)."""
+        step = self._step(step)
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        args = {}
+        for name in ("params", "train"):
+            if (self.directory / str(step) / name).is_dir():
+                quiet = [_DropMessage("Metadata file does not exist"),
+                         _DropMessage("Failed to get item metadata")]
+                try:
+                    for f in quiet:  # orbax's notes about a layout it reads all the same
+                        logging.getLogger("absl").addFilter(f)
+                    meta = ocp.StandardCheckpointer().metadata(self.directory / str(step) / name)
+                    meta = getattr(meta, "item_metadata", meta)
+                    shapes = jax.tree.map(
+                        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), meta)
+                except Exception as e:  # noqa: BLE001  unreadable metadata is damage too
+                    raise self._unreadable(step, e) from None
+                finally:
+                    for f in quiet:
+                        logging.getLogger("absl").removeFilter(f)
+                args[name] = ocp.args.StandardRestore(shapes)
+        self._verified_read(step, args)
+
+    def _newest_good(self, step: int | None, fallback, read):
+        self._mgr.wait_until_finished()  # a save of this object's still in flight is readable
+        if step is None and self._set_aside is not None:
+            return self._newest_after_setting_aside(read)
+        if step is not None or fallback is None:
+            step = self._step(step)
+            return read(step), step
+        candidates = sorted(self._mgr.all_steps(), reverse=True)
+        if not candidates:
+            self._step(None)  # raises: no checkpoint
+        for i, s in enumerate(candidates):
+            try:
+                return read(s), s
+            except CheckpointDamaged as e:
+                following = candidates[i + 1] if i + 1 < len(candidates) else None
+                if following is None:
+                    raise CheckpointDamaged(f"{e}; no other checkpoint in {self.directory} "
+                                            "verifies either") from None
+                fallback(e, following)
+        raise AssertionError("unreachable")
+
+    def _newest_after_setting_aside(self, read):
+        while True:
+            step = self._step(None)
+            try:
+                return read(step), step
+            except CheckpointDamaged as e:
+                self._mgr.close()
+                self._move_aside(step, e)
+                self._open()
+
+    def _verified_read(self, step: int, arrays: dict) -> dict:
+        """Restore `arrays` (item name -> restore args) with "extra", and check them."""
+        where = self.directory / str(step)
+        args = {**arrays, "extra": ocp.args.JsonRestore()}
+        has_sums = (where / "checksums").is_dir()
+        if has_sums:
+            args["checksums"] = ocp.args.JsonRestore()
+        missing = [name for name in arrays if not (where / name).is_dir()]
+        if missing:
+            raise CheckpointDamaged(f"checkpoint {step} in {self.directory} is damaged: "
+                                    f"its {missing[0]!r} item is missing")
+        out = dict(self._read(step, ocp.args.Composite(**args)).items())
+        extra = out["extra"]
+        if not has_sums:
+            if INTEGRITY_KEY in extra:
+                raise CheckpointDamaged(f"checkpoint {step} in {self.directory} is damaged: "
+                                        "its checksums are missing")
+            _warn_unverified(self.directory, step)
+            return out
+        sums = out["checksums"]
+        bad = None
+        if sums.get("extra") != integrity.json_digest(extra):
+            bad = "extra"
+        else:
+            trees = {"params": out["params"]} if "params" in out else {}
+            if "train" in out:
+                trees["train"] = out["train"]
+            bad = integrity.first_mismatch(trees, sums)
+        if bad is not None:
+            raise CheckpointDamaged(f"checkpoint {step} in {self.directory} is damaged: "
+                                    f"{bad} does not match its checksum")
+        out["extra"] = {k: v for k, v in extra.items() if k != INTEGRITY_KEY}
+        return out
 
     def _read(self, step: int, args):
         _drop_reports_of_abandoned_reads()  # before: some arrive while orbax unwinds
@@ -125,31 +274,179 @@ class Checkpoints:
                 return self._mgr.restore(step, args=args)
             except Exception as e:  # noqa: BLE001  orbax raises a bare Exception; sorted here
                 problem = self._unreadable(step, e)
-                if problem is None:
-                    raise
             gc.collect()  # finalise them now, while their warning is filtered
         raise problem from None
 
-    def _unreadable(self, step: int, e: Exception) -> GptjaxError | None:
-        """The one-line error for a checkpoint that cannot be restored, or None when `e` is
-        something else. orbax's exception is chained to tensorstore's, whose first line names
-        the file; only the messages say what went wrong, so they are what is matched."""
+    def _unreadable(self, step: int, e: Exception) -> GptjaxError:
+        """The one-line error for a checkpoint that cannot be restored: a target of another
+        shape, or else damage (any file of a checkpoint can be truncated, flipped or gone,
+        and each breaks orbax or tensorstore in its own way). orbax's exception is chained
+        to tensorstore's, whose first line names the file."""
         cause = e.__cause__ or e
         text = str(cause)
         first = (text.strip().splitlines() or [type(cause).__name__])[0][:300]
         where = f"checkpoint {step} in {self.directory}"
-        if any(k in text for k in ("Error reading", "Error opening", "DATA_LOSS", "OUT_OF_RANGE")):
-            others = [s for s in self.all_steps() if s != step]
-            hint = f"; the others there: {', '.join(map(str, others))}" if others else ""
-            return GptjaxError(f"{where} cannot be read ({first}){hint}")
         if "not compatible with the stored shape" in text or "tree structures do not match" in text:
             return GptjaxError(f"{where} does not match this model's parameters or optimizer "
                                f"state ({first})")
-        return None
+        files = re.findall(r'local file "([^"]+)"', text)
+        code = re.match(r"([A-Z_]{4,}): ", first)
+        if files and code:  # tensorstore's: "DATA_LOSS: Error opening ... local file "...": ..."
+            return CheckpointDamaged(f"{where} is damaged: {files[-1]} cannot be read ({code[1]})")
+        return CheckpointDamaged(f"{where} is damaged: it cannot be read ({type(cause).__name__}: "
+                                 f"{first[:200]})")
+
+    def _write(self, step: int, arrays, save) -> None:
+        """Run orbax's `save` for `step`, turning a failed write into one RunFailed line.
+
+        orbax writes in background threads and reports a failure at the next save or at
+        close, after logging it with tracebacks from each thread; those logs are dropped
+        (`_quiet_failed_writes`) and the error is raised here instead. A save that cannot
+        fit in the free space is refused before anything is written."""
+        if jax.process_count() == 1:
+            need = sum(getattr(a, "nbytes", 0) for a in jax.tree.leaves(arrays))
+            need = int(need * 1.05) + (256 << 10)  # orbax's metadata files, roughly
+            free = shutil.disk_usage(self.directory).free
+            if free < need:
+                self.close()  # earlier saves finish (or fail, and say so) first
+                raise RunFailed(f"not enough space for checkpoint {step} in {self.directory}: "
+                                f"it needs about {need / 1e6:.1f} MB, {free / 1e6:.1f} MB are "
+                                f"free; the checkpoints before it are intact{self._others()}")
+        try:
+            save()
+        except Exception as e:  # noqa: BLE001  orbax re-raises its threads' errors as they were
+            raise self._write_failed(e) from None
+
+    def _write_failed(self, e: Exception) -> RunFailed:
+        chain, cause = [], e
+        while cause is not None and len(chain) < 10:  # orbax wraps the thread's error
+            chain.append(cause)
+            cause = cause.__cause__ or cause.__context__
+        text = "\n".join(str(c) for c in chain)
+        files = re.findall(r'(?:local file|Failed writing:) "([^"]+)"', text)
+        named = next((c.filename for c in chain if getattr(c, "filename", None)), None)
+        what = files[-1] if files else named or self.directory
+        errno_text = next((c.strerror for c in chain if getattr(c, "strerror", None)), None)
+        reason = errno_text or (str(chain[-1]).strip().splitlines() or [type(chain[-1]).__name__])[0]
+        if "RESOURCE_EXHAUSTED" in text or "No space left" in text:
+            reason = "no space left on device"
+        elif "Read-only file system" in text:
+            reason = "read-only file system"
+        self._remove_partial()
+        where = "" if Path(what) == self.directory else f" ({what})"
+        return RunFailed(f"cannot write a checkpoint in {self.directory}{where}: {reason[:200]}; "
+                         f"its partial files were removed, the checkpoints before it are "
+                         f"intact{self._others()}")
+
+    def _others(self) -> str:
+        steps = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+        return f" (steps {', '.join(map(str, steps))})" if steps else " (there are none yet)"
+
+    def _remove_partial(self) -> None:
+        """A failed save's temporary folders: this process is the run's only writer
+        (run_lock), so every one of them is its own."""
+        for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def close(self) -> None:
-        self._mgr.wait_until_finished()
+        try:
+            self._mgr.wait_until_finished()
+        except Exception as e:  # noqa: BLE001  a background write failed; see _write
+            self._mgr.close()
+            raise self._write_failed(e) from None
         self._mgr.close()
+
+
+@dataclass
+class CheckResult:
+    step: int
+    megabytes: float
+    status: str  # "verified", "unverified" (written before checksums) or "damaged"
+    detail: str
+
+
+def check_run(directory: Path) -> list[CheckResult]:
+    """Verify every checkpoint in `directory`, whole (what `gptjax check` prints)."""
+    directory = Path(directory)
+    steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) \
+        if directory.is_dir() else []
+    results = []
+    try:
+        ckpts = Checkpoints(directory, create=False)
+    except CheckpointDamaged as e:  # orbax opens no step while one's metrics are unreadable
+        return [CheckResult(s, _megabytes(directory / str(s)), "damaged", str(e)) for s in steps]
+    try:
+        for step in steps:
+            size = _megabytes(directory / str(step))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                _warned_unverified.discard(str(ckpts.directory))
+                try:
+                    ckpts.verify(step)
+                except GptjaxError as e:
+                    results.append(CheckResult(step, size, "damaged", str(e).split(" is damaged: ")[-1]))
+                    continue
+            if caught:
+                results.append(CheckResult(step, size, "unverified", "no checksums (written before "
+                                           "gptjax recorded them)"))
+            else:
+                results.append(CheckResult(step, size, "verified", "every array and the JSON match"))
+    finally:
+        ckpts.close()
+    return results
+
+
+def _megabytes(path: Path) -> float:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6
+
+
+def _step_with_unreadable_metrics(directory: Path) -> int | None:
+    """The first step whose orbax metrics file is not JSON (orbax then opens no step)."""
+    for path in sorted((p for p in directory.iterdir() if p.name.isdigit()), key=lambda p: int(p.name)):
+        metrics = path / "metrics" / "metrics"
+        try:
+            if metrics.exists():
+                json.loads(metrics.read_text())
+        except (ValueError, UnicodeDecodeError):
+            return int(path.name)
+    return None
+
+
+def _checksums(trees: dict, extra: dict) -> dict:
+    return {**integrity.digests(trees), "extra": integrity.json_digest(extra)}
+
+
+def _warn_unverified(directory: Path, step: int) -> None:
+    """Once per run directory: its checkpoints predate checksums and load unchecked."""
+    if str(directory) not in _warned_unverified:
+        _warned_unverified.add(str(directory))
+        warnings.warn(f"checkpoint {step} in {directory} has no checksums (written before "
+                      "gptjax recorded them); it is loaded unverified", stacklevel=3)
+
+
+_FAILED_WRITE_LOGS = ("_SignalingThread.run() raised an exception",
+                      "Handler Commit operations or the Commit callback",
+                      "Save Finalize thread", "failed to finalize checkpoint")
+
+
+def _quiet_failed_writes() -> None:
+    """Drop orbax's logs of a failed background write (a traceback per thread, ~1000 lines
+    for one full disk) and the reports of the writes it abandoned: `Checkpoints._write`
+    raises the error itself, in one line."""
+    _drop_reports_of_abandoned_reads()
+    absl = logging.getLogger("absl")
+    if not any(isinstance(f, _DropMessages) for f in absl.filters):
+        absl.addFilter(_DropMessages(_FAILED_WRITE_LOGS))
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, texts: tuple[str, ...]):
+        super().__init__()
+        self.texts = texts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(t in message for t in self.texts)
 
 
 def _drop_reports_of_abandoned_reads() -> None:

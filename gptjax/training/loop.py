@@ -17,23 +17,30 @@ from gptjax import config as C
 from gptjax import model
 from gptjax.data.prepared import PreparedData
 from gptjax.data.windows import WindowSampler, eval_batches, gather
-from gptjax.errors import Preempted
+from gptjax.errors import Preempted, RunFailed
 from gptjax.parallel.distributed import host
 from gptjax.parallel.preemption import preemption_check
 from gptjax.training.checkpoint import Checkpoints
 from gptjax.training.compiled import CompiledSteps
+from gptjax.training.guard import Guard, Spike
 from gptjax.training.metrics import MFU_FORMULA, JsonlLog, flops_per_token
 from gptjax.training.run_dir import data_fingerprint
 from gptjax.training.step import TrainState, mean_loss
+from gptjax.training.stop_signals import StopSignals
+
+MAX_ROLLBACKS = 3  # to one checkpoint, before a run that keeps spiking is stopped
 
 
 class Loop:
-    """The stepping loop with its logging, evaluation and checkpoint cadence."""
+    """The stepping loop with its logging, evaluation and checkpoint cadence, and the
+    policies of `guard` (non-finite losses, spikes) and `stop_signals`."""
 
     def __init__(self, cfg: C.RunConfig, data: PreparedData, sampler: WindowSampler,
-                 steps: CompiledSteps, ckpts: Checkpoints, log: JsonlLog, progress: bool, echo):
+                 steps: CompiledSteps, ckpts: Checkpoints, log: JsonlLog, progress: bool, echo,
+                 stop: StopSignals | None = None, resumed_extra: dict | None = None):
         m, t = cfg.model, cfg.train
         self.cfg, self.data, self.sampler, self.ckpts, self.log = cfg, data, sampler, ckpts, log
+        self.steps, self.stop = steps, stop
         self.say = tqdm.write if progress else echo  # tqdm.write keeps lines clear of the bar
         self.progress = progress
         self.train_step, self.put_batch = steps.train_step, steps.put_batch
@@ -44,36 +51,66 @@ class Loop:
         self.tokens_per_step = t.batch_size * m.context_length
         self.flops_per_token = flops_per_token(m, model.param_count(m, exclude_position=True))
         self.peak = t.peak_flops
+        self._resume_from(resumed_extra or {})
+        self.rollbacks: dict[int, int] = {}  # checkpoint step -> rollbacks to it
         echo(f"MFU uses {MFU_FORMULA}; peak {self.peak / 1e12:.3g} TFLOP/s "
              f"(train.peak_flops: data sheet, or measured f32 matmul at the run's start on CPU)")
+
+    def _resume_from(self, extra: dict) -> None:
+        """The data offset (batches skipped after spikes) and the guard's history."""
+        self.skipped_batches = int(extra.get("data_position", {}).get("skipped_batches", 0))
+        self.guard = Guard(self.cfg.train, extra.get("guard"))
 
     def run(self, state: TrainState, end: int) -> tuple[TrainState, float | None]:
         """Step from `state` to step `end`; the final state and the last validation loss."""
         t, T = self.cfg.train, self.cfg.model.context_length
-        step = first = shown = int(host(state.step))
+        step = shown = int(host(state.step))
         bar = tqdm(total=end, initial=step, desc="train", unit="step", dynamic_ncols=True,
                    disable=not self.progress)
-        pending, val_loss, train_loss = [], None, None
-        clock, untimed = time.perf_counter(), 0
+        # pending: device metrics not fetched yet; fetched: host metrics of steps since the
+        # last record, already seen by the guard.
+        pending, fetched, val_loss, train_loss = [], [], None, None
+        clock, untimed, ticks = time.perf_counter(), 0, 0
         preempted = preemption_check()
+
+        def fetch_and_check():
+            """Fetch pending metrics and let the guard see them: a Spike, or None."""
+            nonlocal pending
+            first = step - len(pending) + 1
+            new = [jax.tree.map(host, m_) for m_ in pending]  # waits for them
+            pending = []
+            fetched.extend(new)
+            return self.guard.check(first, new)
+
         try:
             while step < end:
-                starts = self.sampler.starts(step)
+                starts = self.sampler.starts(step + self.skipped_batches)
                 batch = self.put_batch(lambda rows: gather(self.data.train, starts[rows], T),
                                        len(starts))
                 state, metrics = self.train_step(state, batch)
                 pending.append(metrics)
                 step += 1
+                ticks += 1
                 # Asked at every step, with ids from this loop's start (1, 2, ...): the
                 # protocol counts from 0, so a notice during a resumed run's start-up stops at
                 # id 1. At the last step the run just finishes.
-                if preempted(step - first) and step < end:
+                if preempted(ticks) and step < end:
                     raise Preempted(step)  # every process is here: saved below, as for Ctrl-C
-                if step == first + 1:  # the only per-step sync: keep warm-up out of tokens/s
+                if self.stop is not None and self.stop.requested and step < end:
+                    raise Preempted(step, f"stopped by {self.stop.name}")
+                if ticks == 1:  # the only per-step sync: keep warm-up out of tokens/s
                     jax.block_until_ready(metrics)
                     clock, untimed = time.perf_counter(), 1
-                if step % t.log_every == 0 or step == end:
-                    fetched = [jax.tree.map(host, m_) for m_ in pending]  # waits for them
+                log_now = step % t.log_every == 0 or step == end
+                save_now = step % t.eval_every == 0 or step == end
+                spike = fetch_and_check() if log_now or save_now else None
+                if spike is not None:
+                    state, step = self._roll_back(spike, step)
+                    bar.reset(total=end)
+                    bar.update(step)
+                    fetched, shown, clock, untimed = [], step, time.perf_counter(), 0
+                    continue
+                if log_now:
                     now = time.perf_counter()
                     rec = self._record(step, fetched, untimed, now - clock)
                     self.log.write(rec)
@@ -83,20 +120,49 @@ class Loop:
                                     mfu=f"{100 * (rec['mfu'] or 0):.1f}%", refresh=False)
                     bar.update(step - shown)  # the bar counts finished steps, not dispatched ones
                     shown = step
-                    pending, clock, untimed, train_loss = [], now, 0, rec["loss"]
-                if step % t.eval_every == 0 or step == end:
+                    fetched, clock, untimed, train_loss = [], now, 0, rec["loss"]
+                if save_now:
                     val_loss = self._evaluate_and_save(state, train_loss)
                     clock = time.perf_counter()  # keep evaluation out of tokens/s
         except KeyboardInterrupt:
             bar.close()
-            if pending:  # keep the interval's losses; its timing is meaningless now
-                fetched = [jax.tree.map(host, m_) for m_ in pending]
-                self.log.write(self._record(step, fetched, len(pending), 0.0))
-            if self.ckpts.latest_step() != int(host(state.step)):
+            try:
+                spike = fetch_and_check() if pending else None
+            except RunFailed:  # nothing non-finite is saved, interrupted or not
+                raise KeyboardInterrupt from None
+            if fetched:  # keep the interval's losses; its timing is meaningless now
+                self.log.write(self._record(step, fetched, len(fetched), 0.0))
+            if spike is None and self.ckpts.latest_step() != int(host(state.step)):
                 self._evaluate_and_save(state, None)
             raise
         bar.close()
         return state, val_loss
+
+    def _roll_back(self, spike: Spike, step: int) -> tuple[TrainState, int]:
+        """Restore the last checkpoint (or the initial state) and skip the batches since."""
+        back = self.ckpts.latest_step()
+        self.rollbacks[back] = self.rollbacks.get(back, 0) + 1
+        if self.rollbacks[back] > MAX_ROLLBACKS:
+            raise RunFailed(f"loss spike at step {spike.step} ({spike.loss:.4f}, median "
+                            f"{spike.median:.4f}) after {MAX_ROLLBACKS} rollbacks to "
+                            f"{'the start' if back is None else f'step {back}'}; stopped")
+        skipped = self.skipped_batches
+        if back is None:
+            state, extra = self.steps.init_state(), {}
+        else:
+            state, extra = self.ckpts.restore(self.steps.abstract_state, back)
+        self._resume_from(extra)
+        back = int(host(state.step))
+        # The batches of steps back+1 .. spike.step, at the offset they were drawn with.
+        self.skipped_batches = skipped + spike.step - back
+        self.log.truncate_after(back)
+        self.log.write({"kind": "rollback", "step": spike.step, "loss": spike.loss,
+                        "median": spike.median, "to_step": back,
+                        "skipped_batches": [back + 1 + skipped, spike.step + skipped]})
+        self.say(f"step {spike.step}: loss {spike.loss:.4f} is a spike ({spike.loss / spike.median:.1f}x "
+                 f"the median {spike.median:.4f}); rolled back to step {back} and skipping "
+                 f"{spike.step - back} batch(es)")
+        return state, back
 
     def _evaluate_and_save(self, state: TrainState, train_loss: float | None) -> float:
         step = int(host(state.step))
@@ -105,20 +171,29 @@ class Loop:
         self.log.write({"kind": "eval", "step": step, "val_loss": val_loss, "val_ppl": ppl})
         head = f"step {step}: " + (f"train loss {train_loss:.4f}, " if train_loss is not None else "")
         self.say(f"{head}val loss {val_loss:.4f}, val perplexity {ppl:.2f}")
-        self.ckpts.save(state, {"config": C.to_dict(self.cfg), "data_position": {"step": step},
-                                "data": data_fingerprint(self.data)}, val_loss)
+        if not math.isfinite(val_loss):
+            raise RunFailed(f"non-finite validation loss ({val_loss}) at step {step}; stopped "
+                            "without saving it (the checkpoints hold finite values)")
+        self.ckpts.save(state, {"config": C.to_dict(self.cfg),
+                                "data_position": {"step": step, "skipped_batches": self.skipped_batches},
+                                "data": data_fingerprint(self.data), "guard": self.guard.state()},
+                        val_loss)
         return val_loss
 
     def _record(self, step: int, metrics: list[dict], untimed: int, seconds: float) -> dict:
         """One JSONL record for a log interval; `untimed` leading steps ran before the clock."""
-        losses = np.array([m_["loss"] for m_ in metrics], np.float64)
+        kept = [m_ for m_ in metrics if not bool(m_.get("skipped", False))]
+        losses = np.array([m_["loss"] for m_ in kept] or [math.nan], np.float64)
         timed = len(metrics) - untimed
         tok_s = self.tokens_per_step * timed / seconds if timed and seconds > 0 else None
         loss = float(losses.mean())
-        return {"kind": "train", "step": step, "loss": loss, "ppl": math.exp(min(loss, 50)),
-                "loss_last": float(losses[-1]), "lr": float(metrics[-1]["lr"]),
-                "grad_norm": float(metrics[-1]["grad_norm"]), "tokens_per_s": tok_s,
-                "mfu": tok_s * self.flops_per_token / self.peak if tok_s else None}
+        rec = {"kind": "train", "step": step, "loss": loss, "ppl": math.exp(min(loss, 50)),
+               "loss_last": float(losses[-1]), "lr": float(metrics[-1]["lr"]),
+               "grad_norm": float(metrics[-1]["grad_norm"]), "tokens_per_s": tok_s,
+               "mfu": tok_s * self.flops_per_token / self.peak if tok_s else None}
+        if len(kept) < len(metrics):
+            rec["skipped_updates"] = len(metrics) - len(kept)
+        return rec
 
 
 def _train_line(rec: dict) -> str:

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from gptjax.config import ModelConfig
+from gptjax.errors import RunFailed
 
 MFU_FORMULA = "PaLM: 6N + 12*L*d*T FLOPs per token (N excludes position embeddings)"
 
@@ -67,8 +68,12 @@ class JsonlLog:
         self.path = Path(path)
 
     def write(self, record: dict) -> None:
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+        except OSError as e:  # a full disk, a read-only mount: stop the run in one line
+            raise RunFailed(f"cannot write {self.path}: {e.strerror or e}; the run stops here "
+                            "(its checkpoints are intact)") from None
 
     def truncate_after(self, step: int) -> None:
         """Drop records of steps after `step` (atomically, via a renamed temporary file)."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -107,7 +106,7 @@ def create(out: Path, cfg: C.RunConfig, data: PreparedData) -> PreparedData:
     """Write the run's files; an embedded corpus prepared aside moves into the run."""
     out.mkdir(parents=True, exist_ok=True)
     if not cfg.data.data:
-        os.replace(data.path, out / EMBEDDED_DATA)
+        shutil.move(data.path, out / EMBEDDED_DATA)  # a rename, or a copy across filesystems
         data = load_prepared(out / EMBEDDED_DATA, check_ids=False)
     (out / "tokenizer.json").write_text(json.dumps(data.meta["tokenizer"], ensure_ascii=False) + "\n")
     C.save(cfg, out / "config.json")

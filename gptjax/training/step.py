@@ -57,6 +57,7 @@ def make_step_parts(model_cfg: ModelConfig, train_cfg: TrainConfig,
     tx = tx or optim.optimizer(train_cfg)
     lr_at = optim.schedule(train_cfg)
     n_micro = train_cfg.grad_accum
+    skip_nonfinite = train_cfg.on_nonfinite == "skip"
     deterministic = model_cfg.dropout == 0.0
 
     def micro_grads(params, micro, key):
@@ -90,6 +91,13 @@ def make_step_parts(model_cfg: ModelConfig, train_cfg: TrainConfig,
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": total / count, "grad_norm": optax.tree.norm(grads),
                    "lr": lr_at(state.step)}
+        if skip_nonfinite:
+            # Like optax.apply_if_finite, but the optimizer state keeps its structure, so a
+            # run may switch policy on resume: the step (and the data) move on, nothing else.
+            ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+            params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+            metrics["skipped"] = ~ok
         return TrainState(state.step + 1, params, opt_state, state.rng), metrics
 
     return gradients, update

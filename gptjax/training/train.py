@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,12 +20,13 @@ from gptjax.data.windows import WindowSampler
 from gptjax.errors import GptjaxError
 from gptjax.generation.decoder import generate
 from gptjax.parallel.distributed import host, is_main
-from gptjax.training import run_dir
+from gptjax.training import run_dir, run_lock
 from gptjax.training.checkpoint import Checkpoints
 from gptjax.training.compiled import CompiledSteps
 from gptjax.training.loop import Loop
 from gptjax.training.metrics import JsonlLog, peak_flops, plot_losses
 from gptjax.training.step import TrainState
+from gptjax.training.stop_signals import StopSignals
 
 
 @dataclass
@@ -38,15 +40,30 @@ class TrainResult:
 
 def train(cfg: C.RunConfig, out_dir: str | Path, *, stop_at: int | None = None,
           progress: bool = True, echo=print) -> TrainResult:
-    """Train (or resume) the run in `out_dir` until max_steps, or until step `stop_at`."""
+    """Train (or resume) the run in `out_dir` until max_steps, or until step `stop_at`.
+
+    Process 0 holds the run's lock (`run_lock`) throughout: a second writer is refused."""
     out = Path(out_dir)
     if not is_main():  # one voice and one writer: process 0
-        echo, progress = (lambda *args, **kwargs: None), False
+        return _train(cfg, out, stop_at, False, lambda *args, **kwargs: None)
+    with run_lock.hold(out, "gptjax train"):
+        return _train(cfg, out, stop_at, progress, echo)
+
+
+def _train(cfg: C.RunConfig, out: Path, stop_at: int | None, progress: bool, echo) -> TrainResult:
     cfg, data, tokenizer, sampler, steps, resuming = _setup(cfg, out, progress)
     m, t = cfg.model, cfg.train
     log = JsonlLog(out / "metrics.jsonl") if is_main() else _NoLog()
-    ckpts = Checkpoints(out / "checkpoints", keep=t.keep_checkpoints)
+
+    def set_aside(damaged, moved_to):
+        warnings.warn(f"{damaged}; moved it to {moved_to} (nothing is deleted: remove it when "
+                      "you no longer need it); resuming from the newest checkpoint that verifies")
+
+    ckpts = Checkpoints(out / "checkpoints", keep=t.keep_checkpoints,
+                        set_aside=set_aside if resuming and is_main() else None)
+    stop = StopSignals()
     try:
+        extra = {}
         if resuming:
             state, extra = ckpts.restore(steps.abstract_state)
             _check_data_position(extra, data, int(host(state.step)))
@@ -65,12 +82,16 @@ def train(cfg: C.RunConfig, out_dir: str | Path, *, stop_at: int | None = None,
         end = min(t.max_steps, stop_at or t.max_steps)
         val_loss = None
         if int(host(state.step)) < end:
-            state, val_loss = Loop(cfg, data, sampler, steps, ckpts, log, progress, echo).run(state, end)
+            loop = Loop(cfg, data, sampler, steps, ckpts, log, progress, echo, stop.install(), extra)
+            state, val_loss = loop.run(state, end)
         else:
             echo(f"nothing to train: the run is at step {int(host(state.step))} of {t.max_steps}"
                  + (f" and --stop-at is {stop_at}" if stop_at and stop_at < t.max_steps else ""))
     finally:
-        ckpts.close()  # waits for asynchronous saves: never exit with one half-written
+        try:
+            ckpts.close()  # waits for asynchronous saves: never exit with one half-written
+        finally:
+            stop.restore()  # only now: a signal during that save is ignored until it commits
     if not is_main():
         return TrainResult(out, end, val_loss)
     return _finish(out, cfg, tokenizer, state, val_loss, log, echo, end)

@@ -223,19 +223,19 @@ def test_a_damaged_checkpoint_is_one_line_naming_it(tmp_path, capsys, char_data)
         if f.is_file() and f.parent.name == "d":
             f.write_bytes(b"")
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
-    fails_cleanly(capsys, "eval", "--run", run_dir, match="checkpoint 6 in ")
-    fails_cleanly(capsys, "train", "--out", run_dir, "--no-progress",
-                  match="cannot be read")
-    fails_cleanly(capsys, "generate", "--run", run_dir, match="the others there: 3")
-    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
-    code, out, err = run_cli(capsys, "eval", "--run", run_dir, "--checkpoint", "3")
+    # Asked for by number, it is refused; as "latest", the newest good one is used, said once.
+    fails_cleanly(capsys, "eval", "--run", run_dir, "--checkpoint", "6", match="checkpoint 6 in ")
+    fails_cleanly(capsys, "generate", "--run", run_dir, "--checkpoint", "6", match="cannot be read")
+    code, out, err = run_cli(capsys, "eval", "--run", run_dir)
     assert code == 0 and "step 3: val loss" in out, err
+    assert len(err.splitlines()) == 1 and "checkpoint 6 in " in err and "using checkpoint 3" in err
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
     # As a command, too: the reads orbax abandoned finish on tensorstore's threads after its
     # event loop closed, and each printed a traceback around the error line unless dropped
     # (nearly every run did on this machine).
     for _ in range(3):
-        done = subprocess.run([sys.executable, "-m", "gptjax", "eval", "--run", str(run_dir)],
-                              capture_output=True, text=True, timeout=120)
+        done = subprocess.run([sys.executable, "-m", "gptjax", "eval", "--run", str(run_dir),
+                               "--checkpoint", "6"], capture_output=True, text=True, timeout=120)
         assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, done.stderr
         assert "checkpoint 6 in " in done.stderr
 
