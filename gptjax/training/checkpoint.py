@@ -6,7 +6,9 @@ validation loss) and "checksums" (SHA-256 of every array's bytes and of "extra",
 `integrity`), all in one atomic commit. Every restore verifies what it read against
 "checksums": a damaged checkpoint raises CheckpointDamaged naming the first bad leaf, and
 restoring "the latest" may fall back to the newest one that verifies. Checkpoints written
-before checksums existed load unverified, with a warning. Parameters are their own item so inference and fine-tuning can restore
+before checksums existed load unverified, with a warning.
+
+Parameters are their own item so inference and fine-tuning can restore
 them without the optimizer state, which is twice their size; imported weights are saved
 with no "train" item at all (`save_params`): loadable, not resumable. Orbax writes into a
 temporary folder and renames it when complete, so an interrupted save never leaves a
@@ -321,17 +323,21 @@ class Checkpoints:
         chain, cause = [], e
         while cause is not None and len(chain) < 10:  # orbax wraps the thread's error
             chain.append(cause)
-            cause = cause.__cause__ or cause.__context__
+            cause = cause.__cause__
         text = "\n".join(str(c) for c in chain)
         files = re.findall(r'(?:local file|Failed writing:) "([^"]+)"', text)
         named = next((c.filename for c in chain if getattr(c, "filename", None)), None)
         what = files[-1] if files else named or self.directory
-        errno_text = next((c.strerror for c in chain if getattr(c, "strerror", None)), None)
-        reason = errno_text or (str(chain[-1]).strip().splitlines() or [type(chain[-1]).__name__])[0]
-        if "RESOURCE_EXHAUSTED" in text or "No space left" in text:
-            reason = "no space left on device"
-        elif "Read-only file system" in text:
-            reason = "read-only file system"
+        reason = next((c.strerror for c in chain if getattr(c, "strerror", None)), None)
+        if reason is None and ("RESOURCE_EXHAUSTED" in text or "No space left" in text):
+            reason = "No space left on device"
+        elif reason is None and "Read-only file system" in text:
+            reason = "Read-only file system"
+        reason = reason or (str(chain[-1]).strip().splitlines() or [type(chain[-1]).__name__])[0]
+        try:  # saves still in flight finish first: their temporary folders are not debris
+            self._mgr.wait_until_finished()
+        except Exception:  # noqa: BLE001  the same failure, or another of the same kind
+            pass
         self._remove_partial()
         where = "" if Path(what) == self.directory else f" ({what})"
         return RunFailed(f"cannot write a checkpoint in {self.directory}{where}: {reason[:200]}; "
@@ -425,6 +431,7 @@ def _warn_unverified(directory: Path, step: int) -> None:
 
 
 _FAILED_WRITE_LOGS = ("_SignalingThread.run() raised an exception",
+                      "Checkpointer failed: one or more items may not be finalized",
                       "Handler Commit operations or the Commit callback",
                       "Save Finalize thread", "failed to finalize checkpoint")
 

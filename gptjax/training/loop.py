@@ -126,10 +126,9 @@ class Loop:
                     clock = time.perf_counter()  # keep evaluation out of tokens/s
         except KeyboardInterrupt:
             bar.close()
-            try:
-                spike = fetch_and_check() if pending else None
-            except RunFailed:  # nothing non-finite is saved, interrupted or not
-                raise KeyboardInterrupt from None
+            # A non-finite loss in the steps since the last check raises RunFailed here:
+            # nothing non-finite is saved, interrupted or not.
+            spike = fetch_and_check() if pending else None
             if fetched:  # keep the interval's losses; its timing is meaningless now
                 self.log.write(self._record(step, fetched, len(fetched), 0.0))
             if spike is None and self.ckpts.latest_step() != int(host(state.step)):
