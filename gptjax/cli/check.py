@@ -22,7 +22,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from gptjax.errors import GptjaxError
-    from gptjax.training.checkpoint import check_run
+    from gptjax.training.check_run import check_run
     from gptjax.training.run_dir import is_run
 
     if not is_run(Path(args.run)):

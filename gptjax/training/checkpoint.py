@@ -20,15 +20,12 @@ the lowest validation loss.
 from __future__ import annotations
 
 import gc
-import inspect
 import json
 import logging
 import os
 import re
 import shutil
-import sys
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import jax
@@ -37,6 +34,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from gptjax.errors import CheckpointDamaged, GptjaxError, RunFailed
 from gptjax.training import integrity
+from gptjax.training.orbax_quiet import DropMessages, drop_reports_of_abandoned_reads, quiet_failed_writes
 from gptjax.training.step import TrainState
 
 ITEMS = ("params", "train", "extra", "checksums")
@@ -48,15 +46,6 @@ _warned_unverified: set[str] = set()
 
 def _val_loss(metrics) -> float:
     return metrics["val_loss"]
-
-
-class _DropMessage(logging.Filter):
-    def __init__(self, text: str):
-        super().__init__()
-        self.text = text
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.text not in record.getMessage()
 
 
 def _abstract(tree):
@@ -80,7 +69,7 @@ class Checkpoints:
         )
         self.directory = Path(directory).absolute()
         self._set_aside = set_aside
-        _quiet_failed_writes()
+        quiet_failed_writes()
         self._open()
 
     def _open(self) -> None:
@@ -137,7 +126,7 @@ class Checkpoints:
     def save_params(self, step: int, params, extra: dict) -> None:
         """Parameters and JSON extra only (imported weights): restorable, not resumable."""
         # No validation loss exists yet; orbax would warn that none was given.
-        quiet = _DropMessage("did not provide metrics")
+        quiet = DropMessages(("did not provide metrics",))
         logging.getLogger("absl").addFilter(quiet)
         extra = {**extra, INTEGRITY_KEY: integrity.ALGORITHM}
         sums = _checksums({"params": params}, extra)
@@ -184,11 +173,9 @@ class Checkpoints:
         args = {}
         for name in ("params", "train"):
             if (self.directory / str(step) / name).is_dir():
-                quiet = [_DropMessage("Metadata file does not exist"),
-                         _DropMessage("Failed to get item metadata")]
-                try:
-                    for f in quiet:  # orbax's notes about a layout it reads all the same
-                        logging.getLogger("absl").addFilter(f)
+                quiet = DropMessages(("Metadata file does not exist", "Failed to get item metadata"))
+                try:  # orbax's notes about a layout it reads all the same
+                    logging.getLogger("absl").addFilter(quiet)
                     meta = ocp.StandardCheckpointer().metadata(self.directory / str(step) / name)
                     meta = getattr(meta, "item_metadata", meta)
                     shapes = jax.tree.map(
@@ -196,8 +183,7 @@ class Checkpoints:
                 except Exception as e:  # noqa: BLE001  unreadable metadata is damage too
                     raise self._unreadable(step, e) from None
                 finally:
-                    for f in quiet:
-                        logging.getLogger("absl").removeFilter(f)
+                    logging.getLogger("absl").removeFilter(quiet)
                 args[name] = ocp.args.StandardRestore(shapes)
         self._verified_read(step, args)
 
@@ -267,7 +253,7 @@ class Checkpoints:
         return out
 
     def _read(self, step: int, args):
-        _drop_reports_of_abandoned_reads()  # before: some arrive while orbax unwinds
+        drop_reports_of_abandoned_reads()  # before: some arrive while orbax unwinds
         with warnings.catch_warnings():
             # When one read fails, orbax abandons the others: their coroutines are finalised
             # with "never awaited" warnings that add nothing to the error below.
@@ -363,49 +349,6 @@ class Checkpoints:
         self._mgr.close()
 
 
-@dataclass
-class CheckResult:
-    step: int
-    megabytes: float
-    status: str  # "verified", "unverified" (written before checksums) or "damaged"
-    detail: str
-
-
-def check_run(directory: Path) -> list[CheckResult]:
-    """Verify every checkpoint in `directory`, whole (what `gptjax check` prints)."""
-    directory = Path(directory)
-    steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) \
-        if directory.is_dir() else []
-    results = []
-    try:
-        ckpts = Checkpoints(directory, create=False)
-    except CheckpointDamaged as e:  # orbax opens no step while one's metrics are unreadable
-        return [CheckResult(s, _megabytes(directory / str(s)), "damaged", str(e)) for s in steps]
-    try:
-        for step in steps:
-            size = _megabytes(directory / str(step))
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                _warned_unverified.discard(str(ckpts.directory))
-                try:
-                    ckpts.verify(step)
-                except GptjaxError as e:
-                    results.append(CheckResult(step, size, "damaged", str(e).split(" is damaged: ")[-1]))
-                    continue
-            if caught:
-                results.append(CheckResult(step, size, "unverified", "no checksums (written before "
-                                           "gptjax recorded them)"))
-            else:
-                results.append(CheckResult(step, size, "verified", "every array and the JSON match"))
-    finally:
-        ckpts.close()
-    return results
-
-
-def _megabytes(path: Path) -> float:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6
-
-
 def _step_with_unreadable_metrics(directory: Path) -> int | None:
     """The first step whose orbax metrics file is not JSON (orbax then opens no step)."""
     for path in sorted((p for p in directory.iterdir() if p.name.isdigit()), key=lambda p: int(p.name)):
@@ -422,83 +365,14 @@ def _checksums(trees: dict, extra: dict) -> dict:
     return {**integrity.digests(trees), "extra": integrity.json_digest(extra)}
 
 
+def forget_unverified_warning(directory: Path) -> None:
+    """Warn again for this directory (`check_run` reports every unverified checkpoint)."""
+    _warned_unverified.discard(str(directory))
+
+
 def _warn_unverified(directory: Path, step: int) -> None:
     """Once per run directory: its checkpoints predate checksums and load unchecked."""
     if str(directory) not in _warned_unverified:
         _warned_unverified.add(str(directory))
         warnings.warn(f"checkpoint {step} in {directory} has no checksums (written before "
                       "gptjax recorded them); it is loaded unverified", stacklevel=3)
-
-
-_FAILED_WRITE_LOGS = ("_SignalingThread.run() raised an exception",
-                      "Checkpointer failed: one or more items may not be finalized",
-                      "Handler Commit operations or the Commit callback",
-                      "Save Finalize thread", "failed to finalize checkpoint")
-
-
-def _quiet_failed_writes() -> None:
-    """Drop orbax's logs of a failed background write (a traceback per thread, ~1000 lines
-    for one full disk) and the reports of the writes it abandoned: `Checkpoints._write`
-    raises the error itself, in one line."""
-    _drop_reports_of_abandoned_reads()
-    absl = logging.getLogger("absl")
-    if not any(isinstance(f, _DropMessages) for f in absl.filters):
-        absl.addFilter(_DropMessages(_FAILED_WRITE_LOGS))
-
-
-class _DropMessages(logging.Filter):
-    def __init__(self, texts: tuple[str, ...]):
-        super().__init__()
-        self.texts = texts
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not any(t in message for t in self.texts)
-
-
-def _drop_reports_of_abandoned_reads() -> None:
-    """Keep tensorstore's reads that orbax abandoned from printing a traceback each.
-
-    When one read of a checkpoint fails, orbax raises its error and abandons the others,
-    which then report around the one-line error in three ways:
-    - they finish on tensorstore's threads after orbax's event loop has closed, and hand
-      their results to it through `call_soon_threadsafe`, which raises "Event loop is
-      closed" as an unraisable exception (no object; raised by asyncio's closed check);
-    - their futures, never awaited, are logged by asyncio as "exception was never
-      retrieved" with tensorstore's error;
-    - orbax's per-shard read coroutines, closed unfinished when collected, raise from their
-      error handler ("Exception ignored in: <coroutine _read_array_index_and_device_put>").
-    Only those reports are dropped; any other goes where it went before. Installed once per
-    process (the unraisable hook again if something replaced it since).
-    """
-    previous = sys.unraisablehook
-    if not getattr(previous, "_gptjax_drops_abandoned_reads", False):
-        def hook(unraisable):
-            if not _abandoned_read(unraisable):
-                previous(unraisable)
-
-        hook._gptjax_drops_abandoned_reads = True
-        sys.unraisablehook = hook
-    asyncio_log = logging.getLogger("asyncio")
-    if not any(isinstance(f, _UnretrievedReadFilter) for f in asyncio_log.filters):
-        asyncio_log.addFilter(_UnretrievedReadFilter())
-
-
-def _abandoned_read(unraisable) -> bool:
-    """Whether an unraisable report is one of an abandoned read's (see above)."""
-    exc, tb, obj = unraisable.exc_value, unraisable.exc_traceback, unraisable.object
-    if inspect.iscoroutine(obj):
-        return obj.__qualname__ == "_read_array_index_and_device_put"
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return (type(exc) is RuntimeError and str(exc) == "Event loop is closed" and obj is None
-            and tb is not None and tb.tb_frame.f_code.co_name == "_check_closed")
-
-
-class _UnretrievedReadFilter(logging.Filter):
-    """Drops asyncio's "exception was never retrieved" for a failed tensorstore read."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        return not ("exception was never retrieved" in str(record.msg)
-                    and "tensorstore_spec" in str(exc))

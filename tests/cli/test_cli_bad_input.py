@@ -249,14 +249,14 @@ async def another_coroutine():
 
 
 def test_only_the_reports_of_abandoned_reads_are_dropped(monkeypatch, caplog):
-    from gptjax.training import checkpoint
+    from gptjax.training import orbax_quiet
     seen = []
     log = logging.getLogger("asyncio")
     monkeypatch.setattr(sys, "unraisablehook", seen.append)
     monkeypatch.setattr(log, "filters", [])  # nothing of this test outlives it
-    checkpoint._drop_reports_of_abandoned_reads()
+    orbax_quiet.drop_reports_of_abandoned_reads()
     hook, filters = sys.unraisablehook, list(log.filters)
-    checkpoint._drop_reports_of_abandoned_reads()  # once per process: not wrapped twice
+    orbax_quiet.drop_reports_of_abandoned_reads()  # once per process: not wrapped twice
     assert sys.unraisablehook is hook and log.filters == filters and len(filters) == 1
     loop = asyncio.new_event_loop()
     loop.close()

@@ -6,7 +6,8 @@ import pytest
 from gptjax.config import TrainConfig, preset
 from gptjax.errors import CheckpointDamaged
 from gptjax.training import integrity
-from gptjax.training.checkpoint import Checkpoints, check_run
+from gptjax.training.check_run import check_run
+from gptjax.training.checkpoint import Checkpoints
 from gptjax.training.step import init_state
 
 CFG = preset("tiny", vocab_size=20)
