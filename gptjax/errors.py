@@ -17,11 +17,11 @@ class RunFailed(GptjaxError):
 
 
 class Preempted(KeyboardInterrupt):
-    """A run stopped at a step boundary after a SIGTERM or SIGINT (for a multi-process job,
-    where JAX's preemption service had every process agree to stop); like Ctrl-C, the
-    state there is saved."""
+    """A run stopped at a step boundary after a SIGTERM or SIGINT (in a multi-process job,
+    at the step every process agreed on, parallel.preemption); like Ctrl-C, the state there
+    is saved."""
 
-    def __init__(self, step: int, reason: str = "preempted"):
+    def __init__(self, step: int, reason: str = "stopped"):
         super().__init__(step)
         self.step = step
         self.reason = reason

@@ -18,7 +18,7 @@ export XLA_FLAGS="--xla_force_host_platform_device_count=${devices}" JAX_PLATFOR
 pids=()
 signalled=0
 # Background children of a script ignore Ctrl-C. Pass it (and a SIGTERM) on as the
-# preemption notice JAX's service listens for: every process stops at one step and saves it.
+# preemption notice: every process stops at one agreed step and saves it (parallel/preemption.py).
 # Set before the children start, so none is left behind by an early Ctrl-C.
 trap 'signalled=1; kill -TERM ${pids[@]+"${pids[@]}"} 2>/dev/null || true' INT TERM
 for ((i = 0; i < procs; i++)); do

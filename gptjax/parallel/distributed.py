@@ -31,6 +31,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         _wait_for_coordinator(coordinator, timeout)
     # CPU devices of different processes talk through gloo; GPU/TPU collectives ignore this.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Stops are agreed by gptjax.parallel.preemption; JAX's service would take SIGTERM.
+    jax.config.update("jax_enable_preemption_service", False)
     try:
         jax.distributed.initialize(coordinator, num_processes, process_id,
                                    initialization_timeout=timeout)
@@ -65,6 +67,15 @@ def _wait_for_coordinator(address: str, timeout: int) -> None:
 def is_main() -> bool:
     import jax
     return jax.process_index() == 0
+
+
+def one_step_at_a_time() -> bool:
+    """Whether the training loop must wait for each step before dispatching the next: on
+    CPU devices spread over processes (gloo collectives), several steps in flight at once
+    can deadlock inside XLA (seen with 50 or more steps dispatched ahead, no signal needed;
+    the stacks are described in benchmarks/NOTES.md). GPUs and TPUs keep their lead."""
+    import jax
+    return jax.process_count() > 1 and jax.default_backend() == "cpu"
 
 
 def host(x):

@@ -1,27 +1,38 @@
-"""Stopping a multi-process job at the same step on every process after a preemption
-notice (a SIGTERM to any of them), through JAX's preemption service."""
+"""Agreeing, on every process of a job, on one step at which to stop after a signal.
+
+A preemption notice (SIGTERM) or a Ctrl-C reaches one process, or several at different
+moments. Each records it (`training.stop_signals`). At check steps, the same step numbers
+on every process, the processes gather their flags in one tiny collective and all stop
+there if any flag is set. Nothing runs in the background and every process computes the
+answer from the same gathered values, so they cannot disagree or wait for each other
+outside the collectives training already runs.
+
+JAX's own preemption service did this before, with a protocol thread, a mutex shared with
+the per-step question and a barrier in the coordination service. About 1 in 50 local
+two-process trials never stopped: a notice came, the job stalled and no step was agreed
+(benchmarks/RESULTS.md, "Preemption trials"). `distributed.initialize` turns the service
+off, so its SIGTERM handler does not compete with ours.
+"""
 
 from __future__ import annotations
 
 import jax
+import numpy as np
+
+# A multi-process check waits for the steps dispatched before it (the gather queues behind
+# them), so it runs every few steps rather than every step; single-process checks are free.
+MULTI_PROCESS_CHECK_EVERY = 5
 
 
-def preemption_check():
-    """step id -> whether every process of the job has reached the step at which JAX's
-    preemption service (started by jax.distributed) decided to stop after a SIGTERM reached
-    one of them. It must be asked at every step, with the same ids on every process; a job
-    without the service never stops."""
+def check_every() -> int:
+    """How many steps apart the stop checks are: the stop comes at most this many steps
+    after the signal (plus the step in flight)."""
+    return 1 if jax.process_count() == 1 else MULTI_PROCESS_CHECK_EVERY
+
+
+def any_process(flag: bool) -> bool:
+    """Whether `flag` is set on any process; every process must call it at the same point."""
     if jax.process_count() == 1:
-        return lambda step: False
+        return flag
     from jax.experimental import multihost_utils
-    available = True
-
-    def check(step_id: int) -> bool:
-        nonlocal available
-        if available:
-            try:
-                return multihost_utils.reached_preemption_sync_point(step_id)
-            except RuntimeError:  # no preemption service in this job
-                available = False
-        return False
-    return check
+    return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))

@@ -88,10 +88,8 @@ class Checkpoints:
                                         f"(mv {self.directory / str(step)} ...) to use the others") from None
             self._move_aside(step, damaged)
             return self._open()
-        # JAX's preemption protocol takes each process's latest step id as given; orbax would
-        # also report saved steps (from its finalising thread, later, on process 0 only) and
-        # pull process 0 back. The training loop alone reports (train._preemption_check);
-        # saves here are forced, so orbax needs the answer for nothing else.
+        # orbax would ask JAX's preemption service, which gptjax turns off (stops are agreed
+        # by parallel.preemption); saves here are forced, so it needs the answer for nothing.
         self._mgr.reached_preemption = lambda step: False
 
     def _move_aside(self, step: int, damaged: CheckpointDamaged) -> None:

@@ -18,8 +18,8 @@ from gptjax import model
 from gptjax.data.prepared import PreparedData
 from gptjax.data.windows import WindowSampler, eval_batches, gather
 from gptjax.errors import Preempted, RunFailed
-from gptjax.parallel.distributed import host
-from gptjax.parallel.preemption import preemption_check
+from gptjax.parallel import preemption
+from gptjax.parallel.distributed import host, one_step_at_a_time
 from gptjax.training.checkpoint import Checkpoints
 from gptjax.training.compiled import CompiledSteps
 from gptjax.training.guard import Guard, Spike
@@ -71,7 +71,8 @@ class Loop:
         # last record, already seen by the guard.
         pending, fetched, val_loss, train_loss = [], [], None, None
         clock, untimed, ticks = time.perf_counter(), 0, 0
-        preempted = preemption_check()
+        check_every = preemption.check_every()
+        serial = one_step_at_a_time()
 
         def fetch_and_check():
             """Fetch pending metrics and let the guard see them: a Spike, or None."""
@@ -88,17 +89,17 @@ class Loop:
                 batch = self.put_batch(lambda rows: gather(self.data.train, starts[rows], T),
                                        len(starts))
                 state, metrics = self.train_step(state, batch)
+                if serial:
+                    jax.block_until_ready((state, metrics))
                 pending.append(metrics)
                 step += 1
                 ticks += 1
-                # Asked at every step, with ids from this loop's start (1, 2, ...): the
-                # protocol counts from 0, so a notice during a resumed run's start-up stops at
-                # id 1. At the last step the run just finishes.
-                if preempted(ticks) and step < end:
-                    raise Preempted(step)  # every process is here: saved below, as for Ctrl-C
-                if self.stop is not None and self.stop.requested and step < end:
-                    raise Preempted(step, f"stopped by {self.stop.name}")
-                if ticks == 1:  # the only per-step sync: keep warm-up out of tokens/s
+                # Every process checks at the same steps and gets the same answer; at the last
+                # step the run just finishes. Saved below, as for Ctrl-C.
+                if self.stop is not None and step < end and step % check_every == 0 \
+                        and preemption.any_process(self.stop.requested is not None):
+                    raise Preempted(step, self.stop.reason())
+                if ticks == 1:  # keep warm-up out of tokens/s
                     jax.block_until_ready(metrics)
                     clock, untimed = time.perf_counter(), 1
                 log_now = step % t.log_every == 0 or step == end

@@ -1,4 +1,4 @@
-"""Stopping a single-process run cleanly on SIGTERM (a preemption notice) or SIGINT.
+"""Stopping a run cleanly on SIGTERM (a preemption notice) or SIGINT.
 
 The handlers only record the signal; the training loop looks at `requested` between steps,
 stops there and saves that step. Signals that arrive after the first, while the state is
@@ -6,17 +6,15 @@ being saved, are recorded and ignored, so a scheduler that repeats its notice or
 Ctrl-C cannot cut the checkpoint's commit short. The handlers are put back once the save
 has committed.
 
-Multi-process jobs leave SIGTERM to JAX's preemption service (`parallel.preemption`),
-which makes every process stop at the same step; only one process would see a signal.
-Handlers can only be installed from the main thread; elsewhere this does nothing.
+In a multi-process job the signal may reach one process only: `parallel.preemption` has
+every process stop at the same step once any of them has one. Handlers can only be
+installed from the main thread; elsewhere this does nothing.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
-
-import jax
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -34,7 +32,7 @@ class StopSignals:
             self.ignored += 1
 
     def install(self) -> StopSignals:
-        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+        if not self._previous and threading.current_thread() is threading.main_thread():
             for s in SIGNALS:
                 self._previous[s] = signal.signal(s, self._handler)
         return self
@@ -44,6 +42,8 @@ class StopSignals:
             signal.signal(s, previous)
         self._previous.clear()
 
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.requested).name if self.requested else ""
+    def reason(self) -> str:
+        """How the stop is reported; a process of a job may stop for another's signal."""
+        if self.requested is None:
+            return "stopped by a signal to another process of the job"
+        return f"stopped by {signal.Signals(self.requested).name}"

@@ -62,6 +62,10 @@ def _train(cfg: C.RunConfig, out: Path, stop_at: int | None, progress: bool, ech
     ckpts = Checkpoints(out / "checkpoints", keep=t.keep_checkpoints,
                         set_aside=set_aside if resuming and is_main() else None)
     stop = StopSignals()
+    if jax.process_count() > 1:
+        # Before restore and compile: a notice then stops the job at its first check. A
+        # single process instead keeps Ctrl-C able to abort a long start-up at once.
+        stop.install()
     try:
         extra = {}
         if resuming:

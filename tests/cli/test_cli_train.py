@@ -180,23 +180,3 @@ def test_python_dash_m_and_help_list_every_field_with_its_default():
             default = getattr(getattr(shown, section), f.name)
             assert f"--{f.name.replace('_', '-')}" in text, f.name
             assert f"(default: {'empty' if default == '' else repr(default)})" in text, f.name
-
-
-def test_preemption_step_ids_count_from_the_loops_start(tmp_path, char_data, capsys, monkeypatch):
-    """JAX's preemption protocol counts step ids from 0 on every process, so a notice during
-    a resumed run's start-up picks id 1: the loop must ask with ids from its own start, or a
-    resumed job would never stop. A stand-in for the service picks the id here (one process;
-    tests/parallel/test_sharding.py runs the real one across two)."""
-    from gptjax.training import loop
-    out = tmp_path / "r"
-    code, _, err = run_cli(capsys, "train", "--data", char_data, "--out", out, *TINY_RUN,
-                           "--max-steps", "6", "--stop-at", "3", "--sample-tokens", "0")
-    assert code == 0, err
-    monkeypatch.setattr(loop, "preemption_check", lambda: (lambda step_id: step_id == 1))
-    code, _, err = run_cli(capsys, "train", "--out", out, "--no-progress")
-    assert code == 130 and "gptjax: preempted at step 4 (checkpoint saved" in err, err
-    assert load_run(out).step == 4
-    # A stop chosen at the last step (id 2 is step 6 now) lets the run finish instead.
-    monkeypatch.setattr(loop, "preemption_check", lambda: (lambda step_id: step_id == 2))
-    code, _, err = run_cli(capsys, "train", "--out", out, "--no-progress")
-    assert code == 0 and load_run(out).step == 6, err

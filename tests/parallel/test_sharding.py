@@ -210,16 +210,18 @@ def _preempt_two_processes(char_data, run: Path, after_records: int) -> int:
             os.killpg(job.pid, signal.SIGKILL)
             job.wait()
     assert job.returncode == 130, err[-3000:]
-    stopped = [int(n) for n in re.findall(r"gptjax: preempted at step (\d+)", err)]
+    stopped = [int(n) for n in re.findall(r"gptjax: stopped by [^\n]*? at step (\d+)", err)]
     assert len(stopped) == 2 and stopped[0] == stopped[1], err[-3000:]  # both, at one step
+    # the signalled process names its signal; the other says why it stopped too
+    assert "stopped by SIGTERM" in err and "stopped by a signal to another process" in err
     assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())[-1] == stopped[0]
     return stopped[0]
 
 
 def test_a_sigterm_to_one_process_stops_the_job_at_one_saved_step(char_data, tmp_path):
-    """JAX's preemption service: a SIGTERM to one of two processes makes both stop at the
-    step they agree on and save it; a resumed job stops the same way (its loop counts the
-    protocol's step ids from its own start), and the run resumes on one device too."""
+    """A SIGTERM to one of two processes makes both stop at the step they agree on
+    (parallel.preemption) and save it; a resumed job stops the same way, and the run
+    resumes on one device too."""
     run = tmp_path / "preempted"
     first = _preempt_two_processes(char_data, run, after_records=3)
     second = _preempt_two_processes(char_data, run, after_records=first + 3)
