@@ -31,7 +31,7 @@ _EXPORTS = {
     "gptjax.training.step": ["TrainState", "init_state", "make_eval_step", "make_train_step"],
     "gptjax.training.train": ["train"],
     "gptjax.hf.io": ["load_hf", "save_hf"],
-    "gptjax.runs.load": ["load_pretrained"],
+    "gptjax.runs.load": ["load_pretrained", "load_run"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 

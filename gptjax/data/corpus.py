@@ -82,6 +82,10 @@ class Corpus:
         self.replaced_bytes = 0
         self.bytes_read = 0  # input bytes consumed so far, for progress bars
 
+    def total_bytes(self) -> int:
+        """What `bytes_read` reaches after a whole pass: a progress bar's total."""
+        return sum(p.stat().st_size for p in self.files)
+
     def pieces(self) -> Iterator[tuple[str, bool]]:
         self.sources, self.replaced_bytes, self.bytes_read = [], 0, 0
         for path in self.files:
@@ -130,12 +134,12 @@ class EmbeddedCorpus(Corpus):
     def __init__(self):
         super().__init__([])
 
+    def total_bytes(self) -> int:
+        return sum(len(t.encode("utf-8")) for t in _topics().values())
+
     def pieces(self) -> Iterator[tuple[str, bool]]:
-        try:
-            from pydoc_data.topics import topics
-        except ImportError:
-            raise GptjaxError("this Python has no pydoc_data module for the embedded corpus; "
-                              "prepare your own with `gptjax prepare` and pass --data") from None
+        topics = _topics()
+        self.bytes_read = 0  # a second pass (char vocabulary, then tokens) counts afresh
         digest = hashlib.sha256()
         names = sorted(topics)
         for name in names:
@@ -147,6 +151,15 @@ class EmbeddedCorpus(Corpus):
         size = sum(len(topics[n].encode("utf-8")) for n in names)
         self.sources = [Source(f"pydoc_data.topics (Python {version})", digest.hexdigest(),
                                size, len(names))]
+
+
+def _topics() -> dict[str, str]:
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        raise GptjaxError("this Python has no pydoc_data module for the embedded corpus; "
+                          "prepare your own with `gptjax prepare` and pass --data") from None
+    return topics
 
 
 def _without_lone_surrogates(text: str) -> str:

@@ -58,7 +58,7 @@ def prepare(inputs: list[str] | None, out_dir: str | os.PathLike, tokenizer: str
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise GptjaxError(f"output {out} already exists and is not an empty folder")
     corpus = EmbeddedCorpus() if inputs is None else Corpus(resolve_inputs(inputs), text_field)
-    total = None if inputs is None else sum(p.stat().st_size for p in corpus.files)
+    total = corpus.total_bytes()
 
     if tokenizer == "char":
         chars = set()

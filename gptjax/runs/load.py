@@ -1,6 +1,6 @@
 """Any run as a model in memory: trained, imported, fine-tuned, or GPT-2 weights.
 
-    loaded = load("runs/x")                  # latest checkpoint; or "best", or a step
+    loaded = load_run("runs/x")              # latest checkpoint; or "best", or a step
     loaded = load_pretrained("path/to/gpt2")  # a directory, or a Hub name (downloads)
     base = load_base(run_dir="runs/x")        # a fine-tuning starting point, with its origin
 
@@ -77,6 +77,15 @@ def load(run_dir: str | Path, which: str | int = "latest", gpt2_ranks: str | Non
     abstract = _on_one_device(jax.eval_shape(lambda: model.init(cfg.model, jax.random.PRNGKey(0))))
     params, step = _restore(path, abstract, which)
     return LoadedRun(path, cfg, tokenizer, params, step)
+
+
+def load_run(path: str | Path, checkpoint: str | int = "latest",
+             gpt2_ranks: str | None = None) -> LoadedRun:
+    """A gptjax run as `.config` (RunConfig), `.tokenizer`, `.params` and `.step`: trained,
+    imported, or fine-tuned for language (a LoRA or partly frozen run comes joined with its
+    base). `checkpoint` is "latest", "best" or a step number. A damaged "latest" falls back
+    to the newest checkpoint that verifies, with a warning."""
+    return load(path, checkpoint, gpt2_ranks)
 
 
 def load_finetuned(run_dir: str | Path, which: str | int = "latest",

@@ -138,7 +138,10 @@ class Checkpoints:
     def _step(self, step: int | None) -> int:
         step = self.latest_step() if step is None else step
         if step is None or step not in self._mgr.all_steps():
-            raise GptjaxError(f"no checkpoint{'' if step is None else f' {step}'} in {self.directory}")
+            have = self.all_steps()
+            listed = f"; it has {', '.join(map(str, have))}" if have else ""
+            raise GptjaxError(f"no checkpoint{'' if step is None else f' {step}'} in "
+                              f"{self.directory}{listed}")
         return step
 
     def restore(self, abstract_state: TrainState, step: int | None = None,

@@ -123,8 +123,15 @@ class Loop:
                     shown = step
                     fetched, clock, untimed, train_loss = [], now, 0, rec["loss"]
                 if save_now:
-                    val_loss = self._evaluate_and_save(state, train_loss)
-                    clock = time.perf_counter()  # keep evaluation out of tokens/s
+                    if not log_now:  # the losses since the last record, ending at this step
+                        kept = [m_["loss"] for m_ in fetched if not bool(m_.get("skipped", False))]
+                        train_loss = float(np.mean(kept)) if kept else None
+                    # without the bar, this step's train line was just printed
+                    shown_loss = None if log_now and not self.progress else train_loss
+                    val_loss = self._evaluate_and_save(state, shown_loss)
+                    # Keep evaluation and saving out of tokens/s: the interval's steps so far
+                    # ran before the new clock.
+                    clock, untimed = time.perf_counter(), len(fetched)
         except KeyboardInterrupt:
             bar.close()
             # A non-finite loss in the steps since the last check raises RunFailed here:
@@ -190,7 +197,8 @@ class Loop:
         rec = {"kind": "train", "step": step, "loss": loss, "ppl": math.exp(min(loss, 50)),
                "loss_last": float(losses[-1]), "lr": float(metrics[-1]["lr"]),
                "grad_norm": float(metrics[-1]["grad_norm"]), "tokens_per_s": tok_s,
-               "mfu": tok_s * self.flops_per_token / self.peak if tok_s else None}
+               "mfu": tok_s * self.flops_per_token / self.peak if tok_s else None,
+               "timed_steps": timed}
         if len(kept) < len(metrics):
             rec["skipped_updates"] = len(metrics) - len(kept)
         return rec

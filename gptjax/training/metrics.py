@@ -90,7 +90,7 @@ class JsonlLog:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
 
-def plot_losses(records: list[dict], path: Path) -> Path:
+def plot_losses(records: list[dict], path: Path, title: str = "") -> Path:
     """Train and validation loss against step, saved as a PNG."""
     import matplotlib
     matplotlib.use("Agg")
@@ -103,6 +103,8 @@ def plot_losses(records: list[dict], path: Path) -> Path:
         ax.plot(*zip(*train), label="train loss", lw=1.2)
     if val:
         ax.plot(*zip(*val), "o-", label="val loss", lw=1.5, ms=4)
+    if title:
+        ax.set_title(title, fontsize=10)
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.grid(alpha=0.3)

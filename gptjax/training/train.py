@@ -17,7 +17,7 @@ from gptjax.cpu import host_memory
 from gptjax.data.prepare import prepare_embedded
 from gptjax.data.prepared import PreparedData, load_prepared
 from gptjax.data.windows import WindowSampler
-from gptjax.errors import GptjaxError
+from gptjax.errors import CheckpointDamaged, GptjaxError
 from gptjax.generation.decoder import generate
 from gptjax.parallel.distributed import host, is_main
 from gptjax.training import run_dir, run_lock
@@ -51,9 +51,13 @@ def train(cfg: C.RunConfig, out_dir: str | Path, *, stop_at: int | None = None,
 
 
 def _train(cfg: C.RunConfig, out: Path, stop_at: int | None, progress: bool, echo) -> TrainResult:
-    cfg, data, tokenizer, sampler, steps, resuming = _setup(cfg, out, progress)
+    end = min(cfg.train.max_steps, stop_at or cfg.train.max_steps)
+    cfg, data, tokenizer, sampler, steps, resuming = _setup(cfg, out, progress, end)
     m, t = cfg.model, cfg.train
     log = JsonlLog(out / "metrics.jsonl") if is_main() else _NoLog()
+    if isinstance(steps, int):  # already at `end`: said before compiling anything
+        echo(_nothing_to_train(steps, t.max_steps, stop_at))
+        return _report(TrainResult(out, steps, None), cfg, log, out, echo)
 
     def set_aside(damaged, moved_to):
         warnings.warn(f"{damaged}; moved it to {moved_to} (nothing is deleted: remove it when "
@@ -83,14 +87,12 @@ def _train(cfg: C.RunConfig, out: Path, stop_at: int | None, progress: bool, ech
              f"freed host memory: {host_memory.status()}")
         if steps.host_memory_note:
             echo(steps.host_memory_note)
-        end = min(t.max_steps, stop_at or t.max_steps)
         val_loss = None
         if int(host(state.step)) < end:
             loop = Loop(cfg, data, sampler, steps, ckpts, log, progress, echo, stop.install(), extra)
             state, val_loss = loop.run(state, end)
-        else:
-            echo(f"nothing to train: the run is at step {int(host(state.step))} of {t.max_steps}"
-                 + (f" and --stop-at is {stop_at}" if stop_at and stop_at < t.max_steps else ""))
+        else:  # a multi-process job, or the latest checkpoint fell back to one at `end`
+            echo(_nothing_to_train(int(host(state.step)), t.max_steps, stop_at))
     finally:
         try:
             ckpts.close()  # waits for asynchronous saves: never exit with one half-written
@@ -101,8 +103,33 @@ def _train(cfg: C.RunConfig, out: Path, stop_at: int | None, progress: bool, ech
     return _finish(out, cfg, tokenizer, state, val_loss, log, echo, end)
 
 
-def _setup(cfg: C.RunConfig, out: Path, progress: bool):
-    """Validate, open the data and compile; only then write anything into `out`."""
+def _nothing_to_train(step: int, max_steps: int, stop_at: int | None) -> str:
+    return (f"nothing to train: the run is at step {step} of {max_steps}"
+            + (f" and --stop-at is {stop_at}" if stop_at and stop_at < max_steps else ""))
+
+
+def _finished_at(out: Path, end: int) -> int | None:
+    """The latest checkpoint's step when it is at or past `end` and verifies: a finished run
+    re-run says so without compiling. A damaged one is left to the resume path, which sets it
+    aside and trains from the one before. One process only: a job decides on one path."""
+    if jax.process_count() > 1:
+        return None
+    ckpts = Checkpoints(out / "checkpoints", create=False)
+    try:
+        latest = ckpts.latest_step()
+        if latest is None or latest < end:
+            return None
+        ckpts.verify(latest)
+        return latest
+    except CheckpointDamaged:
+        return None
+    finally:
+        ckpts.close()
+
+
+def _setup(cfg: C.RunConfig, out: Path, progress: bool, end: int):
+    """Validate, open the data and compile; only then write anything into `out`. A resumed
+    run already at `end` compiles nothing: its step comes back in place of the steps."""
     C.validate(cfg)
     resuming = run_dir.check_out_dir(out)
     with tempfile.TemporaryDirectory(prefix="gptjax-") as scratch:
@@ -119,6 +146,10 @@ def _setup(cfg: C.RunConfig, out: Path, progress: bool):
             run_dir.check_resume(out, cfg, data)
         sampler = _sampler(data.train, cfg, f"training split of {data.path}")
         _sampler(data.val, cfg, f"validation split of {data.path}")
+        finished = _finished_at(out, end) if resuming else None
+        if finished is not None:
+            C.save(cfg, out / "config.json")  # as below: changed resume-safe fields are kept
+            return cfg, data, tokenizer, sampler, finished, resuming
         steps = CompiledSteps(cfg)
         if jax.process_count() > 1:
             # Every process has looked at `out` before process 0 writes into it.
@@ -177,7 +208,7 @@ def _finish(out: Path, cfg: C.RunConfig, tokenizer, state: TrainState, val_loss,
         # The state is spread over every process's devices; generate from the run instead.
         echo(f"(no sample from a {jax.process_count()}-process job: run `gptjax generate "
              f"--run {out}`)")
-        return _report(TrainResult(out, end, val_loss), log, out, echo)
+        return _report(TrainResult(out, end, val_loss), cfg, log, out, echo)
     step = int(host(state.step))
     result = TrainResult(out, step, val_loss)
     if step < cfg.train.max_steps:
@@ -193,14 +224,25 @@ def _finish(out: Path, cfg: C.RunConfig, tokenizer, state: TrainState, val_loss,
         (out / "sample.txt").write_text(result.sample)
         result.files["sample"] = out / "sample.txt"
         echo("sample (temperature 0.8, top-k 40, from end-of-text):\n" + result.sample.strip() + "\n")
-    return _report(result, log, out, echo)
+    return _report(result, cfg, log, out, echo)
 
 
-def _report(result: TrainResult, log: JsonlLog, out: Path, echo) -> TrainResult:
-    result.files["loss curve"] = plot_losses(log.read(), out / "loss.png")
+def _report(result: TrainResult, cfg: C.RunConfig, log: JsonlLog, out: Path,
+            echo) -> TrainResult:
+    m = cfg.model
+    title = (f"{out.absolute().name}: {_short_count(model.param_count(m))} parameters "
+             f"({m.n_layer} layers x {m.d_model} wide, {cfg.data.tokenizer} tokenizer)")
+    result.files["loss curve"] = plot_losses(log.read(), out / "loss.png", title)
     result.files["metrics"] = log.path
     result.files["checkpoints"] = out / "checkpoints"
     result.files["config"] = out / "config.json"
     for what, path in result.files.items():
         echo(f"{what:>12}: {path}")
     return result
+
+
+def _short_count(n: int) -> str:
+    for size, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(n)

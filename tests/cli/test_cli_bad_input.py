@@ -212,6 +212,7 @@ def test_bad_checkpoint_name(capsys, char_run):
     fails_cleanly(capsys, "generate", "--run", char_run, "--checkpoint", "newest",
                   match="--checkpoint must be latest, best or a step")
     fails_cleanly(capsys, "eval", "--run", char_run, "--checkpoint", "999", match="no checkpoint 999")
+    fails_cleanly(capsys, "eval", "--run", char_run, "--checkpoint", "2", match="checkpoints; it has 3")
 
 
 def test_a_damaged_checkpoint_is_one_line_naming_it(tmp_path, capsys, char_data):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import TINY_RUN, run_cli
 
-from gptjax.config import SECTIONS, RunConfig, preset
+from gptjax.config import SECTIONS, RunConfig, from_dict, preset
 from gptjax.runs.load import load as load_run
 
 
@@ -41,6 +41,26 @@ def test_run_directory_has_everything(full_run):
 
 
 
+def test_speed_counts_only_timed_steps_when_intervals_do_not_divide(tmp_path, char_data, capsys):
+    """Log every 4, evaluate every 6: the clock restarts after the evaluation at step 6, so
+    the record at step 8 times only steps 7-8 (2 steps), not all 4. The evaluation line at
+    step 6 reports the losses of steps 5-6, not the step-4 record's."""
+    out = tmp_path / "r"
+    code, stdout, err = run_cli(capsys, "train", "--data", char_data, "--out", out, *TINY_RUN,
+                                "--log-every", "4", "--eval-every", "6", "--max-steps", "12")
+    assert code == 0, err
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [4, 8, 12]
+    assert [r["timed_steps"] for r in train] == [3, 2, 4]  # step 1 is warm-up, untimed
+    (eval_line,) = [line for line in stdout.splitlines() if line.startswith("step 6: train loss")]
+    shown = float(eval_line.split("train loss ")[1].split(",")[0])
+    assert abs(shown - train[0]["loss"]) > 1e-4, (eval_line, train[0])
+    # At step 12 both fall due: one train line, then the evaluation without repeating it.
+    at_12 = [line for line in stdout.splitlines() if line.startswith("step 12:")]
+    assert len(at_12) == 2 and at_12[1].startswith("step 12: val loss"), at_12
+
+
 def test_the_end_sample_is_what_the_saved_checkpoint_generates(full_run):
     """The sample comes from the state in memory; the last checkpoint holds that state, so
     generating from the saved run with the sample's settings gives the same text."""
@@ -51,6 +71,23 @@ def test_the_end_sample_is_what_the_saved_checkpoint_generates(full_run):
                    temperature=0.8, top_k=40, valid_vocab=tok.vocab_size, eot_id=tok.eot_id,
                    stop_at_eot=False)
     assert tok.decode(ids) == (full_run / "sample.txt").read_text()
+
+def test_load_run_from_python_as_documented(full_run):
+    """The README's example: `gptjax.load_run` gives config, tokenizer and parameters that
+    reproduce the run's own end-of-training sample through the public `generate_text`."""
+    import gptjax
+    run = gptjax.load_run(full_run)  # latest: step 6
+    assert run.step == 6 and run.config == from_dict(
+        json.loads((full_run / "config.json").read_text()))
+    t = run.config.train
+    (text,) = gptjax.generate_text(run.params, run.config.model, run.tokenizer, [[]],
+                                   t.sample_tokens, gptjax.Sampling(0.8, 40, seed=t.seed),
+                                   stop_at_eot=False)
+    assert text == (full_run / "sample.txt").read_text()
+    assert gptjax.load_run(full_run, checkpoint=3).step == 3
+    with pytest.raises(gptjax.GptjaxError, match="latest, best or a step"):
+        gptjax.load_run(full_run, checkpoint="newest")
+
 
 def assert_same_params(run_a, run_b):
     a, b = load_run(run_a), load_run(run_b)
@@ -104,6 +141,8 @@ def test_finished_run_is_not_trained_further(full_run, capsys):
     code, stdout, err = run_cli(capsys, "train", "--out", full_run, "--no-progress",
                                 "--sample-tokens", "4")  # resume-safe field may change
     assert code == 0, err
+    assert "nothing to train: the run is at step 6 of 6" in stdout
+    assert "compiled" not in stdout  # said before compiling anything
     assert train_losses(full_run) == losses
     assert sorted(p.name for p in (full_run / "checkpoints").iterdir()) == ckpts
     assert json.loads((full_run / "config.json").read_text())["train"]["sample_tokens"] == 4

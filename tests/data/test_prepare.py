@@ -118,3 +118,20 @@ def test_worker_processes_give_the_same_tokens(tmp_path, monkeypatch, gpt2_ranks
                      workers=2, progress=False)
     assert all_tokens(tmp_path / "one") == all_tokens(tmp_path / "two")
     assert inline["train_tokens"] == pooled["train_tokens"]
+
+
+@pytest.mark.parametrize("make", ["embedded", "files"])
+def test_progress_counts_each_input_byte_once_per_pass(tmp_path, make):
+    """The char tokenizer reads the corpus twice (vocabulary, then tokens): each pass's bar
+    ends at the corpus's size, not at twice it."""
+    from gptjax.data.corpus import Corpus, EmbeddedCorpus
+    if make == "embedded":
+        corpus = EmbeddedCorpus()
+    else:
+        (tmp_path / "a.txt").write_text("héllo\n" * 1000)
+        (tmp_path / "b.jsonl").write_text(json.dumps({"text": "wörld"}) + "\n")
+        corpus = Corpus([tmp_path / "a.txt", tmp_path / "b.jsonl"])
+    total = corpus.total_bytes()
+    assert total > 0
+    for _ in range(2):
+        assert sum(1 for _ in corpus.pieces()) > 0 and corpus.bytes_read == total

@@ -123,3 +123,22 @@ def test_resume_sets_a_damaged_latest_checkpoint_aside_and_ends_alike(tmp_path, 
     assert (run_dir / "damaged-checkpoints" / "20" / "params").is_dir()  # kept, not deleted
     assert faults.equal(faults.final_state(run_dir), faults.reference(tmp_path, char_data))
     assert run_cli(capsys, "check", run_dir)[0] == 0
+
+
+def test_a_finished_run_with_a_damaged_last_checkpoint_trains_its_last_steps_again(tmp_path, capsys,
+                                                                                   char_data):
+    """Re-running a finished run says "nothing to train" without compiling only when its last
+    checkpoint verifies; a damaged one is set aside and the steps after the one before rerun."""
+    run_dir = tmp_path / "run"
+    assert _train(capsys, run_dir, char_data)[0] == 0
+    last = _steps(run_dir)[-1]
+    finished = faults.final_state(run_dir)
+    data_file = max((run_dir / "checkpoints" / str(last) / "params" / "d").iterdir(),
+                    key=lambda p: p.stat().st_size)
+    blob = bytearray(data_file.read_bytes())
+    blob[len(blob) // 3] ^= 0x5A
+    data_file.write_bytes(bytes(blob))
+    code, stdout, err = _train(capsys, run_dir, char_data)
+    assert code == 0 and f"damaged-checkpoints/{last}" in err, err
+    assert "nothing to train" not in stdout and "resuming" in stdout
+    assert _steps(run_dir)[-1] == last and faults.equal(faults.final_state(run_dir), finished)
