@@ -8,14 +8,21 @@ def add_parser(sub) -> None:
     ev.add_argument("--run", required=True, help="run directory")
     ev.add_argument("--data", help="prepared data to evaluate on (default: the run's own)")
     ev.add_argument("--checkpoint", default="latest", help="latest, best or a step (default: latest)")
-    ev.add_argument("--batches", type=int, help="validation batches (default: the run's eval_batches)")
+    which = ev.add_mutually_exclusive_group()
+    which.add_argument("--full", action="store_true", default=None,
+                       help="score every non-overlapping window of the validation split "
+                            "(the default when that is a small job)")
+    which.add_argument("--batches", type=int, metavar="INT",
+                       help="score only the first INT validation batches, as training does "
+                            "(default for a large split: the run's eval_batches)")
     ev.add_argument("--gpt2-ranks", help="local GPT-2 ranks file (else $GPTJAX_GPT2_RANKS)")
 
 
 def run(args) -> int:
     from gptjax.eval.loss import evaluate
 
-    result = evaluate(args.run, args.data, args.checkpoint, args.batches, args.gpt2_ranks)
+    result = evaluate(args.run, args.data, args.checkpoint, args.batches, args.gpt2_ranks,
+                      full=args.full)
     print(f"step {result.step}: val loss {result.loss:.4f}, perplexity {result.perplexity:.3f} "
-          f"({result.tokens:,} tokens of {result.data})")
+          f"over {result.describe()}")
     return 0

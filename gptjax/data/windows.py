@@ -67,6 +67,12 @@ def check_window(n_tokens: int, context: int) -> None:
                           f"context_length + 1 = {context + 1}")
 
 
+def window_count(n_tokens: int, context: int) -> int:
+    """How many non-overlapping windows (inputs and shifted targets) the tokens hold."""
+    check_window(n_tokens, context)
+    return (n_tokens - context - 1) // context + 1
+
+
 def permute(index: np.ndarray, n: int, key: tuple[int, ...]) -> np.ndarray:
     """A seeded pseudo-random permutation of range(n), applied to `index`.
 
@@ -104,8 +110,7 @@ def eval_batches(tokens: np.ndarray, context: int, batch_size: int, max_batches:
 
     The last batch is padded with zero-weight rows so every batch has the same shape.
     """
-    check_window(len(tokens), context)
-    n_rows = min(max_batches * batch_size, (len(tokens) - context - 1) // context + 1)
+    n_rows = min(max_batches * batch_size, window_count(len(tokens), context))
     starts = np.arange(n_rows, dtype=np.int64) * context
     batches = []
     for lo in range(0, n_rows, batch_size):

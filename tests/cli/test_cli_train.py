@@ -8,7 +8,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import TINY_RUN, run_cli
+from conftest import TINY_RUN, fails_cleanly, run_cli
 
 from gptjax.config import SECTIONS, RunConfig, from_dict, preset
 from gptjax.runs.load import load as load_run
@@ -186,14 +186,35 @@ def test_a_prompt_longer_than_the_context_warns_in_one_line(full_run, capsys):
                                 "than the context; keeping its last 32"]
 
 
-def test_eval_prints_loss_and_perplexity(full_run, char_data, capsys):
-    code, out, err = run_cli(capsys, "eval", "--run", full_run, "--data", char_data)
+def _eval_line(out: str) -> tuple[float, float]:
+    return float(out.split("val loss ")[1].split(",")[0]), float(out.split("perplexity ")[1].split()[0])
+
+
+def test_eval_prints_loss_and_perplexity_over_what_it_scored(full_run, char_data, capsys):
+    """--batches scores what training evaluates on; the default for a small split (and
+    --full) every non-overlapping window of it, checked against the public loss."""
+    code, out, err = run_cli(capsys, "eval", "--run", full_run, "--data", char_data, "--batches", "2")
     assert code == 0, err
-    loss = float(out.split("val loss ")[1].split(",")[0])
-    ppl = float(out.split("perplexity ")[1].split()[0])
+    loss, ppl = _eval_line(out)
     assert ppl == pytest.approx(np.exp(loss), rel=1e-3)
-    best = json.loads((full_run / "metrics.jsonl").read_text().splitlines()[-1])
-    assert loss == pytest.approx(best["val_loss"], abs=1e-4)
+    assert "the first 2 validation batches, as training evaluates (256 of the split's 936 tokens" in out
+    last_eval = json.loads((full_run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert loss == pytest.approx(last_eval["val_loss"], abs=1e-4)
+
+    code, default, err = run_cli(capsys, "eval", "--run", full_run)
+    assert code == 0 and run_cli(capsys, "eval", "--run", full_run, "--full")[1] == default, err
+    import gptjax
+    from gptjax.data.windows import window_count
+    run = gptjax.load_run(full_run)
+    val, ctx = gptjax.load_prepared(char_data).val, run.config.model.context_length
+    rows = np.stack([val[i * ctx:i * ctx + ctx + 1] for i in range(window_count(len(val), ctx))])
+    by_hand = float(gptjax.loss(run.params, {"inputs": rows[:, :-1], "targets": rows[:, 1:]},
+                                run.config.model))
+    assert f"over the whole validation split ({rows.shape[0] * ctx:,} tokens)" in default
+    assert f"val loss {by_hand:.4f}," in default  # as printed; and unrounded:
+    from gptjax.eval.loss import evaluate
+    assert evaluate(full_run, full=True).loss == pytest.approx(by_hand, abs=1e-5)
+    fails_cleanly(capsys, "eval", "--run", full_run, "--full", "--batches", "2", match="not allowed")
 
 
 def test_checkpoints_keep_latest_and_best(tmp_path, char_data, capsys):
