@@ -96,6 +96,10 @@ class TrainConfig:
     lr: float = _f(1e-3, "peak learning rate")
     min_lr: float = _f(1e-4, "learning rate at the end of the cosine decay")
     warmup_steps: int = _f(100, "linear warm-up steps from 0 to lr")
+    decay_steps: int = _f(0, "length of the warm-up and cosine schedule; 0 = max_steps "
+                             "(--extend-to keeps the first length here)")
+    lr_tails: str = _f("", "cosine tails added by --extend-to, START:END:LR[,...]: from START "
+                           "the rate decays again from LR to min_lr at END")
     weight_decay: float = _f(0.1, "AdamW decoupled weight decay (kernels only)")
     beta1: float = _f(0.9, "Adam beta1")
     beta2: float = _f(0.99, "Adam beta2")
@@ -222,6 +226,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     if t.warmup_steps >= t.max_steps:
         raise GptjaxError(f"train.warmup_steps ({t.warmup_steps}) must be less than "
                           f"train.max_steps ({t.max_steps}); set it with --warmup-steps")
+    from gptjax.training.extend import check_tails  # no JAX: the data layer validates too
+    check_tails(t)
     if not (t.beta1 < 1 and t.beta2 < 1):
         raise GptjaxError("train.beta1 and train.beta2 must be below 1")
     parse_mesh(t.mesh)

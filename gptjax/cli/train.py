@@ -26,6 +26,10 @@ def add_parsers(sub) -> None:
                     "explicit model flags override it)")
     tr.add_argument("--stop-at", type=int, metavar="STEP", help="stop (with a checkpoint) at this "
                     "step without changing the schedule; rerun to continue")
+    tr.add_argument("--extend-to", type=int, metavar="STEPS", help="train an existing run on "
+                    "to this many steps: from its latest checkpoint the learning rate decays "
+                    "again along a new cosine, from its value there to min_lr at STEPS "
+                    "(recorded as train.lr_tails)")
     tr.add_argument("--no-progress", action="store_true", help="no progress bars")
     hosts = tr.add_argument_group(
         "many processes", "every process runs the same command (see scripts/); the mesh spans "
@@ -73,8 +77,29 @@ def run_train(args) -> int:
     else:
         base = C.RunConfig(model=C.preset(args.preset or C.DEFAULT_PRESET))
     cfg = apply_overrides(base, overrides)
+    if args.extend_to is not None:
+        cfg = _extended(cfg, out, args.extend_to, overrides)
     train(cfg, out, stop_at=args.stop_at, progress=not args.no_progress)
     return 0
+
+
+def _extended(cfg: C.RunConfig, out: Path, to: int, overrides: dict) -> C.RunConfig:
+    from gptjax.parallel.distributed import is_main
+    from gptjax.training.extend import describe, extended, parse_tails
+    from gptjax.training.run_dir import latest_step
+
+    if "max_steps" in overrides.get("train", {}):
+        raise GptjaxError("give --extend-to or --max-steps, not both (--extend-to sets the "
+                          "run's new max_steps)")
+    latest = latest_step(out)
+    if not latest:
+        raise GptjaxError(f"--extend-to trains an existing run for longer, and {out} has no "
+                          "checkpoint to go on from")
+    cfg = extended(cfg, latest, to)
+    if is_main():
+        tail = parse_tails(cfg.train.lr_tails)[-1]
+        print(f"extending {out} to {to} steps: {describe(tail, cfg.train.min_lr)}")
+    return cfg
 
 
 def run_prepare(args) -> int:

@@ -7,17 +7,35 @@ biases, LayerNorm parameters or the embeddings, following GPT-2/nanoGPT practice
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from gptjax.config import TrainConfig
+from gptjax.training.extend import Tail, parse_tails
 
 
 def schedule(cfg: TrainConfig) -> optax.Schedule:
-    """Linear warmup 0 -> lr over warmup_steps, cosine lr -> min_lr by max_steps."""
-    return optax.warmup_cosine_decay_schedule(
+    """Linear warmup 0 -> lr over warmup_steps, cosine lr -> min_lr by max_steps (or
+    decay_steps); then each of a run's extensions (`lr_tails`) from its start step."""
+    first = optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps,
-        decay_steps=cfg.max_steps, end_value=cfg.min_lr,
+        decay_steps=cfg.decay_steps or cfg.max_steps, end_value=cfg.min_lr,
     )
+    tails = parse_tails(cfg.lr_tails)
+    if not tails:
+        return first
+    return optax.join_schedules([first, *(_cosine_tail(t, cfg.min_lr) for t in tails)],
+                                [t.start for t in tails])
+
+
+def _cosine_tail(tail: Tail, min_lr: float) -> optax.Schedule:
+    """tail.lr at its start (count 0, as join_schedules counts) down to min_lr at its end."""
+    length = tail.end - tail.start
+
+    def rate(count):
+        done = jnp.clip(count / length, 0.0, 1.0)
+        return min_lr + (tail.lr - min_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * done))
+    return rate
 
 
 def decay_mask(params):

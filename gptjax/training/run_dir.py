@@ -16,8 +16,11 @@ from pathlib import Path
 from gptjax import config as C
 from gptjax.data.prepared import PreparedData, load_prepared
 from gptjax.errors import GptjaxError
+from gptjax.training.extend import is_extension
 
 EMBEDDED_DATA = "data"
+# What --extend-to changes in a run's config: the schedule's length, nothing before it.
+SCHEDULE_LENGTH = ("train.max_steps", "train.decay_steps", "train.lr_tails")
 RUN_FILES = ("config.json", "tokenizer.json", "metrics.jsonl", "loss.png", "sample.txt")
 
 
@@ -26,8 +29,14 @@ def is_run(path: Path) -> bool:
 
 
 def has_checkpoint(path: Path) -> bool:
+    return latest_step(path) is not None
+
+
+def latest_step(path: Path) -> int | None:
+    """The newest committed checkpoint's step (orbax commits by renaming to the step)."""
     ckpt = Path(path) / "checkpoints"
-    return ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())
+    steps = [int(p.name) for p in ckpt.iterdir() if p.name.isdigit()] if ckpt.is_dir() else []
+    return max(steps, default=None)
 
 
 def has_train_state(path: Path) -> bool:
@@ -67,10 +76,16 @@ def resolve(cfg: C.RunConfig, data: PreparedData) -> C.RunConfig:
 
 def check_resume(out: Path, cfg: C.RunConfig, data: PreparedData) -> None:
     """A resumed run must train on the same trajectory and the same tokens."""
-    diffs = C.training_differences(C.load(out / "config.json"), cfg)
-    if diffs:
-        raise GptjaxError(f"{out} was created with a different config: {'; '.join(diffs)}; "
-                          "use a new --out for a new run")
+    saved = C.load(out / "config.json")
+    diffs = C.training_differences(saved, cfg)
+    schedule_only = all(d.split(" ")[0] in SCHEDULE_LENGTH for d in diffs)
+    if diffs and not (schedule_only and is_extension(saved.train, cfg.train, latest_step(out) or 0)):
+        hint = "use a new --out for a new run"
+        if cfg.train.max_steps > saved.train.max_steps:
+            hint = f"to train this run for longer, use --extend-to {cfg.train.max_steps}"
+        elif cfg.train.max_steps < saved.train.max_steps:
+            hint = f"to stop it earlier, use --stop-at {cfg.train.max_steps}"
+        raise GptjaxError(f"{out} was created with a different config: {'; '.join(diffs)}; {hint}")
     check_tokenizer(out, data)
 
 

@@ -1,0 +1,92 @@
+"""Training a run for longer: `gptjax train --out RUN --extend-to STEPS`.
+
+A run's learning rate warms up and decays along one cosine to `min_lr` at `max_steps`
+(`decay_steps` when set). Extending it from step E to N adds a *tail*: from E the rate
+decays again along a new cosine, from the value it had at E down to `min_lr` at N. The
+steps before E keep the schedule they trained with, so the run's config still describes
+every step it took, and the same config trains the same run from scratch.
+
+Tails are written in the config as `train.lr_tails`, "E:N:LR[,E:N:LR...]", each with the
+rate it starts from; `train.decay_steps` keeps the first cosine's length. This module
+imports no JAX: configs are validated where JAX is not loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+from gptjax.errors import GptjaxError
+
+
+class Tail(NamedTuple):
+    start: int  # the step from which this cosine applies
+    end: int  # where it reaches min_lr (the run's max_steps, for the last tail)
+    lr: float  # the rate at `start`
+
+
+def parse_tails(spec: str) -> list[Tail]:
+    if not spec:
+        return []
+    tails = []
+    for part in spec.split(","):
+        try:
+            start, end, lr = part.split(":")
+            tails.append(Tail(int(start), int(end), float(lr)))
+        except ValueError:
+            raise GptjaxError(f"train.lr_tails: {part!r} is not START:END:LR "
+                              "(e.g. 60:80:0.0001)") from None
+    return tails
+
+
+def format_tails(tails: list[Tail]) -> str:
+    return ",".join(f"{t.start}:{t.end}:{t.lr!r}" for t in tails)
+
+
+def check_tails(train) -> None:
+    """Each tail starts after the one before, within it, and the last ends at max_steps."""
+    tails = parse_tails(train.lr_tails)
+    if train.decay_steps < 0:
+        raise GptjaxError(f"train.decay_steps must be >= 0, got {train.decay_steps}")
+    previous_end = train.decay_steps or train.max_steps
+    previous_start = 0
+    for t in tails:
+        if not previous_start < t.start <= previous_end or t.end <= t.start or t.lr < 0:
+            raise GptjaxError(f"train.lr_tails: {format_tails([t])} must start after step "
+                              f"{previous_start}, by step {previous_end}, and end after it "
+                              "starts, from a learning rate >= 0")
+        previous_start, previous_end = t.start, t.end
+    if tails and tails[-1].end != train.max_steps:
+        raise GptjaxError(f"train.lr_tails ends at step {tails[-1].end}, but train.max_steps "
+                          f"is {train.max_steps}")
+
+
+def extended(cfg, start: int, to: int):
+    """`cfg` (a RunConfig) trained on to step `to`, with a new cosine tail from `start`
+    (the step it resumes from) that begins at the rate the schedule has there."""
+    from gptjax.training.optim import schedule
+
+    t = cfg.train
+    if to <= t.max_steps:
+        raise GptjaxError(f"--extend-to {to} is not beyond the run's max_steps ({t.max_steps}); "
+                          "to stop earlier, use --stop-at")
+    lr = float(f"{float(schedule(t)(start)):.6g}")  # readable in config.json; float32 anyway
+    tails = [*parse_tails(t.lr_tails), Tail(start, to, lr)]
+    train = dataclasses.replace(t, max_steps=to, decay_steps=t.decay_steps or t.max_steps,
+                                lr_tails=format_tails(tails))
+    return dataclasses.replace(cfg, train=train)
+
+
+def is_extension(saved, given, trained_to: int) -> bool:
+    """`given` is `saved` (TrainConfigs) with one more tail, starting at or after the step
+    trained to (`trained_to`, the latest checkpoint), and nothing else changed: the steps
+    taken keep the schedule they had."""
+    old, new = parse_tails(saved.lr_tails), parse_tails(given.lr_tails)
+    return (len(new) == len(old) + 1 and new[:-1] == old and new[-1].start >= trained_to
+            and given.decay_steps == (saved.decay_steps or saved.max_steps)
+            and given.max_steps == new[-1].end)
+
+
+def describe(tail: Tail, min_lr: float) -> str:
+    return (f"from step {tail.start} the learning rate decays again along a cosine, from "
+            f"{tail.lr:.3g} (its value there) to min_lr {min_lr:.3g} at step {tail.end}")
