@@ -1,9 +1,10 @@
 """Instruction fine-tuning (SFT) on Alpaca-style records, and answering with the result.
 
 Records are formatted with the book's prompt template, split train/val/test (seeded),
-tokenized as prompt + response + end-of-text (cut to the context, with a count), and
-batched with end-of-text padding whose targets carry no loss (the first end-of-text, the
-record's own, does). The untuned model's validation loss is measured first, so the
+tokenized as prompt + response + end-of-text (cut to the context, with a count; data whose
+responses the cut removes entirely is refused), and batched with end-of-text padding whose
+targets carry no loss (the first end-of-text, the record's own, does). Validation scores
+the response tokens only. The untuned model's validation loss is measured first, so the
 report shows what fine-tuning changed. The test records are stored in the run for
 `respond`, which writes the model's answers to JSON.
 """
@@ -47,6 +48,27 @@ def _batch(examples, eot: int, rows: int, context: int, mask_prompt: bool) -> di
     return b
 
 
+def _check_responses_survive(examples, truncated: int, train, val, context: int) -> None:
+    """Refuse data whose responses the context cuts away entirely; warn when most are."""
+    lost = np.array([e.response_len == 0 for e in examples])
+    n = len(examples)
+    fix = ("the template and instruction fill it: use a base with a longer context, or "
+           "shorter records")
+    if lost[train].all():
+        raise GptjaxError(f"no training record keeps any of its response within the context "
+                          f"({context} tokens; {lost.sum()} of {n} records lose it): {fix}")
+    if lost[val].all():
+        raise GptjaxError(f"no validation record keeps any of its response within the context "
+                          f"({context} tokens), so there is nothing to score: {fix}")
+    if lost.sum() * 2 > n:
+        warnings.warn(f"{lost.sum()} of {n} records ({lost.mean():.0%}) lose their whole response "
+                      f"to the context ({context} tokens): they teach only the prompt, and "
+                      "validation scores the responses that remain")
+    elif truncated:
+        warnings.warn(f"{truncated} of {n} records are longer than the context ({context} "
+                      f"tokens) and were cut to fit ({lost.sum()} of them lose their whole response)")
+
+
 def finetune_sft(base: Base, data: SftData, tuning: Tuning, out: str | Path, *,
                  progress: bool = True, say=print) -> dict:
     """Fine-tune `base` on instruction records; returns val losses before and after."""
@@ -61,9 +83,7 @@ def finetune_sft(base: Base, data: SftData, tuning: Tuning, out: str | Path, *,
     train, val, test = sft_data.split_records(len(records), data.split, tuning.seed)
     examples, truncated = sft_data.encode_examples(records, tokenizer.encode, tokenizer.eot_id,
                                                    m.context_length)
-    if truncated:
-        warnings.warn(f"{truncated} of {len(records)} records are longer than the context "
-                      f"({m.context_length} tokens) and were cut to fit")
+    _check_responses_survive(examples, truncated, train, val, m.context_length)
     if len(train) < tuning.batch_size:
         raise GptjaxError(f"the training split has {len(train)} records, fewer than --batch-size "
                           f"{tuning.batch_size}")
@@ -73,8 +93,11 @@ def finetune_sft(base: Base, data: SftData, tuning: Tuning, out: str | Path, *,
     eval_fn = jax.jit(make_eval(loss_sum))
     size, T, eot = tuning.batch_size, m.context_length, tokenizer.eot_id
     val_lengths = np.array([len(examples[i].ids) for i in val])
-    val_batches = [_batch([examples[i] for i in val[c]], eot, size, T, data.mask_prompt)
+    # Validation scores responses only, whatever trains: a prompt the model has memorised
+    # (every record shares the template) is no sign it learned to answer.
+    val_batches = [_batch([examples[i] for i in val[c]], eot, size, T, mask_prompt=True)
                    for c in batching.by_length(val_lengths, size)]
+    val_tokens = int(sum(b["weights"].sum() for b in val_batches))
 
     train_lengths = np.array([len(examples[i].ids) for i in train])
 
@@ -89,7 +112,8 @@ def finetune_sft(base: Base, data: SftData, tuning: Tuning, out: str | Path, *,
 
     say(f"data: {len(records):,} records; split {len(train):,} train / {len(val):,} val / "
         f"{len(test):,} test (seed {tuning.seed}); loss on "
-        + ("responses only" if data.mask_prompt else "prompts and responses"))
+        + ("responses only" if data.mask_prompt else "prompts and responses")
+        + f"; validation scores the {val_tokens:,} response tokens of its {len(val):,} records")
     before = evaluate(s.trainable)
     say(f"before fine-tuning: val loss {before['val_loss']:.4f}, perplexity {before['val_ppl']:.2f}")
     result = session.run(out, s, tuning, base, loss_sum, epoch_batches, len(train) // size,
@@ -99,10 +123,13 @@ def finetune_sft(base: Base, data: SftData, tuning: Tuning, out: str | Path, *,
     report = {"val_loss_before": before["val_loss"], "val_ppl_before": before["val_ppl"],
               "val_loss": result.best_metrics["val_loss"], "val_ppl": result.best_metrics["val_ppl"],
               "best_step": result.best_step, "steps": result.steps,
-              "stopped_early": result.stopped_early, "truncated": truncated}
+              "stopped_early": result.stopped_early, "truncated": truncated,
+              "val_response_tokens": val_tokens,
+              "without_response": sum(1 for e in examples if e.response_len == 0)}
     (out / "sft_report.json").write_text(json.dumps(report, indent=2) + "\n")
     say(f"val loss {report['val_loss_before']:.4f} -> {report['val_loss']:.4f} (perplexity "
-        f"{report['val_ppl_before']:.2f} -> {report['val_ppl']:.2f}), best at step {result.best_step}")
+        f"{report['val_ppl_before']:.2f} -> {report['val_ppl']:.2f}) over {val_tokens:,} response "
+        f"tokens, best at step {result.best_step}")
     say(f"wrote {out / 'sft_report.json'}, {out / TEST_RECORDS}, {out / 'checkpoints'}; answer the "
         f"test records with: gptjax respond --run {out} --out responses.json")
     return report

@@ -122,6 +122,11 @@ class EncodedExample:
     ids: np.ndarray        # int32: prompt ids + response ids + [eot]
     prompt_len: int        # number of prompt ids
 
+    @property
+    def response_len(self) -> int:
+        """Response ids (with the end-of-text) left after the cut to the context."""
+        return len(self.ids) - self.prompt_len
+
 
 def encode_examples(records, encode: Callable[[str], list[int]], eot_id: int,
                     context_length: int) -> tuple[list[EncodedExample], int]:

@@ -26,7 +26,7 @@ def base(tmp_path_factory, corpus_file):
     assert main(["prepare", str(corpus_file), "--out", str(root / "data"), "--tokenizer", "byte",
                  "--no-progress"]) == 0
     assert main(["train", "--data", str(root / "data"), "--out", str(root / "base"), *TINY_RUN,
-                 "--context-length", "48", "--max-steps", "4", "--sample-tokens", "0"]) == 0
+                 "--context-length", "184", "--max-steps", "4", "--sample-tokens", "0"]) == 0
     return root
 
 
@@ -145,19 +145,62 @@ def test_instruction_tuning_lowers_val_loss_and_answers(base, records, tmp_path,
     code, stdout, err = run_cli(capsys, "finetune-sft", "--base", base / "base", "--data", records,
                                 *SFT, "--epochs", "2", "--base-lr", "3e-3", "--out", out)
     assert code == 0, err
-    assert "records are longer than the context" in err  # 48 bytes cannot hold the template
+    # 184 bytes hold a record without input whole; one with input (192 ids) loses the end
+    # of its response, none all of it.
+    assert "40 of 80 records are longer than the context (184 tokens) and were cut to fit " \
+           "(0 of them lose their whole response)" in err, err
     report = json.loads((out / "sft_report.json").read_text())
-    assert report["val_loss"] < report["val_loss_before"] and report["truncated"] > 0
+    assert report["val_loss"] < report["val_loss_before"] and report["truncated"] == 40
+    assert report["without_response"] == 0
+    assert f"over {report['val_response_tokens']:,} response tokens" in stdout
     test = json.loads((out / "test_records.json").read_text())
     assert len(test) == 8  # 10% of 80
     code, stdout, err = run_cli(capsys, "respond", "--run", out, "--out", tmp_path / "answers.json",
                                 "--max-new-tokens", "4", "--no-progress")
     answers = json.loads((tmp_path / "answers.json").read_text())
     assert code == 0 and len(answers) == 8 and all(isinstance(a["model_response"], str) for a in answers)
-    # Every prompt outgrows the context: one summary line, not one per prompt.
-    assert "8 of 8 prompts are longer than the context" in err and "prompt of" not in err, err
+    long = tmp_path / "long.json"  # prompts that outgrow the context: one summary line
+    long.write_text(json.dumps([{"instruction": "Say it. " * 30, "output": "x"}] * 3))
+    code, _, err = run_cli(capsys, "respond", "--run", out, "--records", long, "--out",
+                           tmp_path / "long-answers.json", "--max-new-tokens", "2", "--no-progress")
+    assert code == 0 and "3 of 3 prompts are longer than the context" in err, err
+    assert "prompt of" not in err, err
     fails_cleanly(capsys, "judge", "--responses", tmp_path / "answers.json", "--out",
                   tmp_path / "scored.json", "--judge-url", "", match="no judge endpoint configured")
+
+
+def _long_records(path, n_lost: int, n: int = 80):
+    """n records, n_lost of them with an instruction that fills the whole context."""
+    recs = [{"instruction": ("Repeat the word, please. " * 8 if i < n_lost else "Repeat it."),
+             "output": "stone stone"} for i in range(n)]
+    path.write_text(json.dumps(recs))
+    return path
+
+
+def test_instruction_data_whose_responses_are_cut_away_is_refused(base, tmp_path, capsys):
+    """At 184 bytes an instruction of 200 leaves no response token: nothing to learn, and
+    the template alone would show a large, meaningless fall in validation loss."""
+    data = _long_records(tmp_path / "lost.json", n_lost=80)
+    fails_cleanly(capsys, "finetune-sft", "--base", base / "base", "--data", data, *SFT,
+                  "--out", tmp_path / "out", match="no training record keeps any of its response "
+                  "within the context (184 tokens; 80 of 80 records lose it)")
+    assert not (tmp_path / "out").exists()
+
+
+def test_most_responses_cut_away_warns_with_the_share_and_scores_what_is_left(base, tmp_path, capsys):
+    data = _long_records(tmp_path / "most.json", n_lost=60)
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(capsys, "finetune-sft", "--base", base / "base", "--data", data,
+                                *SFT, "--epochs", "1", "--out", out)
+    assert code == 0, err
+    assert "60 of 80 records (75%) lose their whole response to the context (184 tokens)" in err
+    report = json.loads((out / "sft_report.json").read_text())
+    assert report["without_response"] == 60
+    # Validation scores response tokens only: 12 ids ("stone stone" and end-of-text) per
+    # validation record that keeps its response, none from those that lost it.
+    from gptjax.finetune.sft_data import split_records
+    _, val, _ = split_records(80, seed=0)
+    assert report["val_response_tokens"] == 12 * int(sum(i >= 60 for i in val))
 
 
 @pytest.fixture(scope="module")
