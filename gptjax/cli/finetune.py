@@ -23,7 +23,9 @@ TUNING_HELP = {
                     "all, or single projections qkv, out, fc, proj",
     "lr": "peak learning rate of new parameters (task head, LoRA adapters)",
     "base_lr": "peak learning rate of pretrained weights that train",
-    "epochs": "passes over the training split",
+    "epochs": "passes over the training split (unless --max-steps is set)",
+    "max_steps": "train exactly this many steps, passing over the training split as often as "
+                 "that takes (--epochs is then unused); 0 = --epochs passes",
     "batch_size": "rows per step",
     "warmup_steps": "linear warm-up steps before the cosine decay (to a tenth of the peak)",
     "weight_decay": "AdamW decoupled weight decay on kernels",

@@ -75,7 +75,7 @@ def run(out: Path, s: Setup, tuning: Tuning, base: Base, loss_sum, epoch_batches
     """Create the run in `out` and fit; the best trainable parameters are checkpointed."""
     eval_every = tuning.eval_every or steps_per_epoch
     schedule = Schedule(tuning.epochs, steps_per_epoch, eval_every, tuning.patience, monitor,
-                        higher_is_better)
+                        higher_is_better, tuning.max_steps)
     warmup = min(tuning.warmup_steps, max(schedule.total_steps - 1, 0))
     tx = optim.optimizer(s.trainable, lr=tuning.lr, base_lr=tuning.base_lr, warmup_steps=warmup,
                          total_steps=schedule.total_steps, weight_decay=tuning.weight_decay,
@@ -98,7 +98,7 @@ def _fit(out: Path, s: Setup, tuning: Tuning, state, step, schedule: Schedule, e
         ckpts.save_params(at, best, {"metrics": _jsonable(metrics)})
 
     say(s.describe())
-    say(f"{tuning.epochs} epoch(s) of {schedule.steps_per_epoch} steps, validating every "
+    say(f"{schedule.describe()}, validating every "
         f"{schedule.eval_every} steps on {schedule.monitor}"
         + (f", stopping after {tuning.patience} without improvement" if tuning.patience else ""))
     try:

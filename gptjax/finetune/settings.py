@@ -21,6 +21,7 @@ class Tuning:
     lr: float = 1e-3  # new parameters: the task head, LoRA adapters
     base_lr: float = 1e-4  # pretrained weights that train
     epochs: int = 5
+    max_steps: int = 0  # 0 = `epochs` passes; else exactly this many steps (epochs repeat)
     batch_size: int = 16
     warmup_steps: int = 20
     weight_decay: float = 0.1
@@ -36,7 +37,7 @@ class Tuning:
         for name in ("lr", "base_lr", "lora_alpha"):
             v = getattr(self, name)
             _require(math.isfinite(v) and v > 0, f"--{_flag(name)} must be positive, got {v}")
-        for name in ("lora_rank", "warmup_steps", "eval_every", "patience", "seed"):
+        for name in ("lora_rank", "warmup_steps", "eval_every", "patience", "seed", "max_steps"):
             _require(getattr(self, name) >= 0, f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
         for name in ("weight_decay", "grad_clip"):
             v = getattr(self, name)

@@ -28,10 +28,22 @@ class Schedule:
     patience: int  # validations without improvement before stopping; 0 = never stop early
     monitor: str  # key of the evaluation dict
     higher_is_better: bool
+    max_steps: int = 0  # 0 = `epochs` whole passes; else this many steps, epochs repeating
 
     @property
     def total_steps(self) -> int:
-        return self.epochs * self.steps_per_epoch
+        return self.max_steps or self.epochs * self.steps_per_epoch
+
+    @property
+    def passes(self) -> int:
+        """Epochs started: the last may end part-way when max_steps is set."""
+        return -(-self.total_steps // max(self.steps_per_epoch, 1))
+
+    def describe(self) -> str:
+        if not self.max_steps:
+            return f"{self.epochs} epoch(s) of {self.steps_per_epoch} steps"
+        return (f"{self.max_steps} steps ({self.max_steps / max(self.steps_per_epoch, 1):.2g} "
+                f"epochs of {self.steps_per_epoch} steps)")
 
 
 @dataclass
@@ -95,7 +107,7 @@ def fit(state: FinetuneState, frozen: dict, step_fn, epoch_batches: Callable[[in
 
     epoch = 0
     try:
-        for epoch in range(s.epochs):
+        for epoch in range(s.passes):
             for batch in epoch_batches(epoch):
                 state, metrics = step_fn(state, frozen, batch)
                 losses.append(metrics["loss"])
@@ -107,6 +119,8 @@ def fit(state: FinetuneState, frozen: dict, step_fn, epoch_batches: Callable[[in
                     clock = time.perf_counter()  # keep validation out of steps/s
                     if stopped:
                         break
+                if step == s.total_steps:
+                    break
             if stopped:
                 say(f"stopped early: no better {s.monitor} in {s.patience} validations")
                 break

@@ -320,3 +320,18 @@ def test_judge_scores_through_an_openai_compatible_endpoint(tmp_path, capsys, mo
     assert code == 0, err
     assert [r["score"] for r in json.loads((tmp_path / "s.json").read_text())] == [85, 85]
     assert "mean score 85.0" in out
+
+
+def test_max_steps_bounds_fine_tuning_in_steps_not_epochs(base, records, tmp_path, capsys):
+    """68 training records in batches of 8 are 8 steps an epoch: --max-steps 11 runs one
+    epoch and 3 steps of the next, validating every 5 steps and once at the end."""
+    out = tmp_path / "sft"
+    code, stdout, err = run_cli(capsys, "finetune-sft", "--base", base / "base", "--data", records,
+                                *SFT, "--max-steps", "11", "--eval-every", "5", "--out", out)
+    assert code == 0, err
+    assert "11 steps (1.4 epochs of 8 steps), validating every 5 steps" in stdout
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if r["kind"] == "eval"] == [5, 10, 11]
+    assert json.loads((out / "sft_report.json").read_text())["steps"] == 11
+    fails_cleanly(capsys, "finetune-sft", "--base", base / "base", "--data", records, *SFT,
+                  "--max-steps", "-1", "--out", tmp_path / "bad", match="--max-steps must be >= 0")
