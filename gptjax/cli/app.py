@@ -13,6 +13,7 @@ import sys
 
 from gptjax.cli import bench as cli_bench
 from gptjax.cli import check as cli_check
+from gptjax.cli import config_file
 from gptjax.cli import convert as cli_convert
 from gptjax.cli import evaluate as cli_evaluate
 from gptjax.cli import finetune as cli_finetune
@@ -61,7 +62,7 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 def main(argv: list[str] | None = None) -> int:
     import warnings
     warnings.showwarning = _one_line_warning
-    args = _parser().parse_args(argv)
+    args = config_file.parse_args(_parser(), sys.argv[1:] if argv is None else list(argv))
     if args.command in STEP_COMMANDS:
         from gptjax.cpu.host_memory import keep_freed_memory
         keep_freed_memory()  # before anything starts JAX's runtime

@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+from gptjax.cli.config_file import add_config_option
 from gptjax.errors import GptjaxError
 from gptjax.finetune.settings import Tuning
 
@@ -66,6 +67,7 @@ def tuning_from(args) -> Tuning:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
+    add_config_option(p, "[base], [data] and [tuning], as in a fine-tuned run's finetune.json")
     p.add_argument("--out", required=True, help="new run directory (must not exist, or be empty)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from gptjax import config as C
+from gptjax.cli.config_file import add_config_option
 from gptjax.cli.options import add_config_flags, apply_overrides, explicit_overrides
 from gptjax.config import TOKENIZER_KINDS
 from gptjax.errors import GptjaxError
@@ -22,6 +23,7 @@ def add_parsers(sub) -> None:
                         "and resident memory higher; GPTJAX_KEEP_FREED_MEMORY=0 turns that off.")
     tr.add_argument("--out", help="run directory (default: runs/<date-time>); an existing run "
                     "is resumed with its saved config")
+    add_config_option(tr, "[model], [train] and [data] fields, as in a run's config.json")
     tr.add_argument("--preset", choices=list(C.PRESETS), help="model preset (default: baby; "
                     "explicit model flags override it)")
     tr.add_argument("--stop-at", type=int, metavar="STEP", help="stop (with a checkpoint) at this "

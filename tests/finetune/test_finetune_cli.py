@@ -335,3 +335,30 @@ def test_max_steps_bounds_fine_tuning_in_steps_not_epochs(base, records, tmp_pat
     assert json.loads((out / "sft_report.json").read_text())["steps"] == 11
     fails_cleanly(capsys, "finetune-sft", "--base", base / "base", "--data", records, *SFT,
                   "--max-steps", "-1", "--out", tmp_path / "bad", match="--max-steps must be >= 0")
+
+
+def test_a_fine_tuned_runs_finetune_json_repeats_it_and_a_toml_sets_a_new_one(
+        base, records, sft_lora, tmp_path, capsys):
+    """finetune.json (base, data, tuning) as --config gives the same run; a hand-written
+    TOML with [base], [data] and [tuning] works too, with flags on top; a file from another
+    task is refused."""
+    again = tmp_path / "again"
+    code, _, err = run_cli(capsys, "finetune-sft", "--config", sft_lora / "finetune.json",
+                           "--out", again, "--no-progress")
+    assert code == 0, err
+    settings = lambda run: json.loads((run / "finetune.json").read_text())["settings"]  # noqa: E731
+    assert settings(again) == settings(sft_lora)
+    report = lambda run: json.loads((run / "sft_report.json").read_text())  # noqa: E731
+    assert report(again)["val_loss"] == report(sft_lora)["val_loss"]
+
+    (tmp_path / "lm.toml").write_text(
+        f'[base]\nrun = "{base / "base"}"\ncheckpoint = "latest"\n'
+        f'[data]\npath = "{base / "data"}"\n'
+        '[tuning]\nmax_steps = 3\nbatch_size = 4\nlr = 0.01\n')
+    code, stdout, err = run_cli(capsys, "finetune-lm", "--config", tmp_path / "lm.toml",
+                                "--batch-size", "2", "--out", tmp_path / "lm", "--no-progress")
+    assert code == 0, err
+    tuning = settings(tmp_path / "lm")["tuning"]
+    assert (tuning["max_steps"], tuning["batch_size"], tuning["lr"]) == (3, 2, 0.01)
+    fails_cleanly(capsys, "finetune-cls", "--config", sft_lora / "finetune.json", "--out",
+                  tmp_path / "cls", match="holds the settings of a finetune-sft run, not finetune-cls")
