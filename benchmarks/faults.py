@@ -29,7 +29,7 @@ import numpy as np
 
 STEPS, EVAL_EVERY = 40, 5
 RUN_FLAGS = ["--preset", "tiny", "--batch-size", "4", "--warmup-steps", "2", "--log-every", "5",
-             "--eval-every", str(EVAL_EVERY), "--eval-batches", "2", "--sample-tokens", "0",
+             "--eval-every", str(EVAL_EVERY), "--eval-batches", "2", "--max-new-tokens", "0",
              "--max-steps", str(STEPS), "--no-progress"]
 
 # Runs the CLI with the rename that commits a checkpoint (orbax's atomic temporary folder)

@@ -61,9 +61,9 @@ depth)
 report)
     step auto_tests 120 python -m pytest -q -p no:cacheprovider tests/model/test_attention.py -k "cudnn or auto"
     # The defaults (cuDNN attention, unrolled layers, padded vocabulary), with no overrides.
-    step bench_gpt2 300 python -m gptjax bench --preset gpt2 --batch 16,32 --context 1024 \
+    step bench_gpt2 300 python -m gptjax bench --preset gpt2 --batch-size 16,32 --context-length 1024 \
         --dtype bfloat16 --json "$out/bench_gpt2.json" --results "$out/RESULTS.md" \
-        --decode --decode-batch 1,64
+        --decode --decode-batch-size 1,64
     step host_overhead 130 python benchmarks/host_overhead.py --cases gpt2:32:1024 --dtype bfloat16
     ;;
 profile)
@@ -96,7 +96,7 @@ xl)
     done
     # The float32 baseline the bf16 figures have not had (XLA's attention: cuDNN's takes
     # half precision only).
-    step gpt2_float32 120 python -m gptjax bench --preset gpt2 --batch 16 --context 1024 \
+    step gpt2_float32 120 python -m gptjax bench --preset gpt2 --batch-size 16 --context-length 1024 \
         --dtype float32 --repeats 5 --json "$out/gpt2_float32.json"
     ;;
 flags)
@@ -104,7 +104,7 @@ flags)
     # to bracket drift. A flag this jaxlib does not know aborts its own step only (all three
     # parse in jaxlib 0.10.2).
     run_bench() {  # run_bench NAME XLA_FLAGS
-        step "$1" 110 env XLA_FLAGS="$2" python -m gptjax bench --preset gpt2 --batch 32 \
+        step "$1" 110 env XLA_FLAGS="$2" python -m gptjax bench --preset gpt2 --batch-size 32 \
             --context 1024 --dtype bfloat16 --repeats 5 --json "$out/$1.json"
     }
     run_bench flags_none ""

@@ -1,17 +1,19 @@
 """Repeated preemption of a local two-process CPU job, counting how each trial ends.
 
 Each trial starts `scripts/launch_local_cpu.sh 2 2` on a tiny char model, waits a random
-time, sends SIGTERM to one process (the notice JAX's preemption service spreads to the
-other) and waits. A trial is "stopped" when both processes say they stopped at one step and
+time, sends SIGTERM to one process (its flag reaches the other at the next agreed check,
+every 5 steps) and waits. A trial is "stopped" when both processes say they stopped at one step and
 saved it, with exit 130. One still running `--hang-after` seconds after the signal is a
 hang: the stacks of both processes are dumped with py-spy (when installed) into the output
 folder, then the job is killed.
 
     python benchmarks/preemption_trials.py --data PREPARED_CHAR --trials 60 --out /tmp/pt
     python benchmarks/preemption_trials.py ... --load 1   # beside a busy process, as in CI
+    python benchmarks/preemption_trials.py ... --no-signal 600 --log-every 200 --hang-after 120
 
-`--load N` runs N busy-looping processes beside every trial: the one hang seen before this
-script ran beside another test job.
+`--load N` runs N busy-looping processes beside every trial: the first hang ever seen ran
+beside another test job. The same launch with no signal at all and a long `--log-every`
+is the sharper test of the deadlock this script found (NOTES.md, "Preemption on CPU").
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# Flags the code before the fix took too, so one script measures both. A multi-process job
+# makes no end sample.
 FLAGS = ["--preset", "tiny", "--batch-size", "8", "--warmup-steps", "2", "--eval-batches", "1",
-         "--sample-tokens", "0", "--no-progress", "--join-timeout", "120",
-         "--max-steps", "100000", "--eval-every", "50000"]
+         "--no-progress", "--join-timeout", "120", "--eval-every", "50000"]
 
 
 def children(pid: int) -> list[int]:
@@ -56,14 +59,41 @@ def dump_stacks(pids: list[int], where: Path) -> None:
                 out.write(done.stdout + done.stderr)
 
 
-def trial(run: Path, data: Path, delay: float, log_every: int, hang_after: float) -> dict:
-    """One launch, one SIGTERM `delay` seconds after the first train record; the outcome."""
+def _launch(run: Path, data: Path, log_every: int, max_steps: int):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     argv = ["bash", str(ROOT / "scripts" / "launch_local_cpu.sh"), "2", "2", "--",
-            "--data", str(data), *FLAGS, "--log-every", str(log_every), "--out", str(run)]
+            "--data", str(data), *FLAGS, "--max-steps", str(max_steps),
+            "--log-every", str(log_every), "--out", str(run)]
     log = open(run.parent / f"{run.name}.log", "w")
     job = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
                            start_new_session=True)
+    return job, log
+
+
+def unsignalled(run: Path, data: Path, log_every: int, steps: int, hang_after: float) -> dict:
+    """One launch of `steps` steps and no signal: "finished", or a "hang" after `hang_after` s."""
+    job, log = _launch(run, data, log_every, steps)
+    outcome = {"log_every": log_every, "steps": steps}
+    start = time.monotonic()
+    try:
+        job.wait(timeout=hang_after)
+        outcome["seconds"] = round(time.monotonic() - start, 1)
+    except subprocess.TimeoutExpired:
+        dump_stacks(children(job.pid), run.parent)
+        return {**outcome, "end": "hang"}
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+        log.close()
+    done = f"step {steps}:" in (run.parent / f"{run.name}.log").read_text()
+    return {**outcome, "end": "finished" if job.returncode == 0 and done else "other",
+            "rc": job.returncode}
+
+
+def trial(run: Path, data: Path, delay: float, log_every: int, hang_after: float) -> dict:
+    """One launch, one SIGTERM `delay` seconds after the first train record; the outcome."""
+    job, log = _launch(run, data, log_every, 100000)
     outcome = {"delay": round(delay, 2), "log_every": log_every}
     try:
         deadline = time.monotonic() + 300
@@ -108,6 +138,9 @@ def main() -> None:
                    help="the signal comes 0 to this many seconds after the first train record")
     p.add_argument("--log-every", type=int, nargs="+", default=[1, 5, 50],
                    help="--log-every values drawn at random per trial")
+    p.add_argument("--no-signal", type=int, metavar="STEPS", default=0,
+                   help="send no signal: each trial trains this many steps and should finish "
+                        "(the old deadlock showed so at --log-every 200 and 600 steps)")
     args = p.parse_args()
     rng = random.Random(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -117,14 +150,18 @@ def main() -> None:
         with open(args.out / "trials.jsonl", "a") as record:
             for i in range(args.trials):
                 run = args.out / f"t{i}"
-                result = trial(run, args.data, rng.uniform(0.0, args.max_delay), rng.choice(args.log_every),
-                               args.hang_after)
+                log_every = rng.choice(args.log_every)
+                if args.no_signal:
+                    result = unsignalled(run, args.data, log_every, args.no_signal, args.hang_after)
+                else:
+                    result = trial(run, args.data, rng.uniform(0.0, args.max_delay), log_every,
+                                   args.hang_after)
                 result = {"trial": i, "load": args.load, **result}
                 record.write(json.dumps(result) + "\n")
                 record.flush()
                 counts[result["end"]] += 1
                 print(json.dumps(result), flush=True)
-                if result["end"] == "stopped":  # keep the logs and stacks of anything else
+                if result["end"] in ("stopped", "finished"):  # keep the logs and stacks of the rest
                     shutil.rmtree(run, ignore_errors=True)
                     (args.out / f"t{i}.log").unlink()
     finally:

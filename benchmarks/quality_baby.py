@@ -74,7 +74,7 @@ def main():
     rows = []
     for seed in args.seeds:
         cfg = RunConfig(model=preset("baby", vocab_size=data.vocab_size),
-                        train=TrainConfig(seed=seed, max_steps=args.steps, sample_tokens=0),
+                        train=TrainConfig(seed=seed, max_steps=args.steps, max_new_tokens=0),
                         data=dataclasses.replace(RunConfig().data, data=data_dir))
         t0 = time.perf_counter()
         gptjax.training.train(cfg, work / f"gptjax-{seed}", progress=False, echo=lambda *_: None)

@@ -13,15 +13,17 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from gptjax.errors import GptjaxError
 
 
-def _f(default, help: str, *, choices=None, resume_safe: bool = False):
+def _f(default, help: str, *, choices=None, resume_safe: bool = False, metavar: str = ""):
     meta = {"help": help, "resume_safe": resume_safe}
     if choices:
         meta["choices"] = tuple(choices)
+    if metavar:  # the CLI's name for the value, where its type alone says too little
+        meta["metavar"] = metavar
     return field(default=default, metadata=meta)
 
 
@@ -99,7 +101,7 @@ class TrainConfig:
     decay_steps: int = _f(0, "length of the warm-up and cosine schedule; 0 = max_steps "
                              "(--extend-to keeps the first length here)")
     lr_tails: str = _f("", "cosine tails added by --extend-to, START:END:LR[,...]: from START "
-                           "the rate decays again from LR to min_lr at END")
+                           "the rate decays again from LR to min_lr at END", metavar="TAILS")
     weight_decay: float = _f(0.1, "AdamW decoupled weight decay (kernels only)")
     beta1: float = _f(0.9, "Adam beta1")
     beta2: float = _f(0.99, "Adam beta2")
@@ -113,10 +115,11 @@ class TrainConfig:
     eval_batches: int = _f(20, "validation batches per evaluation", resume_safe=True)
     keep_checkpoints: int = _f(3, "most recent checkpoints kept (the best is kept too)",
                                resume_safe=True)
-    sample_tokens: int = _f(200, "tokens generated as a sample at the end", resume_safe=True)
+    max_new_tokens: int = _f(200, "new tokens in the sample generated at the end (it runs past "
+                                  "end-of-text); 0 = no sample", resume_safe=True)
     mesh: str = _f("", "device mesh, e.g. data=2,fsdp=2,tensor=2 (one axis may be -1 = the "
                        "rest); empty = data parallel over all devices. May change on resume: "
-                       "checkpoints restore onto any mesh", resume_safe=True)
+                       "checkpoints restore onto any mesh", resume_safe=True, metavar="MESH")
     on_nonfinite: str = _f(
         "abort", "a non-finite loss or gradient norm: abort (stop with an error; nothing past "
         "the last finite checkpoint is saved) or skip (drop that update, stop after max_skips "
@@ -138,13 +141,14 @@ class TrainConfig:
 class DataConfig:
     """Where training tokens come from."""
 
-    data: str = _f("", "prepared data directory (gptjax prepare); empty = embedded corpus")
+    data: str = _f("", "prepared data directory (gptjax prepare); empty = embedded corpus",
+                   metavar="DIR")
     tokenizer: str = _f("", "char, byte or gpt2; empty = char for the embedded corpus, else the "
                             "prepared data's (a different one is an error)",
                         choices=TOKENIZER_KINDS)
     val_fraction: float = _f(0.1, "share of the embedded corpus held out for validation")
     gpt2_ranks: str = _f("", "local GPT-2 BPE ranks file (else $GPTJAX_GPT2_RANKS, else download)",
-                         resume_safe=True)
+                         resume_safe=True, metavar="FILE")
 
 
 @dataclass(frozen=True)
@@ -215,7 +219,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     for name in ("lr", "beta2", "eps"):
         _positive(f"train.{name}", getattr(t, name))
     for name in ("min_lr", "warmup_steps", "weight_decay", "grad_clip", "stride",
-                 "sample_tokens", "peak_flops", "beta1"):
+                 "max_new_tokens", "peak_flops", "beta1"):
         if not getattr(t, name) >= 0:
             raise GptjaxError(f"train.{name} must be >= 0, got {getattr(t, name)}")
     if t.min_lr > t.lr:
@@ -226,7 +230,6 @@ def validate(cfg: RunConfig) -> RunConfig:
     if t.warmup_steps >= t.max_steps:
         raise GptjaxError(f"train.warmup_steps ({t.warmup_steps}) must be less than "
                           f"train.max_steps ({t.max_steps}); set it with --warmup-steps")
-    from gptjax.training.extend import check_tails  # no JAX: the data layer validates too
     check_tails(t)
     if not (t.beta1 < 1 and t.beta2 < 1):
         raise GptjaxError("train.beta1 and train.beta2 must be below 1")
@@ -247,11 +250,15 @@ def to_dict(cfg: RunConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
+# Fields renamed since runs were first written: old config.json files still load.
+RENAMED = {"train": {"sample_tokens": "max_new_tokens"}}
+
+
 def from_dict(raw: dict) -> RunConfig:
     """Rebuild a RunConfig from to_dict() output, rejecting unknown fields."""
     sections = {}
     for section, cls in SECTIONS.items():
-        values = dict(raw.get(section, {}))
+        values = {RENAMED.get(section, {}).get(k, k): v for k, v in raw.get(section, {}).items()}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -283,6 +290,50 @@ def training_differences(saved: RunConfig, given: RunConfig) -> list[str]:
                 diffs.append(f"{section}.{f.name} (run has {getattr(a, f.name)!r}, "
                              f"given {getattr(b, f.name)!r})")
     return diffs
+
+
+# ---- train.lr_tails: the cosine tails of an extended run (gptjax/training/extend.py) ----
+
+class Tail(NamedTuple):
+    start: int  # the step from which this cosine applies
+    end: int  # where it reaches min_lr (the run's max_steps, for the last tail)
+    lr: float  # the rate at `start`
+
+
+def parse_tails(spec: str) -> list[Tail]:
+    if not spec:
+        return []
+    tails = []
+    for part in spec.split(","):
+        try:
+            start, end, lr = part.split(":")
+            tails.append(Tail(int(start), int(end), float(lr)))
+        except ValueError:
+            raise GptjaxError(f"train.lr_tails: {part!r} is not START:END:LR "
+                              "(e.g. 60:80:0.0001)") from None
+    return tails
+
+
+def format_tails(tails: list[Tail]) -> str:
+    return ",".join(f"{t.start}:{t.end}:{t.lr!r}" for t in tails)
+
+
+def check_tails(train) -> None:
+    """Each tail starts after the one before, within it, and the last ends at max_steps."""
+    tails = parse_tails(train.lr_tails)
+    if train.decay_steps < 0:
+        raise GptjaxError(f"train.decay_steps must be >= 0, got {train.decay_steps}")
+    previous_end = train.decay_steps or train.max_steps
+    previous_start = 0
+    for t in tails:
+        if not previous_start < t.start <= previous_end or t.end <= t.start or t.lr < 0:
+            raise GptjaxError(f"train.lr_tails: {format_tails([t])} must start after step "
+                              f"{previous_start}, by step {previous_end}, and end after it "
+                              "starts, from a learning rate >= 0")
+        previous_start, previous_end = t.start, t.end
+    if tails and tails[-1].end != train.max_steps:
+        raise GptjaxError(f"train.lr_tails ends at step {tails[-1].end}, but train.max_steps "
+                          f"is {train.max_steps}")
 
 
 # ---- the mesh spec: written in the config, resolved against devices in gptjax.parallel ----

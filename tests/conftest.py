@@ -55,7 +55,7 @@ def char_data(tmp_path_factory, corpus_file) -> Path:
 
 
 TINY_RUN = ["--preset", "tiny", "--batch-size", "4", "--warmup-steps", "2", "--log-every", "1",
-            "--eval-every", "3", "--eval-batches", "2", "--sample-tokens", "8", "--no-progress"]
+            "--eval-every", "3", "--eval-batches", "2", "--max-new-tokens", "8", "--no-progress"]
 
 
 def repo_script(folder: str, name: str):

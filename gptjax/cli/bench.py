@@ -14,6 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from gptjax.cli.options import add_old_spellings
 from gptjax.errors import GptjaxError
 
 DESCRIPTION = """\
@@ -38,8 +39,8 @@ Freed host memory is kept for reuse as in `gptjax train` (recorded with the resu
 GPTJAX_KEEP_FREED_MEMORY=0 measures glibc's default instead).
 
 Examples:
-  gptjax bench --preset baby,mini --batch 12,8 --context 64,256 --zip
-  gptjax bench --preset gpt2 --batch 16 --context 1024 --dtype bfloat16     # on a GPU
+  gptjax bench --preset baby,mini --batch-size 12,8 --context-length 64,256 --zip
+  gptjax bench --preset gpt2 --batch-size 16 --context-length 1024 --dtype bfloat16  # on a GPU
   gptjax bench --preset tiny --steps 2 --repeats 1 --json out.json --results RESULTS.md
 """
 
@@ -48,32 +49,41 @@ def add_parser(sub) -> None:
     """Register the `bench` subcommand on the CLI's subparsers."""
     p = sub.add_parser("bench", help="measure train-step tokens/s, MFU, compile time, memory, decode",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="baby", help="comma-separated model presets (default: baby)")
-    p.add_argument("--batch", default="12", help="comma-separated batch sizes (default: 12)")
-    p.add_argument("--context", help="comma-separated context lengths (default: each preset's)")
+    p.add_argument("--preset", default="baby", metavar="LIST",
+                   help="comma-separated model presets (default: baby)")
+    p.add_argument("--batch-size", default="12", metavar="LIST",
+                   help="comma-separated batch sizes (default: 12)")
+    p.add_argument("--context-length", metavar="LIST",
+                   help="comma-separated context lengths (default: each preset's)")
     p.add_argument("--zip", action="store_true", help="pair the lists element-wise instead of "
                    "taking every combination (lists of length 1 are repeated)")
-    p.add_argument("--vocab", type=int, help="vocabulary size (default: the preset's, else 65 = "
+    p.add_argument("--vocab-size", type=int, metavar="INT",
+                   help="vocabulary size (default: the preset's, else 65 = "
                    "nanoGPT's shakespeare_char, for parity with its CPU numbers)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="compute dtype; parameters and optimizer state stay float32 (default: float32)")
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats (default: 5; the "
+    p.add_argument("--repeats", type=int, default=5, metavar="INT", help="timed repeats (default: 5; the "
                    "protocol asks for >= 5)")
-    p.add_argument("--steps", type=int, default=10, help="train steps per repeat (default: 10)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
-    p.add_argument("--peak-flops", type=float, default=0.0, help="MFU denominator in FLOP/s "
+    p.add_argument("--steps", type=int, default=10, metavar="INT",
+                   help="train steps per repeat (default: 10)")
+    p.add_argument("--warmup", type=int, default=3, metavar="INT", help="untimed steps first (default: 3)")
+    p.add_argument("--peak-flops", type=float, default=0.0, metavar="FLOAT", help="MFU denominator in FLOP/s "
                    "(default: data sheet of known accelerators, else measured f32 matmul)")
     p.add_argument("--compile-cache", action="store_true", help="also time the compile in fresh "
                    "processes: cold, then with JAX's persistent compilation cache")
     p.add_argument("--decode", action="store_true", help="add decode rows (time to first token, "
                    "ms/token) for each preset and context")
-    p.add_argument("--decode-batch", default="1", help="comma-separated decode batch sizes "
+    p.add_argument("--decode-batch-size", default="1", metavar="LIST",
+                   help="comma-separated decode batch sizes "
                    "(default: 1)")
-    p.add_argument("--decode-prompt", type=int, help="prompt tokens (default: min(32, context/4))")
-    p.add_argument("--decode-new", type=int, help="new tokens (default: min(128, context - prompt))")
-    p.add_argument("--json", metavar="PATH", help="write all results as JSON here")
-    p.add_argument("--results", metavar="PATH", help="append the markdown table (with hardware, "
+    p.add_argument("--decode-prompt-tokens", type=int, metavar="INT",
+                   help="prompt tokens (default: min(32, context/4))")
+    p.add_argument("--decode-new-tokens", type=int, metavar="INT",
+                   help="new tokens (default: min(128, context - prompt))")
+    p.add_argument("--json", metavar="FILE", help="write all results as JSON here")
+    p.add_argument("--results", metavar="FILE", help="append the markdown table (with hardware, "
                    "versions, flags and this command) to this file, e.g. benchmarks/RESULTS.md")
+    add_old_spellings(p)
 
 
 def _ints(text: str, flag: str) -> list[int]:
@@ -93,13 +103,13 @@ def _cases(args) -> list[tuple[str, int, int | None]]:
     unknown = [p for p in presets if p not in PRESETS]
     if unknown:
         raise GptjaxError(f"unknown preset {unknown[0]!r}; choose from {', '.join(PRESETS)}")
-    batches = _ints(args.batch, "--batch")
-    contexts = _ints(args.context, "--context") if args.context else [None]
+    batches = _ints(args.batch_size, "--batch-size")
+    contexts = _ints(args.context_length, "--context-length") if args.context_length else [None]
     if not args.zip:
         return list(itertools.product(presets, batches, contexts))
     n = max(len(presets), len(batches), len(contexts))
     if any(len(x) not in (1, n) for x in (presets, batches, contexts)):
-        raise GptjaxError("with --zip, --preset, --batch and --context need equal lengths (or 1)")
+        raise GptjaxError("with --zip, --preset, --batch-size and --context-length need equal lengths (or 1)")
     def pick(xs, i):
         return xs[0] if len(xs) == 1 else xs[i]
     return [(pick(presets, i), pick(batches, i), pick(contexts, i)) for i in range(n)]
@@ -111,13 +121,13 @@ def _check(args) -> None:
     for flag in ("steps", "warmup"):
         if getattr(args, flag) < 1:
             raise GptjaxError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    if args.vocab is not None and args.vocab < 1:
-        raise GptjaxError(f"--vocab must be positive, got {args.vocab}")
+    if args.vocab_size is not None and args.vocab_size < 1:
+        raise GptjaxError(f"--vocab-size must be positive, got {args.vocab_size}")
     if args.peak_flops < 0:
         raise GptjaxError(f"--peak-flops must be >= 0, got {args.peak_flops}")
-    for flag in ("decode_prompt", "decode_new"):
+    for flag in ("decode_prompt_tokens", "decode_new_tokens"):
         value = getattr(args, flag)
-        if value is not None and value < (2 if flag == "decode_new" else 1):
+        if value is not None and value < (2 if flag == "decode_new_tokens" else 1):
             raise GptjaxError(f"--{flag.replace('_', '-')} is too small: {value}")
     for flag in ("json", "results"):
         path = getattr(args, flag)
@@ -131,7 +141,7 @@ def _model_config(name: str, context: int | None, args):
     overrides = {"dtype": args.dtype, "param_dtype": "float32"}
     if context:
         overrides["context_length"] = context
-    overrides["vocab_size"] = args.vocab or PRESETS[name].get("vocab_size") or 65
+    overrides["vocab_size"] = args.vocab_size or PRESETS[name].get("vocab_size") or 65
     cfg = preset(name, **overrides)
     validate(RunConfig(model=cfg, train=TrainConfig()))
     return cfg
@@ -140,7 +150,7 @@ def _model_config(name: str, context: int | None, args):
 def run(args) -> int:
     _check(args)
     cases = _cases(args)
-    decode_batches = _ints(args.decode_batch, "--decode-batch") if args.decode else []
+    decode_batches = _ints(args.decode_batch_size, "--decode-batch-size") if args.decode else []
     configs = [(_model_config(name, ctx, args), name, batch) for name, batch, ctx in cases]
 
     from gptjax.bench import decode as bench_decode
@@ -154,7 +164,8 @@ def run(args) -> int:
     decode_models = []  # distinct (config, preset name): the batch does not change a decode row
     for cfg, name, _ in configs:
         if decode_batches and all(cfg != c for c, _ in decode_models):
-            prompt, new = bench_decode.decode_lengths(cfg.context_length, args.decode_prompt, args.decode_new)
+            prompt, new = bench_decode.decode_lengths(cfg.context_length, args.decode_prompt_tokens,
+                                                          args.decode_new_tokens)
             if prompt + new > cfg.context_length:
                 raise GptjaxError(f"decode prompt {prompt} + {new} new tokens exceed {name}'s "
                                   f"context {cfg.context_length}")
@@ -205,7 +216,8 @@ def run(args) -> int:
     policies = {row["memory"]["host_memory"] for row in rows}
     machine["host_memory"] = policies.pop() if len(policies) == 1 else "differs by case (see JSON)"
     for j, (cfg, name) in enumerate(decode_models):
-        prompt, new = bench_decode.decode_lengths(cfg.context_length, args.decode_prompt, args.decode_new)
+        prompt, new = bench_decode.decode_lengths(cfg.context_length, args.decode_prompt_tokens,
+                                                          args.decode_new_tokens)
         for batch in decode_batches:
             d = bench_decode.run_decode_bench(cfg, batch, prompt, new, args.repeats,
                                        params=decode_params.get(j))

@@ -15,7 +15,7 @@ Nothing is changed or deleted."""
 def add_parser(sub) -> None:
     p = sub.add_parser("check", help="verify a run's checkpoints against their checksums",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", metavar="RUN", help="run directory")
+    p.add_argument("run", metavar="RUN_DIR", help="run directory")
 
 
 def run(args) -> int:

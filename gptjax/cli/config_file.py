@@ -18,6 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
+from gptjax import config as C
 from gptjax.errors import GptjaxError
 
 FINETUNE_TASKS = {"finetune-cls": "cls", "finetune-sft": "sft", "finetune-lm": "lm"}
@@ -33,11 +34,13 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Nam
     path = _config_path(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     sub = _subparsers(parser).get(command) if path is not None else None
-    if sub is None:
-        return parser.parse_args(argv)
+    if sub is None or not any(a.dest == "config" for a in sub._actions):
+        return parser.parse_args(argv)  # argparse names a --config the command does not take
     try:
         values = _flatten(read(Path(path)), command)
-        actions = {a.dest: a for a in sub._actions}
+        actions = {}
+        for a in sub._actions:  # the flag itself, not a hidden old spelling of it
+            actions.setdefault(a.dest, a)
         from_file = {dest: _checked(actions, dest, value, path)
                      for dest, value in values.items() if value is not None}
     except GptjaxError as e:
@@ -104,8 +107,9 @@ def _flatten(raw: dict, command: str) -> dict:
     if command not in FINETUNE_TASKS:
         out = {}
         for key, value in raw.items():
-            if isinstance(value, dict):
-                out.update({f"{key}.{k}": v for k, v in value.items()})
+            if isinstance(value, dict):  # a config section; old field names still read
+                renamed = C.RENAMED.get(key, {})
+                out.update({f"{key}.{renamed.get(k, k)}": v for k, v in value.items()})
             else:
                 out[key] = value
         return out

@@ -10,6 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
+from gptjax.cli.options import add_checkpoint, add_gpt2_ranks
+
 DESCRIPTION = """\
 Convert GPT-2 weights between gptjax and Hugging Face's layout.
 
@@ -32,11 +34,10 @@ def add_parser(sub) -> None:
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", metavar="SRC", help="a gptjax run directory (export), or a Hugging "
                    "Face GPT-2 directory or Hub model name (import)")
-    p.add_argument("--out", required=True, help="new directory: a Hugging Face model (export) or "
-                   "a gptjax run (import)")
-    p.add_argument("--checkpoint", default="latest",
-                   help="export: latest, best or a step (default: latest)")
-    p.add_argument("--gpt2-ranks", help="local GPT-2 ranks file (else $GPTJAX_GPT2_RANKS)")
+    p.add_argument("--out", required=True, metavar="DIR", help="new directory: a Hugging Face "
+                   "model (export) or a gptjax run (import)")
+    add_checkpoint(p, when="export: ")
+    add_gpt2_ranks(p)
 
 
 def run(args) -> int:

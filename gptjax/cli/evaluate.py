@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from gptjax.cli.options import add_checkpoint, add_gpt2_ranks
+
 
 def add_parser(sub) -> None:
     ev = sub.add_parser("eval", help="validation loss and perplexity of a run")
-    ev.add_argument("--run", required=True, help="run directory")
-    ev.add_argument("--data", help="prepared data to evaluate on (default: the run's own)")
-    ev.add_argument("--checkpoint", default="latest", help="latest, best or a step (default: latest)")
+    ev.add_argument("--run", required=True, metavar="RUN_DIR", help="run directory")
+    ev.add_argument("--data", metavar="DIR", help="prepared data to evaluate on (default: the run's own)")
+    add_checkpoint(ev)
     which = ev.add_mutually_exclusive_group()
     which.add_argument("--full", action="store_true", default=None,
                        help="score every non-overlapping window of the validation split "
@@ -15,7 +17,7 @@ def add_parser(sub) -> None:
     which.add_argument("--batches", type=int, metavar="INT",
                        help="score only the first INT validation batches, as training does "
                             "(default for a large split: the run's eval_batches)")
-    ev.add_argument("--gpt2-ranks", help="local GPT-2 ranks file (else $GPTJAX_GPT2_RANKS)")
+    add_gpt2_ranks(ev)
 
 
 def run(args) -> int:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from gptjax.cli.config_file import add_config_option
+from gptjax.cli.options import METAVARS, add_checkpoint, add_gpt2_ranks
 from gptjax.errors import GptjaxError
 from gptjax.finetune.settings import Tuning
 
@@ -38,6 +39,9 @@ TUNING_HELP = {
 }
 
 
+TUNING_METAVARS = {"train": "all|head|last-N", "lora_targets": "TARGETS"}
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -48,9 +52,8 @@ def _add_base(p: argparse.ArgumentParser) -> None:
     source.add_argument("--base", metavar="RUN_DIR", help="a gptjax run (trained, imported or fine-tuned)")
     source.add_argument("--hf", metavar="DIR_OR_NAME", help="GPT-2 weights: a Hugging Face folder "
                         "(config.json + model.safetensors) or a Hub name such as gpt2")
-    g.add_argument("--base-checkpoint", default="latest", help="with --base: latest, best or a step "
-                   "(default: latest)")
-    g.add_argument("--gpt2-ranks", help="local GPT-2 ranks file (else $GPTJAX_GPT2_RANKS)")
+    add_checkpoint(g, "--base-checkpoint", when="with --base: ")
+    add_gpt2_ranks(g)
 
 
 def _add_tuning(p: argparse.ArgumentParser, defaults: Tuning) -> None:
@@ -59,7 +62,8 @@ def _add_tuning(p: argparse.ArgumentParser, defaults: Tuning) -> None:
         default = getattr(defaults, f.name)
         kind = type(default)
         g.add_argument(_flag(f.name), type=kind, default=default, dest=f"tuning.{f.name}",
-                       metavar=kind.__name__.upper(), help=f"{TUNING_HELP[f.name]} (default: {default!r})")
+                       metavar=TUNING_METAVARS.get(f.name, METAVARS[kind]),
+                       help=f"{TUNING_HELP[f.name]} (default: {default!r})")
 
 
 def tuning_from(args) -> Tuning:
@@ -68,7 +72,8 @@ def tuning_from(args) -> Tuning:
 
 def _common(p: argparse.ArgumentParser) -> None:
     add_config_option(p, "[base], [data] and [tuning], as in a fine-tuned run's finetune.json")
-    p.add_argument("--out", required=True, help="new run directory (must not exist, or be empty)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="new run directory (must not exist, or be empty)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -82,14 +87,17 @@ def add_parsers(sub) -> None:
         "and F1, macro F1, confusion matrix as a table and confusion.png).")
     _add_base(fc)
     d = fc.add_argument_group("data")
-    d.add_argument("--data", required=True, help="CSV, TSV or JSONL file of texts and labels")
-    d.add_argument("--text-column", default="text", help="header name of the text column, or its "
+    d.add_argument("--data", required=True, metavar="FILE", help="CSV, TSV or JSONL file of texts and labels")
+    d.add_argument("--text-column", default="text", metavar="COLUMN",
+                   help="header name of the text column, or its "
                    "0-based number for a file without a header (default: text)")
-    d.add_argument("--label-column", default="label", help="header name or 0-based number of the "
+    d.add_argument("--label-column", default="label", metavar="COLUMN",
+                   help="header name or 0-based number of the "
                    "label column (default: label). The SMS Spam Collection (label<TAB>text, no "
                    "header): --label-column 0 --text-column 1")
     d.add_argument("--format", choices=("csv", "tsv", "jsonl"), help="file format (default: from the suffix)")
-    d.add_argument("--split", default="0.7,0.1,0.2", help="train,val,test fractions (default: 0.7,0.1,0.2)")
+    d.add_argument("--split", default="0.7,0.1,0.2", metavar="FRACTIONS",
+                   help="train,val,test fractions (default: 0.7,0.1,0.2)")
     d.add_argument("--balance", action="store_true", help="undersample the training split so every "
                    "class has as many texts as the rarest")
     d.add_argument("--class-weights", action="store_true", help="weight the loss by inverse class frequency")
@@ -97,7 +105,8 @@ def add_parsers(sub) -> None:
                    "the last real token's hidden state, or the mean over real tokens (default: last)")
     d.add_argument("--metric", choices=("accuracy", "macro_f1", "loss"), default="accuracy",
                    help="validation metric for early stopping and the best checkpoint (default: accuracy)")
-    d.add_argument("--max-length", type=int, default=0, help="tokens kept per text, at most the "
+    d.add_argument("--max-length", type=int, default=0, metavar="INT",
+                   help="tokens kept per text, at most the "
                    "model's context (longer ones are cut, with a count); 0 = the model's context "
                    "(default: 0)")
     _add_tuning(fc, Tuning())
@@ -105,10 +114,10 @@ def add_parsers(sub) -> None:
 
     cl = sub.add_parser("classify", help="label texts with a fine-tuned classifier",
                         description="Print each text's predicted label and the class probabilities.")
-    cl.add_argument("--run", required=True, help="a run made by gptjax finetune-cls")
+    cl.add_argument("--run", required=True, metavar="RUN_DIR", help="a run made by gptjax finetune-cls")
     cl.add_argument("texts", nargs="+", metavar="TEXT", help="texts to classify")
-    cl.add_argument("--checkpoint", default="latest", help="latest (the best kept), or a step")
-    cl.add_argument("--gpt2-ranks", help="local GPT-2 ranks file (else $GPTJAX_GPT2_RANKS)")
+    add_checkpoint(cl)
+    add_gpt2_ranks(cl)
     cl.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
 
     fs = sub.add_parser(
@@ -121,8 +130,9 @@ def add_parsers(sub) -> None:
         "for `gptjax respond`.")
     _add_base(fs)
     d = fs.add_argument_group("data")
-    d.add_argument("--data", required=True, help="JSON array or JSONL of instruction records")
-    d.add_argument("--split", default="0.85,0.05,0.1", help="train,val,test fractions (default: 0.85,0.05,0.1)")
+    d.add_argument("--data", required=True, metavar="FILE", help="JSON array or JSONL of instruction records")
+    d.add_argument("--split", default="0.85,0.05,0.1", metavar="FRACTIONS",
+                   help="train,val,test fractions (default: 0.85,0.05,0.1)")
     d.add_argument("--mask-prompt", action="store_true", help="no loss on the prompt's tokens")
     _add_tuning(fs, Tuning(lr=1e-3, base_lr=1e-4, epochs=2, batch_size=8, patience=0))
     _common(fs)
@@ -133,7 +143,7 @@ def add_parsers(sub) -> None:
         "tokenizer (gptjax prepare). With --lora-rank the base stays frozen and only the "
         "adapters train and are saved; generate or convert the result like any run.")
     _add_base(fl)
-    fl.add_argument("--data", required=True, help="prepared data directory (gptjax prepare)")
+    fl.add_argument("--data", required=True, metavar="DIR", help="prepared data directory (gptjax prepare)")
     _add_tuning(fl, Tuning(base_lr=1e-4, epochs=1, batch_size=8, eval_every=200, patience=0))
     _common(fl)
 
@@ -141,12 +151,15 @@ def add_parsers(sub) -> None:
                         description="Greedy answers to each record's formatted prompt, written as "
                         "JSON: the records with a model_response field. Default records: the test "
                         "split kept by gptjax finetune-sft.")
-    rs.add_argument("--run", required=True, help="a run (typically from gptjax finetune-sft)")
-    rs.add_argument("--records", help="JSON or JSONL records to answer (default: the run's test split)")
-    rs.add_argument("--out", required=True, help="JSON file to write (must not exist)")
-    rs.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default: 256)")
-    rs.add_argument("--checkpoint", default="latest", help="latest (the best kept), or a step")
-    rs.add_argument("--gpt2-ranks", help="local GPT-2 ranks file (else $GPTJAX_GPT2_RANKS)")
+    rs.add_argument("--run", required=True, metavar="RUN_DIR",
+                    help="a run (typically from gptjax finetune-sft)")
+    rs.add_argument("--records", metavar="FILE",
+                    help="JSON or JSONL records to answer (default: the run's test split)")
+    rs.add_argument("--out", required=True, metavar="FILE", help="JSON file to write (must not exist)")
+    rs.add_argument("--max-new-tokens", type=int, default=256, metavar="INT",
+                    help="most new tokens per answer (default: 256)")
+    add_checkpoint(rs)
+    add_gpt2_ranks(rs)
     rs.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     ju = sub.add_parser("judge", help="score responses with an LLM behind an OpenAI-compatible API",
@@ -154,11 +167,11 @@ def add_parsers(sub) -> None:
                         "reference output from 0 to 100, and write the records with a score. The "
                         "endpoint is any OpenAI-compatible chat-completions API (OpenAI, vLLM, "
                         "Ollama's /v1, llama.cpp server).")
-    ju.add_argument("--responses", required=True, help="JSON written by gptjax respond")
-    ju.add_argument("--out", required=True, help="JSON file to write (must not exist)")
-    ju.add_argument("--judge-url", default=os.environ.get("GPTJAX_JUDGE_URL"),
+    ju.add_argument("--responses", required=True, metavar="FILE", help="JSON written by gptjax respond")
+    ju.add_argument("--out", required=True, metavar="FILE", help="JSON file to write (must not exist)")
+    ju.add_argument("--judge-url", default=os.environ.get("GPTJAX_JUDGE_URL"), metavar="URL",
                     help="API base URL, e.g. http://localhost:11434/v1 (default: $GPTJAX_JUDGE_URL)")
-    ju.add_argument("--judge-model", default=os.environ.get("GPTJAX_JUDGE_MODEL"),
+    ju.add_argument("--judge-model", default=os.environ.get("GPTJAX_JUDGE_MODEL"), metavar="NAME",
                     help="model name at that endpoint (default: $GPTJAX_JUDGE_MODEL)")
     ju.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the "
                     "endpoint's API key, e.g. OPENAI_API_KEY; sent as a bearer token only when "

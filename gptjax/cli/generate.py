@@ -6,6 +6,7 @@ import dataclasses
 import sys
 
 from gptjax import config as C
+from gptjax.cli.options import add_checkpoint, add_gpt2_ranks
 from gptjax.errors import GptjaxError
 
 
@@ -18,22 +19,24 @@ def add_parser(sub) -> None:
         "context keeps its last context-length tokens (with a warning); once a row's next "
         "position would pass the context, the window slides (slower: recomputed, no cache).")
     source = ge.add_mutually_exclusive_group(required=True)
-    source.add_argument("--run", help="gptjax run directory")
+    source.add_argument("--run", metavar="RUN_DIR", help="gptjax run directory")
     source.add_argument("--hf", metavar="DIR_OR_NAME", help="GPT-2 weights in the Hugging Face "
                         "layout: a folder with config.json + model.safetensors, or a Hub name "
                         "such as gpt2 (downloads; needs `pip install 'gptjax[hf]'`)")
-    ge.add_argument("--prompt", action="append", help="prompt text; repeat for a batch "
+    ge.add_argument("--prompt", action="append", metavar="TEXT", help="prompt text; repeat for a batch "
                     "(default: one empty prompt = start of a document)")
-    ge.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default: 200)")
-    ge.add_argument("--temperature", type=float, default=0.8,
+    ge.add_argument("--max-new-tokens", type=int, default=200, metavar="INT",
+                    help="most new tokens per row (default: 200)")
+    ge.add_argument("--temperature", type=float, default=0.8, metavar="FLOAT",
                     help="softmax temperature; 0 = greedy (default: 0.8)")
-    ge.add_argument("--top-k", type=int, help="sample among the k most likely ids (default: all)")
-    ge.add_argument("--top-p", type=float, help="sample from the smallest set of ids whose "
-                    "probability reaches p, in (0, 1] (default: off)")
+    ge.add_argument("--top-k", type=int, metavar="INT",
+                    help="sample among the k most likely ids (default: all)")
+    ge.add_argument("--top-p", type=float, metavar="FLOAT", help="sample from the smallest set of "
+                    "ids whose probability reaches p, in (0, 1] (default: off)")
     ge.add_argument("--stop", action="append", default=[], metavar="TEXT",
                     help="end a row where this text appears (not printed); repeatable")
     ge.add_argument("--ignore-eot", action="store_true", help="do not stop at end-of-text")
-    ge.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    ge.add_argument("--seed", type=int, default=0, metavar="INT", help="sampling seed (default: 0)")
     ge.add_argument("--dtype", choices=("float32", "bfloat16"), help="cast weights and compute "
                     "to this dtype (default: as stored)")
     ge.add_argument("--decode-matmul",
@@ -42,8 +45,8 @@ def add_parser(sub) -> None:
                     "auto = the native CPU kernel where it builds, xla = XLA's (default: the "
                     "run's config, normally auto)")
     ge.add_argument("--no-stream", action="store_true", help="print only when finished")
-    ge.add_argument("--checkpoint", help="with --run: latest, best or a step (default: latest)")
-    ge.add_argument("--gpt2-ranks", help="local GPT-2 ranks file (else $GPTJAX_GPT2_RANKS)")
+    add_checkpoint(ge, when="with --run: ", default=None)
+    add_gpt2_ranks(ge)
 
 
 def run(args) -> int:

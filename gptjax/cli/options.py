@@ -16,6 +16,50 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+# The metavar of every value a flag takes, by what it is: one vocabulary for every command
+# (tests/cli/test_flag_vocabulary.py walks the parsers against it).
+METAVARS = {int: "INT", float: "FLOAT", str: "TEXT"}
+CHECKPOINT_METAVAR = "latest|best|STEP"
+CHECKPOINT_HELP = "which checkpoint: latest, best or a step number (default: latest)"
+
+# Old spellings, hidden from --help and kept for one release: {old: new}.
+RENAMED_FLAGS = {"--sample-tokens": "--max-new-tokens", "--batch": "--batch-size",
+                 "--context": "--context-length", "--vocab": "--vocab-size",
+                 "--decode-batch": "--decode-batch-size", "--decode-prompt": "--decode-prompt-tokens",
+                 "--decode-new": "--decode-new-tokens"}
+
+
+def add_checkpoint(parser, flag: str = "--checkpoint", when: str = "", default: str | None = "latest"):
+    """The one way every command names a run's checkpoint."""
+    parser.add_argument(flag, default=default, metavar=CHECKPOINT_METAVAR,
+                        help=f"{when}{CHECKPOINT_HELP}")
+
+
+def add_gpt2_ranks(parser) -> None:
+    parser.add_argument("--gpt2-ranks", metavar="FILE",
+                        help="local GPT-2 BPE ranks file (else $GPTJAX_GPT2_RANKS, else download)")
+
+
+class _OldSpelling(argparse.Action):
+    """Stores into the new flag's destination, with a deprecation warning."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import warnings
+        warnings.warn(f"{option_string} is renamed {RENAMED_FLAGS[option_string]}; the old "
+                      "spelling goes in the next release")
+        setattr(namespace, self.dest, values)
+
+
+def add_old_spellings(parser: argparse.ArgumentParser) -> None:
+    """A hidden alias for each renamed flag the parser has under its new name."""
+    actions = {opt: a for a in parser._actions for opt in a.option_strings}
+    for old, new in RENAMED_FLAGS.items():
+        if new in actions:
+            a = actions[new]
+            parser.add_argument(old, action=_OldSpelling, dest=a.dest, type=a.type,
+                                choices=a.choices, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
 def add_config_flags(parser: argparse.ArgumentParser, sections=("model", "train", "data")) -> None:
     shown = C.RunConfig(model=C.preset(C.DEFAULT_PRESET))  # what a new run gets
     for section in sections:
@@ -31,8 +75,8 @@ def add_config_flags(parser: argparse.ArgumentParser, sections=("model", "train"
                 continue
             kind = {"int": int, "float": float, "str": str}.get(str(f.type), type(f.default))
             choices = f.metadata.get("choices")
-            group.add_argument(flag(f.name), type=kind, choices=choices,
-                               metavar=None if choices else kind.__name__.upper(), **kwargs)
+            metavar = None if choices else f.metadata.get("metavar", METAVARS[kind])
+            group.add_argument(flag(f.name), type=kind, choices=choices, metavar=metavar, **kwargs)
 
 
 def explicit_overrides(args: argparse.Namespace) -> dict[str, dict]:

@@ -8,7 +8,13 @@ from pathlib import Path
 
 from gptjax import config as C
 from gptjax.cli.config_file import add_config_option
-from gptjax.cli.options import add_config_flags, apply_overrides, explicit_overrides
+from gptjax.cli.options import (
+    add_config_flags,
+    add_gpt2_ranks,
+    add_old_spellings,
+    apply_overrides,
+    explicit_overrides,
+)
 from gptjax.config import TOKENIZER_KINDS
 from gptjax.errors import GptjaxError
 
@@ -21,7 +27,7 @@ def add_parsers(sub) -> None:
                         "value (new run) or the saved value (resumed run). On Linux, freed "
                         "host memory is kept for reuse, which made XLA:CPU steps 10-20% faster "
                         "and resident memory higher; GPTJAX_KEEP_FREED_MEMORY=0 turns that off.")
-    tr.add_argument("--out", help="run directory (default: runs/<date-time>); an existing run "
+    tr.add_argument("--out", metavar="DIR", help="run directory (default: runs/<date-time>); an existing run "
                     "is resumed with its saved config")
     add_config_option(tr, "[model], [train] and [data] fields, as in a run's config.json")
     tr.add_argument("--preset", choices=list(C.PRESETS), help="model preset (default: baby; "
@@ -40,22 +46,24 @@ def add_parsers(sub) -> None:
                        "detected from the environment (TPU VM slices, SLURM, ...)")
     hosts.add_argument("--coordinator", metavar="HOST:PORT", help="explicit job: process 0's "
                        "address (with --num-processes and --process-id)")
-    hosts.add_argument("--num-processes", type=int, help="explicit job: number of processes")
-    hosts.add_argument("--process-id", type=int, help="explicit job: this process, 0..N-1")
+    hosts.add_argument("--num-processes", type=int, metavar="INT", help="explicit job: number of processes")
+    hosts.add_argument("--process-id", type=int, metavar="INT", help="explicit job: this process, 0..N-1")
     hosts.add_argument("--join-timeout", type=int, default=300, metavar="SECONDS",
                        help="give up joining after this long (default: 300)")
     add_config_flags(tr)
+    add_old_spellings(tr)
 
     pr = sub.add_parser("prepare", help="tokenize text/JSONL files into train/val token files")
     pr.add_argument("inputs", nargs="+", metavar="INPUT", help="text files, folders, JSONL files")
-    pr.add_argument("--out", required=True, help="new output folder")
+    pr.add_argument("--out", required=True, metavar="DIR", help="new output folder")
     pr.add_argument("--tokenizer", default="gpt2", choices=TOKENIZER_KINDS,
                     help="tokenizer (default: gpt2)")
-    pr.add_argument("--val-fraction", type=float, default=0.1,
+    pr.add_argument("--val-fraction", type=float, default=0.1, metavar="FLOAT",
                     help="last share of tokens held out for validation (default: 0.1)")
-    pr.add_argument("--text-field", default="text", help="JSONL field with the text (default: text)")
-    pr.add_argument("--gpt2-ranks", help="local GPT-2 ranks file (else $GPTJAX_GPT2_RANKS)")
-    pr.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+    pr.add_argument("--text-field", default="text", metavar="NAME",
+                    help="JSONL field with the text (default: text)")
+    add_gpt2_ranks(pr)
+    pr.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="INT",
                     help="tokenizer processes for corpora over 4 MiB (default: all cores)")
     pr.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -87,7 +95,8 @@ def run_train(args) -> int:
 
 def _extended(cfg: C.RunConfig, out: Path, to: int, overrides: dict) -> C.RunConfig:
     from gptjax.parallel.distributed import is_main
-    from gptjax.training.extend import describe, extended, parse_tails
+    from gptjax.config import parse_tails
+    from gptjax.training.extend import describe, extended
     from gptjax.training.run_dir import latest_step
 
     if "max_steps" in overrides.get("train", {}):

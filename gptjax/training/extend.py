@@ -7,58 +7,16 @@ steps before E keep the schedule they trained with, so the run's config still de
 every step it took, and the same config trains the same run from scratch.
 
 Tails are written in the config as `train.lr_tails`, "E:N:LR[,E:N:LR...]", each with the
-rate it starts from; `train.decay_steps` keeps the first cosine's length. This module
-imports no JAX: configs are validated where JAX is not loaded.
+rate it starts from; `train.decay_steps` keeps the first cosine's length. The field's
+format and its validation live in `gptjax.config`, the schedule in `optim`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
 
+from gptjax.config import Tail, format_tails, parse_tails
 from gptjax.errors import GptjaxError
-
-
-class Tail(NamedTuple):
-    start: int  # the step from which this cosine applies
-    end: int  # where it reaches min_lr (the run's max_steps, for the last tail)
-    lr: float  # the rate at `start`
-
-
-def parse_tails(spec: str) -> list[Tail]:
-    if not spec:
-        return []
-    tails = []
-    for part in spec.split(","):
-        try:
-            start, end, lr = part.split(":")
-            tails.append(Tail(int(start), int(end), float(lr)))
-        except ValueError:
-            raise GptjaxError(f"train.lr_tails: {part!r} is not START:END:LR "
-                              "(e.g. 60:80:0.0001)") from None
-    return tails
-
-
-def format_tails(tails: list[Tail]) -> str:
-    return ",".join(f"{t.start}:{t.end}:{t.lr!r}" for t in tails)
-
-
-def check_tails(train) -> None:
-    """Each tail starts after the one before, within it, and the last ends at max_steps."""
-    tails = parse_tails(train.lr_tails)
-    if train.decay_steps < 0:
-        raise GptjaxError(f"train.decay_steps must be >= 0, got {train.decay_steps}")
-    previous_end = train.decay_steps or train.max_steps
-    previous_start = 0
-    for t in tails:
-        if not previous_start < t.start <= previous_end or t.end <= t.start or t.lr < 0:
-            raise GptjaxError(f"train.lr_tails: {format_tails([t])} must start after step "
-                              f"{previous_start}, by step {previous_end}, and end after it "
-                              "starts, from a learning rate >= 0")
-        previous_start, previous_end = t.start, t.end
-    if tails and tails[-1].end != train.max_steps:
-        raise GptjaxError(f"train.lr_tails ends at step {tails[-1].end}, but train.max_steps "
-                          f"is {train.max_steps}")
 
 
 def extended(cfg, start: int, to: int):

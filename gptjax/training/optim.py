@@ -10,8 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gptjax.config import TrainConfig
-from gptjax.training.extend import Tail, parse_tails
+from gptjax.config import Tail, TrainConfig, parse_tails
 
 
 def schedule(cfg: TrainConfig) -> optax.Schedule:

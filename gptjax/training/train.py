@@ -214,10 +214,10 @@ def _finish(out: Path, cfg: C.RunConfig, tokenizer, state: TrainState, val_loss,
     if step < cfg.train.max_steps:
         echo(f"stopped at step {step} of {cfg.train.max_steps}; "
              f"run `gptjax train --out {out}` to continue")
-    if cfg.train.sample_tokens:
+    if cfg.train.max_new_tokens:
         # Onto one device: the decoder lays parameters out for one device, not the mesh.
         params = jax.device_put(state.params, jax.devices()[0])
-        ids = generate(params, cfg.model, [], cfg.train.sample_tokens, seed=cfg.train.seed,
+        ids = generate(params, cfg.model, [], cfg.train.max_new_tokens, seed=cfg.train.seed,
                        temperature=0.8, top_k=40, valid_vocab=tokenizer.vocab_size,
                        eot_id=tokenizer.eot_id, stop_at_eot=False)
         result.sample = tokenizer.decode(ids)

@@ -30,8 +30,8 @@ def test_bench_smoke_writes_json_and_appends_the_table(capsys, tmp_path):
     results = tmp_path / "RESULTS.md"
     results.write_text("# earlier results\n")
     out_json = tmp_path / "bench.json"
-    code, out, err = run_cli(capsys, "bench", "--preset", "tiny", "--batch", "2", "--steps", "2",
-                             "--repeats", "1", "--warmup", "1", "--decode", "--decode-new", "3",
+    code, out, err = run_cli(capsys, "bench", "--preset", "tiny", "--batch-size", "2", "--steps", "2",
+                             "--repeats", "1", "--warmup", "1", "--decode", "--decode-new-tokens", "3",
                              "--compile-cache", "--json", out_json, "--results", results)
     assert code == 0, err
     assert "at least 5" in out  # fewer repeats than the protocol asks for: said so
@@ -84,12 +84,12 @@ def test_no_compiles_passes_on_cached_calls_and_raises_on_a_recompile():
 @pytest.mark.parametrize("flags, message", [
     (["--repeats", "0"], "--repeats must be at least 1"),
     (["--steps", "0"], "--steps must be at least 1"),
-    (["--batch", "12,x"], "comma-separated integers"),
-    (["--context", "0"], "--context values must be positive"),
+    (["--batch-size", "12,x"], "comma-separated integers"),
+    (["--context-length", "0"], "--context-length values must be positive"),
     (["--preset", "tiny,nope"], "unknown preset 'nope'"),
-    (["--zip", "--preset", "tiny,baby", "--batch", "1,2,3"], "equal lengths"),
+    (["--zip", "--preset", "tiny,baby", "--batch-size", "1,2,3"], "equal lengths"),
     (["--dtype", "float16"], "invalid choice"),
-    (["--preset", "tiny", "--decode", "--decode-prompt", "30", "--decode-new", "10"],
+    (["--preset", "tiny", "--decode", "--decode-prompt-tokens", "30", "--decode-new-tokens", "10"],
      "exceed tiny's context 32"),
     (["--json", "/no/such/dir/out.json"], "no such directory"),
 ])

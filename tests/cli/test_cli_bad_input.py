@@ -25,7 +25,7 @@ def byte_data(tmp_path_factory, corpus_file):
 def char_run(tmp_path_factory, char_data):
     out = tmp_path_factory.mktemp("runs") / "char"
     assert main(["train", "--data", str(char_data), "--out", str(out), *TINY_RUN,
-                 "--max-steps", "3", "--sample-tokens", "0"]) == 0
+                 "--max-steps", "3", "--max-new-tokens", "0"]) == 0
     return out
 
 
@@ -218,7 +218,7 @@ def test_bad_checkpoint_name(capsys, char_run):
 def test_a_damaged_checkpoint_is_one_line_naming_it(tmp_path, capsys, char_data):
     run_dir = tmp_path / "run"
     assert main(["train", "--data", str(char_data), "--out", str(run_dir), *TINY_RUN,
-                 "--max-steps", "6", "--sample-tokens", "0"]) == 0  # checkpoints 3 and 6
+                 "--max-steps", "6", "--max-new-tokens", "0"]) == 0  # checkpoints 3 and 6
     latest = run_dir / "checkpoints" / "6" / "params"
     for f in latest.rglob("*"):  # the array data emptied, the metadata left as it was
         if f.is_file() and f.parent.name == "d":
@@ -308,6 +308,6 @@ def test_a_run_that_never_checkpointed_can_be_started_over(tmp_path, capsys, cha
     (out / "config.json").write_text('{"model": {"n_layer": 99}, "train": {}, "data": {}}')
     (out / "tokenizer.json").write_text('{"kind": "byte"}')
     code, _, err = run_cli(capsys, "train", "--data", char_data, "--out", out, *TINY_RUN,
-                           "--n-layer", "2", "--max-steps", "3", "--sample-tokens", "0")
+                           "--n-layer", "2", "--max-steps", "3", "--max-new-tokens", "0")
     assert code == 0, err
     assert '"n_layer": 2' in (out / "config.json").read_text()

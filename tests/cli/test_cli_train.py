@@ -67,7 +67,7 @@ def test_the_end_sample_is_what_the_saved_checkpoint_generates(full_run):
     from gptjax.generation.decoder import generate
     loaded = load_run(full_run)
     t, tok = loaded.config.train, loaded.tokenizer
-    ids = generate(loaded.params, loaded.config.model, [], t.sample_tokens, seed=t.seed,
+    ids = generate(loaded.params, loaded.config.model, [], t.max_new_tokens, seed=t.seed,
                    temperature=0.8, top_k=40, valid_vocab=tok.vocab_size, eot_id=tok.eot_id,
                    stop_at_eot=False)
     assert tok.decode(ids) == (full_run / "sample.txt").read_text()
@@ -81,7 +81,7 @@ def test_load_run_from_python_as_documented(full_run):
         json.loads((full_run / "config.json").read_text()))
     t = run.config.train
     (text,) = gptjax.generate_text(run.params, run.config.model, run.tokenizer, [[]],
-                                   t.sample_tokens, gptjax.Sampling(0.8, 40, seed=t.seed),
+                                   t.max_new_tokens, gptjax.Sampling(0.8, 40, seed=t.seed),
                                    stop_at_eot=False)
     assert text == (full_run / "sample.txt").read_text()
     assert gptjax.load_run(full_run, checkpoint=3).step == 3
@@ -116,7 +116,7 @@ def test_resumed_run_is_bitwise_equal_to_an_uninterrupted_one(tmp_path, char_dat
 
 def test_bitwise_resume_with_dropout_accumulation_and_sliding_windows(tmp_path, char_data, capsys):
     flags = [*TINY_RUN, "--max-steps", "7", "--dropout", "0.1", "--grad-accum", "2",
-             "--sampler", "sliding", "--stride", "7", "--sample-tokens", "0"]
+             "--sampler", "sliding", "--stride", "7", "--max-new-tokens", "0"]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert run_cli(capsys, "train", "--data", char_data, "--out", whole, *flags)[0] == 0
     # Stop off the evaluation cadence (eval_every is 3), then resume twice.
@@ -139,13 +139,13 @@ def test_finished_run_is_not_trained_further(full_run, capsys):
     ckpts = sorted(p.name for p in (full_run / "checkpoints").iterdir())
     losses = train_losses(full_run)
     code, stdout, err = run_cli(capsys, "train", "--out", full_run, "--no-progress",
-                                "--sample-tokens", "4")  # resume-safe field may change
+                                "--max-new-tokens", "4")  # resume-safe field may change
     assert code == 0, err
     assert "nothing to train: the run is at step 6 of 6" in stdout
     assert "compiled" not in stdout  # said before compiling anything
     assert train_losses(full_run) == losses
     assert sorted(p.name for p in (full_run / "checkpoints").iterdir()) == ckpts
-    assert json.loads((full_run / "config.json").read_text())["train"]["sample_tokens"] == 4
+    assert json.loads((full_run / "config.json").read_text())["train"]["max_new_tokens"] == 4
 
 
 def test_generate_is_seeded_and_greedy_is_deterministic(full_run, capsys):
@@ -221,7 +221,7 @@ def test_checkpoints_keep_latest_and_best(tmp_path, char_data, capsys):
     out = tmp_path / "keep"
     code, _, err = run_cli(capsys, "train", "--data", char_data, "--out", out, *TINY_RUN,
                            "--max-steps", "12", "--eval-every", "2", "--keep-checkpoints", "2",
-                           "--sample-tokens", "0")
+                           "--max-new-tokens", "0")
     assert code == 0, err
     steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
     evals = {json.loads(l)["step"]: json.loads(l)["val_loss"]

@@ -13,7 +13,7 @@ warmup_steps = 2
 eval_every = 2
 log_every = 1
 batch_size = 4
-sample_tokens = 0
+max_new_tokens = 0
 lr = 0.003
 [model]
 dropout = 0.0
@@ -22,7 +22,7 @@ dropout = 0.0
 YAML = """
 preset: tiny
 train: {max_steps: 4, warmup_steps: 2, eval_every: 2, log_every: 1, batch_size: 4,
-        sample_tokens: 0, lr: 0.003}
+        max_new_tokens: 0, lr: 0.003}
 model: {dropout: 0.0}
 """
 

@@ -26,7 +26,7 @@ def base(tmp_path_factory, corpus_file):
     assert main(["prepare", str(corpus_file), "--out", str(root / "data"), "--tokenizer", "byte",
                  "--no-progress"]) == 0
     assert main(["train", "--data", str(root / "data"), "--out", str(root / "base"), *TINY_RUN,
-                 "--context-length", "184", "--max-steps", "4", "--sample-tokens", "0"]) == 0
+                 "--context-length", "184", "--max-steps", "4", "--max-new-tokens", "0"]) == 0
     return root
 
 

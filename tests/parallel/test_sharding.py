@@ -139,7 +139,7 @@ def _losses(run_dir: Path) -> list[float]:
 
 # One single-device run is the reference trajectory for every multi-device CLI run below.
 COMMON = ["--preset", "tiny", "--batch-size", "8", "--max-steps", "12", "--warmup-steps", "2",
-          "--log-every", "1", "--eval-every", "3", "--eval-batches", "1", "--sample-tokens", "0",
+          "--log-every", "1", "--eval-every", "3", "--eval-batches", "1", "--max-new-tokens", "0",
           "--no-progress"]
 
 

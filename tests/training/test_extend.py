@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from conftest import TINY_RUN, run_cli
 
-from gptjax.config import TrainConfig
+from gptjax.config import Tail, TrainConfig, check_tails, format_tails, parse_tails
 from gptjax.errors import GptjaxError
 from gptjax.training import optim
-from gptjax.training.extend import Tail, check_tails, extended, format_tails, parse_tails
+from gptjax.training.extend import extended
 
 
 def test_a_tail_starts_where_the_schedule_was_and_ends_at_min_lr():
@@ -53,7 +53,7 @@ def _train_records(run_dir):
 
 def test_extend_to_trains_on_along_a_new_tail_that_the_config_repeats(tmp_path, char_data, capsys):
     run = tmp_path / "run"
-    base = ["--data", char_data, *TINY_RUN, "--sample-tokens", "0"]
+    base = ["--data", char_data, *TINY_RUN, "--max-new-tokens", "0"]
     assert run_cli(capsys, "train", "--out", run, *base, "--max-steps", "10", "--stop-at", "6")[0] == 0
     before = (run / "config.json").read_text()
     code, _, err = run_cli(capsys, "train", "--out", run, "--max-steps", "14", "--no-progress")
