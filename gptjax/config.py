@@ -133,8 +133,11 @@ class TrainConfig:
     spike_factor: float = _f(3.0, "with spike_policy rollback: how many times the median loss "
                                   "is a spike", resume_safe=True)
     peak_flops: float = _f(0.0, "peak FLOP/s for MFU; 0 = the data-sheet bf16 peak of known "
-                                "accelerators, else the float32 matmul rate measured at start "
-                                "(then saved with the run)", resume_safe=True)
+                                "accelerators, else this CPU's recorded matmul rate (then saved "
+                                "with the run)", resume_safe=True)
+    peak_source: str = _f("", "where peak_flops came from, set by the run: flag, a data sheet, "
+                              "this machine's recorded matmul rate, or a rate a step achieved "
+                              "above it", resume_safe=True)
 
 
 @dataclass(frozen=True)

@@ -83,7 +83,26 @@ def add_parser(sub) -> None:
     p.add_argument("--json", metavar="FILE", help="write all results as JSON here")
     p.add_argument("--results", metavar="FILE", help="append the markdown table (with hardware, "
                    "versions, flags and this command) to this file, e.g. benchmarks/RESULTS.md")
+    p.add_argument("--remeasure-peak", action="store_true", help="measure this CPU's float32 and "
+                   "bfloat16 matmul rates again (a few seconds on a quiet machine) and replace the "
+                   "record that `gptjax train` uses as MFU's peak, then stop; the benchmark "
+                   "itself always measures the rate in the same run")
     add_old_spellings(p)
+
+
+def _remeasure_peak() -> int:
+    import jax
+
+    from gptjax.cpu import peak
+    if jax.devices()[0].platform != "cpu":
+        raise GptjaxError("--remeasure-peak measures a CPU; accelerators use their data-sheet peaks")
+    for dtype in ("float32", "bfloat16"):
+        old, new, saved = peak.remeasure(dtype)
+        before = f"was {old / 1e12:.3g}" if old else "none recorded before"
+        print(f"{peak.key(dtype)}: {new / 1e12:.3g} TFLOP/s ({before})"
+              + ("" if saved else f"; not recorded: {peak.record_path()} is not writable"))
+    print(f"record: {peak.record_path()}")
+    return 0
 
 
 def _ints(text: str, flag: str) -> list[int]:
@@ -148,6 +167,8 @@ def _model_config(name: str, context: int | None, args):
 
 
 def run(args) -> int:
+    if args.remeasure_peak:
+        return _remeasure_peak()
     _check(args)
     cases = _cases(args)
     decode_batches = _ints(args.decode_batch_size, "--decode-batch-size") if args.decode else []

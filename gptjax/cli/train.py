@@ -80,6 +80,8 @@ def run_train(args) -> int:
                timeout=args.join_timeout)
     out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     overrides = explicit_overrides(args)
+    if "peak_flops" in overrides.get("train", {}):  # given now: say so in config.json
+        overrides["train"].setdefault("peak_source", "flag")
     if is_run(out):
         base = C.load(out / "config.json")
         if args.preset:

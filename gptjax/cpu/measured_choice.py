@@ -41,7 +41,7 @@ def fastest(record: Path, key: str, make_candidates: Callable[[], Candidates], *
     recorded = _recorded_choice(record, key)
     if recorded:
         return recorded
-    with _one_process_at_a_time(record):
+    with one_process_at_a_time(record):
         recorded = _recorded_choice(record, key)  # measured while this process waited
         if recorded:
             return recorded
@@ -60,7 +60,7 @@ def fastest(record: Path, key: str, make_candidates: Callable[[], Candidates], *
                  "repeats": repeats, "prefer_within": margin,
                  "measured": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         try:
-            _write_atomically(record, json.dumps({**_read(record), key: entry}, indent=1) + "\n")
+            write_atomically(record, json.dumps({**_read(record), key: entry}, indent=1) + "\n")
         except OSError:
             pass  # a read-only cache: the choice holds for this process, measured again next
     return choice
@@ -101,7 +101,7 @@ def _recorded_choice(record: Path, key: str) -> str | None:
 
 
 @contextlib.contextmanager
-def _one_process_at_a_time(record: Path):
+def one_process_at_a_time(record: Path):
     try:
         import fcntl  # POSIX; elsewhere processes may measure side by side
         lock = open(record.with_name(record.name + ".lock"), "a")
@@ -122,7 +122,7 @@ def _read(record: Path) -> dict:
     return entries if isinstance(entries, dict) else {}
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, text: str) -> None:
     """Concurrent processes each replace the whole file: a reader never sees half of one."""
     fd, partial = tempfile.mkstemp(suffix=".partial", dir=path.parent)
     try:

@@ -37,7 +37,8 @@ class Loop:
 
     def __init__(self, cfg: C.RunConfig, data: PreparedData, sampler: WindowSampler,
                  steps: CompiledSteps, ckpts: Checkpoints, log: JsonlLog, progress: bool, echo,
-                 stop: StopSignals | None = None, resumed_extra: dict | None = None):
+                 stop: StopSignals | None = None, resumed_extra: dict | None = None,
+                 on_peak_raised=None):
         m, t = cfg.model, cfg.train
         self.cfg, self.data, self.sampler, self.ckpts, self.log = cfg, data, sampler, ckpts, log
         self.steps, self.stop = steps, stop
@@ -50,11 +51,10 @@ class Loop:
         self.evaluate = lambda params: mean_loss(steps.eval_step, params, val)
         self.tokens_per_step = t.batch_size * m.context_length
         self.flops_per_token = flops_per_token(m, model.param_count(m, exclude_position=True))
-        self.peak = t.peak_flops
+        self.peak, self.on_peak_raised = t.peak_flops, on_peak_raised
         self._resume_from(resumed_extra or {})
         self.rollbacks: dict[int, int] = {}  # checkpoint step -> rollbacks to it
-        echo(f"MFU uses {MFU_FORMULA}; peak {self.peak / 1e12:.3g} TFLOP/s "
-             f"(train.peak_flops: data sheet, or measured f32 matmul at the run's start on CPU)")
+        echo(f"MFU uses {MFU_FORMULA}; peak {self.peak / 1e12:.3g} TFLOP/s ({t.peak_source})")
 
     def _resume_from(self, extra: dict) -> None:
         """The data offset (batches skipped after spikes) and the guard's history."""
@@ -65,6 +65,7 @@ class Loop:
         """Step from `state` to step `end`; the final state and the last validation loss."""
         t, T = self.cfg.train, self.cfg.model.context_length
         step = shown = int(host(state.step))
+        self.log.write({"kind": "peak", "step": step, "peak_flops": self.peak, "source": t.peak_source})
         bar = tqdm(total=end, initial=step, desc="train", unit="step", dynamic_ncols=True,
                    disable=not self.progress)
         # pending: device metrics not fetched yet; fetched: host metrics of steps since the
@@ -193,6 +194,8 @@ class Loop:
         losses = np.array([m_["loss"] for m_ in kept] or [math.nan], np.float64)
         timed = len(metrics) - untimed
         tok_s = self.tokens_per_step * timed / seconds if timed and seconds > 0 else None
+        if tok_s and tok_s * self.flops_per_token > self.peak:
+            self._raise_peak(step, tok_s * self.flops_per_token)
         loss = float(losses.mean())
         rec = {"kind": "train", "step": step, "loss": loss, "ppl": math.exp(min(loss, 50)),
                "loss_last": float(losses[-1]), "lr": float(metrics[-1]["lr"]),
@@ -202,6 +205,18 @@ class Loop:
         if len(kept) < len(metrics):
             rec["skipped_updates"] = len(metrics) - len(kept)
         return rec
+
+
+    def _raise_peak(self, step: int, achieved: float) -> None:
+        """A step ran faster than the peak allows: the peak was too low, not MFU above 100%."""
+        old, self.peak = self.peak, achieved
+        source = (f"raised to the rate achieved at step {step}, above the {old / 1e12:.3g} "
+                  "TFLOP/s in use")
+        self.say(f"step {step} ran at {achieved / 1e12:.3g} TFLOP/s, above the peak in use "
+                 f"({old / 1e12:.3g}): the peak is raised to it, so MFU reads at most 100%")
+        self.log.write({"kind": "peak", "step": step, "peak_flops": achieved, "source": source})
+        if self.on_peak_raised is not None:
+            self.on_peak_raised(achieved, source)
 
 
 def _train_line(rec: dict) -> str:

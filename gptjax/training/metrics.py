@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 
 from gptjax.config import ModelConfig
+from gptjax.cpu.peak import Peak, cpu_peak, matmul_rate, measure_matmul  # noqa: F401 (matmul_rate: benchmarks)
 from gptjax.errors import RunFailed
 
 MFU_FORMULA = "PaLM: 6N + 12*L*d*T FLOPs per token (N excludes position embeddings)"
@@ -27,38 +26,24 @@ def flops_per_token(cfg: ModelConfig, n_params_no_pos: int) -> float:
     return 6.0 * n_params_no_pos + 12.0 * cfg.n_layer * cfg.d_model * cfg.context_length
 
 
-def measure_matmul_flops(n: int = 1024, repeats: int = 10, min_seconds: float = 0.5) -> float:
-    """Float32 matmul FLOP/s of the default device (for CPU MFU): the best of at least
-    `repeats` products and at least `min_seconds` of them. Ten ~10 ms products (0.1 s)
-    once read half the usual rate, and a training log then showed MFU 1.10; a longer
-    window is harder for a burst of other work on the machine to cover."""
-    a = jnp.ones((n, n), jnp.float32)
-    mm = jax.jit(lambda x: x @ x)
-    return matmul_rate(lambda: mm(a).block_until_ready(), n, repeats, min_seconds)
+def measure_matmul_flops(n: int = 1024, min_seconds: float = 0.5) -> float:
+    """Float32 matmul FLOP/s of the default device, measured now (benchmarks compare this
+    in-run rate side by side; training uses this machine's recorded peak, `cpu.peak`)."""
+    return measure_matmul("float32", min_seconds=min_seconds, n=n)
 
 
-def matmul_rate(product, n: int, repeats: int = 10, min_seconds: float = 0.5) -> float:
-    """FLOP/s of `product()`, one finished n x n x n product per call (any library): the
-    best call of at least `repeats` and at least `min_seconds`, after one untimed call."""
-    product()
-    best, done, start = float("inf"), 0, time.perf_counter()
-    while done < repeats or time.perf_counter() - start < min_seconds:
-        t0 = time.perf_counter()
-        product()
-        best = min(best, time.perf_counter() - t0)
-        done += 1
-    return 2.0 * n ** 3 / best
-
-
-def peak_flops(configured: float = 0.0) -> float:
-    """Peak FLOP/s for MFU: configured, else the data sheet of a known chip, else measured."""
-    if configured > 0:
-        return configured
+def peak_flops(dtype: str = "float32") -> Peak:
+    """The job's peak FLOP/s for MFU: the data sheet of a known accelerator (all devices),
+    else this CPU's recorded matmul rate for `dtype` (times the job's processes; simulated
+    devices share one machine's cores)."""
     kind = jax.devices()[0].device_kind
     for name, peak in PEAK_BF16.items():
         if name.lower() in kind.lower():
-            return peak * jax.device_count()
-    return measure_matmul_flops() * jax.device_count()
+            return Peak(peak * jax.device_count(),
+                        f"data sheet: {name} dense bf16 x {jax.device_count()} device(s)")
+    cpu = cpu_peak(dtype)
+    processes = jax.process_count()
+    return Peak(cpu.flops * processes, cpu.source + (f"; x {processes} processes" if processes > 1 else ""))
 
 
 class JsonlLog:

@@ -14,6 +14,7 @@ import jax
 from gptjax import config as C
 from gptjax import model
 from gptjax.cpu import host_memory
+from gptjax.cpu.peak import raise_record
 from gptjax.data.prepare import prepare_embedded
 from gptjax.data.prepared import PreparedData, load_prepared
 from gptjax.data.windows import WindowSampler
@@ -89,7 +90,8 @@ def _train(cfg: C.RunConfig, out: Path, stop_at: int | None, progress: bool, ech
             echo(steps.host_memory_note)
         val_loss = None
         if int(host(state.step)) < end:
-            loop = Loop(cfg, data, sampler, steps, ckpts, log, progress, echo, stop.install(), extra)
+            loop = Loop(cfg, data, sampler, steps, ckpts, log, progress, echo, stop.install(), extra,
+                        on_peak_raised=lambda flops, source: _peak_raised(out, cfg, flops, source))
             state, val_loss = loop.run(state, end)
         else:  # a multi-process job, or the latest checkpoint fell back to one at `end`
             echo(_nothing_to_train(int(host(state.step)), t.max_steps, stop_at))
@@ -141,7 +143,7 @@ def _setup(cfg: C.RunConfig, out: Path, progress: bool, end: int):
             data = prepare_embedded(cfg.data, Path(scratch) / "data", progress)
         cfg = run_dir.resolve(cfg, data)
         tokenizer = data.tokenizer(cfg.data.gpt2_ranks or None)  # the end sample's: fail now, not then
-        cfg = _resolve_peak_flops(cfg)
+        cfg = _resolve_peak_flops(cfg, resuming)
         if resuming:
             run_dir.check_resume(out, cfg, data)
         sampler = _sampler(data.train, cfg, f"training split of {data.path}")
@@ -165,11 +167,31 @@ def _setup(cfg: C.RunConfig, out: Path, progress: bool, end: int):
     return cfg, data, tokenizer, sampler, steps, resuming
 
 
-def _resolve_peak_flops(cfg: C.RunConfig) -> C.RunConfig:
-    """Fix the MFU denominator once per run: a CPU's measured rate varies with load."""
-    if cfg.train.peak_flops > 0:
-        return cfg
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, peak_flops=peak_flops()))
+def _peak_dtype(cfg: C.RunConfig) -> str:
+    return "bfloat16" if cfg.model.dtype == "bfloat16" else "float32"  # float16: no CPU record
+
+
+def _peak_raised(out: Path, cfg: C.RunConfig, flops: float, source: str) -> None:
+    """Keep a raised peak: in config.json (a resume compares against it) and, on a CPU, in
+    this machine's record."""
+    if jax.devices()[0].platform == "cpu":
+        raise_record(_peak_dtype(cfg), flops / jax.process_count())
+    if is_main():
+        saved = C.load(out / "config.json")
+        C.save(dataclasses.replace(saved, train=dataclasses.replace(
+            saved.train, peak_flops=flops, peak_source=source)), out / "config.json")
+
+
+def _resolve_peak_flops(cfg: C.RunConfig, resuming: bool) -> C.RunConfig:
+    """Fix the MFU denominator once per run, and say where it came from (config.json keeps
+    both, so a resumed run's MFU compares with its first part)."""
+    t = cfg.train
+    if t.peak_flops > 0:
+        source = t.peak_source or ("saved with the run" if resuming else "flag")
+        return dataclasses.replace(cfg, train=dataclasses.replace(t, peak_source=source))
+    peak = peak_flops(_peak_dtype(cfg))
+    return dataclasses.replace(cfg, train=dataclasses.replace(
+        t, peak_flops=peak.flops, peak_source=peak.source))
 
 
 def _sampler(tokens, cfg: C.RunConfig, what: str) -> WindowSampler:
