@@ -96,8 +96,8 @@ def run_train(args) -> int:
 
 
 def _extended(cfg: C.RunConfig, out: Path, to: int, overrides: dict) -> C.RunConfig:
-    from gptjax.parallel.distributed import is_main
     from gptjax.config import parse_tails
+    from gptjax.parallel.distributed import is_main
     from gptjax.training.extend import describe, extended
     from gptjax.training.run_dir import latest_step
 
