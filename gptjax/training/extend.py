@@ -46,5 +46,9 @@ def is_extension(saved, given, trained_to: int) -> bool:
 
 
 def describe(tail: Tail, min_lr: float) -> str:
+    if tail.lr <= min_lr * (1 + 1e-6):  # a finished run has decayed all the way
+        return (f"from step {tail.start} the learning rate stays at min_lr {min_lr:.3g}, where "
+                f"the run had decayed, until step {tail.end} (a warmer tail: set train.lr_tails "
+                "by hand, docs/training.md)")
     return (f"from step {tail.start} the learning rate decays again along a cosine, from "
             f"{tail.lr:.3g} (its value there) to min_lr {min_lr:.3g} at step {tail.end}")

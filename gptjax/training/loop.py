@@ -206,7 +206,6 @@ class Loop:
             rec["skipped_updates"] = len(metrics) - len(kept)
         return rec
 
-
     def _raise_peak(self, step: int, achieved: float) -> None:
         """A step ran faster than the peak allows: the peak was too low, not MFU above 100%."""
         old, self.peak = self.peak, achieved

@@ -10,7 +10,7 @@ from conftest import TINY_RUN, run_cli
 from gptjax.config import Tail, TrainConfig, check_tails, format_tails, parse_tails
 from gptjax.errors import GptjaxError
 from gptjax.training import optim
-from gptjax.training.extend import extended
+from gptjax.training.extend import describe, extended
 
 
 def test_a_tail_starts_where_the_schedule_was_and_ends_at_min_lr():
@@ -31,6 +31,10 @@ def test_a_tail_starts_where_the_schedule_was_and_ends_at_min_lr():
     t3 = extended(RunConfig(train=t2), 300, 400).train
     assert parse_tails(t3.lr_tails)[0] == parse_tails(t2.lr_tails)[0]
     np.testing.assert_array_equal([optim.schedule(t3)(s) for s in range(300)], new[:300])
+    # Extending a finished run: its rate had reached min_lr, and the log says it stays there.
+    finished = extended(RunConfig(train=t), 100, 150).train
+    assert parse_tails(finished.lr_tails)[0].lr == 1e-4
+    assert "stays at min_lr 0.0001" in describe(parse_tails(finished.lr_tails)[0], 1e-4)
 
 
 @pytest.mark.parametrize("spec,match", [
