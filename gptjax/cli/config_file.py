@@ -21,7 +21,8 @@ from pathlib import Path
 from gptjax import config as C
 from gptjax.errors import GptjaxError
 
-FINETUNE_TASKS = {"finetune-cls": "cls", "finetune-sft": "sft", "finetune-lm": "lm"}
+FINETUNE_TASKS = {"finetune-cls": "cls", "finetune-sft": "sft", "finetune-lm": "lm",
+                  "finetune-dpo": "dpo"}
 
 
 def add_config_option(parser: argparse.ArgumentParser, what: str) -> None:

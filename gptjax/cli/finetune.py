@@ -147,6 +147,32 @@ def add_parsers(sub) -> None:
     _add_tuning(fl, Tuning(base_lr=1e-4, epochs=1, batch_size=8, eval_every=200, patience=0))
     _common(fl)
 
+    fd = sub.add_parser(
+        "finetune-dpo", help="tune a GPT towards preferred answers (DPO)",
+        description="Direct preference optimisation on {instruction, input, chosen, rejected} "
+        "records (JSON array or JSONL), formatted with the same Alpaca template as "
+        "finetune-sft, so it follows an instruction-tuned run. The reference model is the "
+        "base, frozen: its log-probabilities of every answer are computed once. Each "
+        "validation reports the loss, preference accuracy, reward margin, both rewards and "
+        "both answers' log-probabilities.")
+    _add_base(fd)
+    d = fd.add_argument_group("data and loss")
+    d.add_argument("--data", required=True, metavar="FILE",
+                   help="JSON array or JSONL of preference records")
+    d.add_argument("--split", default="0.85,0.05,0.1", metavar="FRACTIONS",
+                   help="train,val,test fractions (default: 0.85,0.05,0.1)")
+    d.add_argument("--beta", type=float, default=0.1, metavar="FLOAT",
+                   help="how far the policy may move from the reference: the scale of the "
+                   "log-probability ratios (default: 0.1)")
+    d.add_argument("--dpo-loss", choices=("sigmoid", "ipo"), default="sigmoid",
+                   help="sigmoid = DPO (with --label-smoothing: conservative DPO), ipo = IPO's "
+                   "squared loss (default: sigmoid)")
+    d.add_argument("--label-smoothing", type=float, default=0.0, metavar="FLOAT",
+                   help="with the sigmoid loss: the assumed share of flipped preferences, in "
+                   "[0, 0.5) (default: 0)")
+    _add_tuning(fd, Tuning(lr=1e-3, base_lr=5e-5, epochs=1, batch_size=8, patience=0))
+    _common(fd)
+
     rs = sub.add_parser("respond", help="answer instruction records with an instruction-tuned run",
                         description="Greedy answers to each record's formatted prompt, written as "
                         "JSON: the records with a model_response field. Default records: the test "
@@ -236,6 +262,18 @@ def run_finetune_sft(args) -> int:
     return 0
 
 
+def run_finetune_dpo(args) -> int:
+    from gptjax.finetune.dpo import DpoData, finetune_dpo
+    from gptjax.hf.io import check_new_dir
+    from gptjax.training.run_lock import hold
+    data = DpoData(args.data, _split(args.split), args.beta, args.dpo_loss, args.label_smoothing).check()
+    tuning = tuning_from(args).check()
+    with hold(args.out, "gptjax finetune-dpo"):
+        check_new_dir(Path(args.out))
+        finetune_dpo(_base(args), data, tuning, args.out, progress=not args.no_progress)
+    return 0
+
+
 def run_finetune_lm(args) -> int:
     from gptjax.finetune.lm import finetune_lm
     from gptjax.hf.io import check_new_dir
@@ -300,4 +338,5 @@ def run_judge(args) -> int:
 
 COMMANDS = {"finetune-cls": run_finetune_cls, "classify": run_classify,
             "finetune-sft": run_finetune_sft, "finetune-lm": run_finetune_lm,
+            "finetune-dpo": run_finetune_dpo,
             "respond": run_respond, "judge": run_judge}

@@ -26,8 +26,9 @@ RESPONSE_MARKER = "\n\n### Response:\n"
 JSONL_SUFFIXES = {".jsonl", ".ndjson"}
 
 
-def read_records(path) -> list[dict]:
-    """Records {"instruction", "input", "output"} from a JSON array or a .jsonl/.ndjson file.
+def read_records(path, answers: tuple[str, ...] = ("output",)) -> list[dict]:
+    """Records {"instruction", "input", *answers} from a JSON array or a .jsonl/.ndjson
+    file (preference records answer with "chosen" and "rejected").
 
     A missing "input" becomes ""; other keys are kept. Records are checked here so that
     a bad one is named by its 0-based index before any tokenizing starts.
@@ -41,7 +42,7 @@ def read_records(path) -> list[dict]:
         where = [""] * len(raw)
     if not raw:
         raise GptjaxError(f"{path} holds no records")
-    return [_checked(path, i, record, where[i]) for i, record in enumerate(raw)]
+    return [_checked(path, i, record, where[i], answers) for i, record in enumerate(raw)]
 
 
 def _json_array(path: Path, text: str) -> list:
@@ -74,14 +75,14 @@ def _jsonl_values(path: Path, text: str) -> tuple[list, list[str]]:
     return values, where
 
 
-def _checked(path: Path, index: int, record, where: str) -> dict:
+def _checked(path: Path, index: int, record, where: str, answers: tuple[str, ...]) -> dict:
     name = f"{path}: record {index}{where}"
     if not isinstance(record, dict):
         raise GptjaxError(f"{name}: expected an object, found {type(record).__name__}")
-    for key in ("instruction", "output"):
+    for key in ("instruction", *answers):
         if key not in record:
             raise GptjaxError(f"{name}: missing {key!r}")
-    for key in ("instruction", "input", "output"):
+    for key in ("instruction", "input", *answers):
         if key in record and not isinstance(record[key], str):
             raise GptjaxError(f"{name}: {key!r} must be a string, found "
                               f"{type(record[key]).__name__}")

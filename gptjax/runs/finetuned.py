@@ -47,7 +47,7 @@ def fingerprint(params: dict) -> str:
 class Spec:
     """Everything finetune.json records, from which the parameter tree can be rebuilt."""
 
-    task: str  # "cls", "sft" or "lm"
+    task: str  # "cls", "sft", "lm" or "dpo"
     model: C.ModelConfig
     trainable: Trainable
     lora: LoRAConfig | None

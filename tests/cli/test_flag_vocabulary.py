@@ -31,13 +31,15 @@ TABLE = {
     "--stop-at": "STEP", "--extend-to": "STEPS", "--join-timeout": "SECONDS",
     "--coordinator": "HOST:PORT", "--text-field": "NAME", "--judge-model": "NAME",
     "--judge-url": "URL", "--api-key-env": "VAR", "--text-column": "COLUMN",
-    "--label-column": "COLUMN", "--split": "FRACTIONS", "--preset": None,
+    "--label-column": "COLUMN", "--split": "FRACTIONS", "--preset": None, "--beta": "FLOAT",
+    "--label-smoothing": "FLOAT",
 }
 # Where one command's value is another kind of thing under the same name.
 EXCEPTIONS = {
     ("bench", "--preset"): "LIST", ("bench", "--batch-size"): "LIST",
     ("bench", "--context-length"): "LIST", ("respond", "--out"): "FILE", ("judge", "--out"): "FILE",
     ("finetune-cls", "--data"): "FILE", ("finetune-sft", "--data"): "FILE",
+    ("finetune-dpo", "--data"): "FILE",
 }
 FIELDS = {f"{section}.{f.name}": f for section, cls in C.SECTIONS.items()
           for f in dataclasses.fields(cls)}
