@@ -38,9 +38,9 @@ def test_the_first_run_on_a_machine_measures_thoroughly_and_records(record):
 def test_a_busy_start_uses_the_record_and_warns_and_a_better_one_replaces_it(record):
     peak.cpu_peak("float32", _measuring(2e11)[0])
     measure, asked = _measuring(0.5e11)
-    with pytest.warns(UserWarning, match="the machine looks busy: its float32 matmul ran at 0.05"):
-        got = peak.cpu_peak("float32", measure)
+    got = peak.cpu_peak("float32", measure)
     assert got.flops == 2e11 and asked == [("float32", peak.QUICK_SECONDS)]
+    assert got.source.endswith("the machine looks busy: 0.05 at start, so the record is used")
     assert peak.recorded("float32")["flops"] == 2e11  # a worse rate never replaces it
     assert peak.cpu_peak("float32", _measuring(3e11)[0]).flops == 3e11
     assert peak.recorded("float32")["flops"] == 3e11
@@ -59,16 +59,17 @@ def test_a_cache_that_cannot_be_written_still_gives_a_peak(tmp_path, monkeypatch
 
 
 def test_a_run_uses_the_record_says_so_and_keeps_its_source(record, tmp_path, char_data, capsys):
-    """A record far above the start-up rate (as after a busy start): the run warns, uses
-    the record, and config.json and metrics.jsonl say where the peak came from."""
+    """A record far above the start-up rate (as after a busy start): the run says the
+    machine looks busy, uses the record, and config.json and metrics.jsonl say where the
+    peak came from."""
     record.parent.mkdir(parents=True)
     record.write_text(json.dumps({peak.key("float32"): {"flops": 5e14, "measured": "2026-01-02"}}))
     out = tmp_path / "run"
     code, stdout, err = run_cli(capsys, "train", "--data", char_data, "--out", out, *TINY_RUN,
                                 "--max-steps", "3")
-    assert code == 0 and "the machine looks busy" in err, err
+    assert code == 0 and not err.strip(), err  # stderr stays for errors and warnings
     assert "peak 500 TFLOP/s (float32 matmul measured on this machine, 2026-01-02; gptjax bench " \
-           "--remeasure-peak to redo)" in stdout
+           "--remeasure-peak to redo; the machine looks busy: " in stdout
     t = json.loads((out / "config.json").read_text())["train"]
     assert t["peak_flops"] == 5e14 and "2026-01-02" in t["peak_source"]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
