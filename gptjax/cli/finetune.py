@@ -170,6 +170,8 @@ def add_parsers(sub) -> None:
     d.add_argument("--label-smoothing", type=float, default=0.0, metavar="FLOAT",
                    help="with the sigmoid loss: the assumed share of flipped preferences, in "
                    "[0, 0.5) (default: 0)")
+    d.add_argument("--drop-identical", action="store_true", help="leave out records whose "
+                   "chosen and rejected answers are the same text (else they are refused)")
     _add_tuning(fd, Tuning(lr=1e-3, base_lr=5e-5, epochs=1, batch_size=8, patience=0))
     _common(fd)
 
@@ -266,7 +268,8 @@ def run_finetune_dpo(args) -> int:
     from gptjax.finetune.dpo import DpoData, finetune_dpo
     from gptjax.hf.io import check_new_dir
     from gptjax.training.run_lock import hold
-    data = DpoData(args.data, _split(args.split), args.beta, args.dpo_loss, args.label_smoothing).check()
+    data = DpoData(args.data, _split(args.split), args.beta, args.dpo_loss, args.label_smoothing,
+                   args.drop_identical).check()
     tuning = tuning_from(args).check()
     with hold(args.out, "gptjax finetune-dpo"):
         check_new_dir(Path(args.out))

@@ -48,6 +48,7 @@ class DpoData:
     beta: float = 0.1
     dpo_loss: str = "sigmoid"  # named as its flag, so finetune.json is a valid --config
     label_smoothing: float = 0.0
+    drop_identical: bool = False  # leave out records whose answers are the same text
 
     def check(self) -> "DpoData":
         if not self.beta > 0:
@@ -155,7 +156,9 @@ def finetune_dpo(base: Base, data: DpoData, tuning: Tuning, out: str | Path, *,
     tokenizer, m = base.tokenizer, base.config.model
     if tokenizer.eot_id is None:
         raise GptjaxError("preference tuning needs a tokenizer with an end-of-text id")
-    records = dpo_data.read_preferences(data.path)
+    records, identical = dpo_data.read_preferences(data.path, data.drop_identical)
+    if identical:
+        warnings.warn(f"left out {identical} records whose chosen and rejected answers are the same")
     train, val, test = sft_data.split_records(len(records), data.split, tuning.seed)
     pairs, cut = dpo_data.encode_pairs(records, tokenizer.encode, tokenizer.eot_id, m.context_length)
     ok = dpo_data.comparable(pairs)
@@ -209,7 +212,7 @@ def finetune_dpo(base: Base, data: DpoData, tuning: Tuning, out: str | Path, *,
     after = result.best_metrics
     report = {"before": before, "after": {k: v for k, v in after.items() if k.startswith("val_")},
               "best_step": result.best_step, "steps": result.steps, "cut_answers": cut,
-              "left_out": int((~ok).sum())}
+              "left_out": int((~ok).sum()), "identical_left_out": identical}
     (out / "dpo_report.json").write_text(json.dumps(report, indent=2) + "\n")
     say(f"preference accuracy {before['val_accuracy']:.3f} -> {after['val_accuracy']:.3f}, reward "
         f"margin {before['val_margin']:.4f} -> {after['val_margin']:.4f}, best at step "

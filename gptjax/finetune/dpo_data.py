@@ -23,14 +23,20 @@ class Pair:
     rejected: sft_data.EncodedExample
 
 
-def read_preferences(path) -> list[dict]:
-    """Records with string "chosen" and "rejected" answers that differ, checked by index."""
+def read_preferences(path, drop_identical: bool = False) -> tuple[list[dict], int]:
+    """Records with string "chosen" and "rejected" answers, checked by index, and how many
+    were left out. Identical answers teach nothing: refused, naming them, unless
+    `drop_identical` (the book's set has 6 such records of 1,100)."""
     records = sft_data.read_records(path, answers=("chosen", "rejected"))
-    for i, r in enumerate(records):
-        if r["chosen"] == r["rejected"]:
-            raise GptjaxError(f"{path}: record {i}: chosen and rejected are the same text, "
-                              "so there is no preference to learn")
-    return records
+    same = [i for i, r in enumerate(records) if r["chosen"] == r["rejected"]]
+    if same and not drop_identical:
+        more = f" (and {len(same) - 1} more: {', '.join(map(str, same[1:6]))}" \
+               f"{', ...' if len(same) > 6 else ''})" if len(same) > 1 else ""
+        raise GptjaxError(f"{path}: record {same[0]}{more}: chosen and rejected are the same "
+                          "text, so there is no preference to learn; fix them, or pass "
+                          "--drop-identical to leave them out")
+    kept = [r for i, r in enumerate(records) if i not in set(same)]
+    return kept, len(same)
 
 
 def encode_pairs(records, encode, eot_id: int, context_length: int) -> tuple[list[Pair], int]:

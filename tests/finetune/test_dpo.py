@@ -75,7 +75,8 @@ def test_preference_tuning_grows_the_margin_and_leaves_the_reference_alone(base,
 
 @pytest.mark.parametrize("changes,match", [
     ({"r3": lambda r: {k: v for k, v in r.items() if k != "rejected"}}, "record 3: missing 'rejected'"),
-    ({"r5": lambda r: {**r, "rejected": r["chosen"]}}, "record 5: chosen and rejected are the same text"),
+    ({"r5": lambda r: {**r, "rejected": r["chosen"]}, "r9": lambda r: {**r, "rejected": r["chosen"]}},
+     "record 5 (and 1 more: 9): chosen and rejected are the same text"),
 ])
 def test_bad_preference_records_are_one_line(base, tmp_path, capsys, changes, match):
     data = _preferences(tmp_path / "bad.json", **changes)
@@ -106,3 +107,13 @@ def test_a_dpo_runs_finetune_json_is_a_valid_config(base, tmp_path, capsys):
     assert settings(again) == settings(first) and settings(first)["data"]["dpo_loss"] == "ipo"
     report = lambda run: json.loads((run / "dpo_report.json").read_text())  # noqa: E731
     assert report(again)["after"] == report(first)["after"]
+
+
+def test_identical_answers_can_be_left_out_with_a_count(base, tmp_path, capsys):
+    same = lambda r: {**r, "rejected": r["chosen"]}  # noqa: E731
+    data = _preferences(tmp_path / "p.json", r2=same, r7=same)
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "finetune-dpo", "--base", base / "base", "--data", data,
+                           "--drop-identical", "--max-steps", "1", "--no-progress", "--out", out)
+    assert code == 0 and "left out 2 records whose chosen and rejected answers are the same" in err
+    assert json.loads((out / "dpo_report.json").read_text())["identical_left_out"] == 2
