@@ -46,6 +46,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Nam
                      for dest, value in values.items() if value is not None}
     except GptjaxError as e:
         parser.exit(2, f"gptjax: error: {e}\n")
+    own_defaults = {dest: actions[dest].default for dest in from_file}
     for dest, value in from_file.items():
         actions[dest].default, actions[dest].required = value, False
     for group in sub._mutually_exclusive_groups:
@@ -57,6 +58,13 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Nam
         for a in group._group_actions:
             if typed and a not in typed and a.dest in from_file:
                 setattr(args, a.dest, None)
+        # ... and the file's checkpoint of its starting point goes with it
+        if typed and "base_checkpoint" in from_file and not _typed(actions["base_checkpoint"], argv):
+            args.base_checkpoint = own_defaults["base_checkpoint"]
+    # What came from the file rather than the command line: a typed flag outranks it
+    # (gptjax train's --preset against the file's [model] fields, --extend-to against its
+    # max_steps).
+    args.from_config = {dest for dest in from_file if not _typed(actions[dest], argv)}
     return args
 
 
@@ -113,6 +121,10 @@ def _flatten(raw: dict, command: str) -> dict:
                 out.update({f"{key}.{renamed.get(k, k)}": v for k, v in value.items()})
             else:
                 out[key] = value
+        if "peak_source" in raw.get("train", {}):
+            # A run's own config: its peak belongs to the machine that measured it.
+            out.pop("train.peak_flops", None)
+            out.pop("train.peak_source", None)
         return out
     if "task" in raw and "settings" in raw:  # a fine-tuned run's finetune.json
         if raw["task"] != FINETUNE_TASKS[command]:
@@ -159,6 +171,11 @@ def _checked(actions: dict, dest: str, value, path: str):
             raise GptjaxError(f"--config {path}: {name} must be true or false, got {value!r}")
         return value
     kind = action.type or str
+    if kind in (int, float) and isinstance(value, str):  # YAML reads 1e-3 as a string
+        try:
+            value = kind(value)
+        except ValueError:
+            pass
     ok = (isinstance(value, str) if kind is str
           else isinstance(value, int) and not isinstance(value, bool) if kind is int
           else isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float

@@ -82,10 +82,20 @@ def run_train(args) -> int:
     overrides = explicit_overrides(args)
     if "peak_flops" in overrides.get("train", {}):  # given now: say so in config.json
         overrides["train"].setdefault("peak_source", "flag")
+    from_file = getattr(args, "from_config", set())
+    if args.preset:
+        # A typed flag beats the --config file: typed model flags, then a typed --preset,
+        # then the file's [model] fields, then a preset the file names.
+        file_model = {k: v for k, v in overrides.get("model", {}).items()
+                      if f"model.{k}" in from_file}
+        typed_model = {k: v for k, v in overrides.get("model", {}).items() if k not in file_model}
+        preset = C.PRESETS[args.preset]
+        overrides["model"] = ({**file_model, **preset, **typed_model} if "preset" not in from_file
+                              else {**preset, **file_model, **typed_model})
+    if args.extend_to is not None and "train.max_steps" in from_file:
+        del overrides["train"]["max_steps"]  # a run's config.json always has one
     if is_run(out):
         base = C.load(out / "config.json")
-        if args.preset:
-            overrides["model"] = {**C.PRESETS[args.preset], **overrides.get("model", {})}
     else:
         base = C.RunConfig(model=C.preset(args.preset or C.DEFAULT_PRESET))
     cfg = apply_overrides(base, overrides)

@@ -123,11 +123,12 @@ def make_losses(config, data: DpoData, lora=None):
 def _reference_logps(answer_logps, params, pairs, indices, eot, rows, context):
     """The frozen reference's (log p(chosen), log p(rejected)) of each pair in `indices`."""
     ref = np.zeros((len(pairs), 2), np.float64)
-    logps = jax.jit(lambda b: answer_logps(params, b, None))
+    logps = jax.jit(answer_logps)  # parameters as an argument, not baked in as constants
     lengths = np.array([_length(pairs[i]) for i in indices])
     for chunk in batching.by_length(lengths, rows):
         picked = indices[chunk]
-        c, r = jax.device_get(logps(dpo_data.pair_batch([pairs[i] for i in picked], eot, rows, context)))
+        batch = dpo_data.pair_batch([pairs[i] for i in picked], eot, rows, context)
+        c, r = jax.device_get(logps(params, batch, None))
         ref[picked, 0], ref[picked, 1] = c[:len(picked)], r[:len(picked)]
     return ref
 

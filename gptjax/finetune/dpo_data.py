@@ -51,8 +51,10 @@ def encode_pairs(records, encode, eot_id: int, context_length: int) -> tuple[lis
 
 
 def comparable(pairs: list[Pair]) -> np.ndarray:
-    """Whether each pair keeps at least one token of both answers within the context."""
-    return np.array([p.chosen.response_len > 0 and p.rejected.response_len > 0 for p in pairs])
+    """Whether each pair keeps at least one token of both answers within the context, and
+    the cut left them different."""
+    return np.array([p.chosen.response_len > 0 and p.rejected.response_len > 0
+                     and not np.array_equal(p.chosen.ids, p.rejected.ids) for p in pairs])
 
 
 def pair_batch(pairs: list[Pair], eot: int, rows: int, context: int) -> dict:

@@ -114,8 +114,8 @@ def _finished_at(out: Path, end: int) -> int | None:
     """The latest checkpoint's step when it is at or past `end` and verifies: a finished run
     re-run says so without compiling. A damaged one is left to the resume path, which sets it
     aside and trains from the one before. One process only: a job decides on one path."""
-    if jax.process_count() > 1:
-        return None
+    if jax.process_count() > 1 or jax.device_count() > 1:
+        return None  # verify() reads the whole state onto one device: too big for a mesh's
     ckpts = Checkpoints(out / "checkpoints", create=False)
     try:
         latest = ckpts.latest_step()
@@ -127,6 +127,13 @@ def _finished_at(out: Path, end: int) -> int | None:
         return None
     finally:
         ckpts.close()
+
+
+def _wants_sample(out: Path, cfg: C.RunConfig) -> bool:
+    """A finished run still makes its end sample when it has none, or a new length is asked."""
+    n = cfg.train.max_new_tokens
+    return bool(n) and (not (out / "sample.txt").exists()
+                        or C.load(out / "config.json").train.max_new_tokens != n)
 
 
 def _setup(cfg: C.RunConfig, out: Path, progress: bool, end: int):
@@ -148,7 +155,7 @@ def _setup(cfg: C.RunConfig, out: Path, progress: bool, end: int):
             run_dir.check_resume(out, cfg, data)
         sampler = _sampler(data.train, cfg, f"training split of {data.path}")
         _sampler(data.val, cfg, f"validation split of {data.path}")
-        finished = _finished_at(out, end) if resuming else None
+        finished = _finished_at(out, end) if resuming and not _wants_sample(out, cfg) else None
         if finished is not None:
             C.save(cfg, out / "config.json")  # as below: changed resume-safe fields are kept
             return cfg, data, tokenizer, sampler, finished, resuming

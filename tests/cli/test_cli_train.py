@@ -138,11 +138,15 @@ def test_resume_with_a_different_training_config_is_refused(full_run, capsys):
 def test_finished_run_is_not_trained_further(full_run, capsys):
     ckpts = sorted(p.name for p in (full_run / "checkpoints").iterdir())
     losses = train_losses(full_run)
-    code, stdout, err = run_cli(capsys, "train", "--out", full_run, "--no-progress",
-                                "--max-new-tokens", "4")  # resume-safe field may change
+    code, stdout, err = run_cli(capsys, "train", "--out", full_run, "--no-progress")
     assert code == 0, err
     assert "nothing to train: the run is at step 6 of 6" in stdout
     assert "compiled" not in stdout  # said before compiling anything
+    # A new sample length (a resume-safe field) is kept, and the sample made again.
+    code, stdout, err = run_cli(capsys, "train", "--out", full_run, "--no-progress",
+                                "--max-new-tokens", "4")
+    assert code == 0 and "nothing to train: the run is at step 6 of 6" in stdout, err
+    assert len((full_run / "sample.txt").read_text()) == 4
     assert train_losses(full_run) == losses
     assert sorted(p.name for p in (full_run / "checkpoints").iterdir()) == ckpts
     assert json.loads((full_run / "config.json").read_text())["train"]["max_new_tokens"] == 4

@@ -22,7 +22,7 @@ dropout = 0.0
 YAML = """
 preset: tiny
 train: {max_steps: 4, warmup_steps: 2, eval_every: 2, log_every: 1, batch_size: 4,
-        max_new_tokens: 0, lr: 0.003}
+        max_new_tokens: 0, lr: 3e-3}  # YAML 1.1 reads 3e-3 as a string: taken as the number
 model: {dropout: 0.0}
 """
 
@@ -49,7 +49,7 @@ def test_train_from_toml_or_yaml_with_flags_on_top_and_a_run_repeated_from_its_c
     cfg = _config(toml_run)
     assert (cfg["train"]["lr"], cfg["train"]["max_steps"], cfg["train"]["log_every"]) == (0.003, 4, 2)
     assert cfg["model"]["n_layer"] == 2  # the tiny preset, named in the file
-    measured = lambda c: {**c, "train": {**c["train"], "peak_flops": None}}  # noqa: E731
+    measured = lambda c: {**c, "train": {**c["train"], "peak_flops": None, "peak_source": None}}  # noqa: E731
     assert measured(_config(yaml_run)) == measured(cfg)  # each run measures its own peak
     assert _losses(yaml_run) == _losses(toml_run)
 
@@ -58,7 +58,17 @@ def test_train_from_toml_or_yaml_with_flags_on_top_and_a_run_repeated_from_its_c
     code, _, err = run_cli(capsys, "train", "--config", toml_run / "config.json", "--out", again,
                            "--no-progress")
     assert code == 0, err
-    assert _config(again) == cfg and _losses(again) == _losses(toml_run)
+    assert measured(_config(again)) == measured(cfg) and _losses(again) == _losses(toml_run)
+    # ... but not its peak, which belongs to the machine that measured it,
+    assert _config(again)["train"]["peak_source"] != "flag"
+    # and a typed --preset beats the file's [model] fields, as any flag does.
+    code, _, err = run_cli(capsys, "train", "--config", toml_run / "config.json", "--preset", "baby",
+                           "--max-steps", "3", "--out", tmp_path / "baby", "--no-progress")
+    assert code == 0 and _config(tmp_path / "baby")["model"]["n_layer"] == 4, err
+    # --extend-to with the run's own config.json: the file's max_steps does not conflict.
+    code, _, err = run_cli(capsys, "train", "--config", toml_run / "config.json", "--out", toml_run,
+                           "--extend-to", "6", "--no-progress")
+    assert code == 0 and _config(toml_run)["train"]["max_steps"] == 6, err
 
 
 @pytest.mark.parametrize("text,suffix,match", [
