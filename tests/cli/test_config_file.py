@@ -93,3 +93,17 @@ def test_a_bad_config_file_is_one_line_and_nothing_is_written(tmp_path, capsys, 
 def test_a_missing_config_file_is_named(tmp_path, capsys):
     fails_cleanly(capsys, "train", "--config", tmp_path / "none.toml", "--out", tmp_path / "out",
                   match="none.toml: No such file or directory")
+
+
+def test_a_typed_starting_point_replaces_the_files_with_its_checkpoint(tmp_path):
+    from gptjax.cli import config_file
+    from gptjax.cli.app import _parser
+    path = tmp_path / "sft.toml"
+    path.write_text('[base]\nrun = "runs/a"\ncheckpoint = 1000\n[data]\npath = "d.json"\n'
+                    '[tuning]\nlr = "1e-3"\n')
+    args = config_file.parse_args(_parser(), ["finetune-sft", "--config", str(path), "--out", "o"])
+    assert (args.base, args.hf, args.base_checkpoint, args.data) == ("runs/a", None, "1000", "d.json")
+    assert getattr(args, "tuning.lr") == 1e-3
+    args = config_file.parse_args(_parser(), ["finetune-sft", "--config", str(path), "--hf", "gpt2",
+                                              "--out", "o"])
+    assert (args.base, args.hf, args.base_checkpoint) == (None, "gpt2", "latest")
