@@ -88,3 +88,14 @@ def fails_cleanly(capsys, *argv, match: str) -> None:
     code, _, err = run_cli(capsys, *argv)
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and "error" in lines[0] and match in lines[0], err
+
+
+def byte_base(root: Path, corpus_file: Path) -> Path:
+    """A tiny byte-level run in root/base (data in root/data) whose 184-byte context holds
+    the instruction template: every text encodes, whatever its characters."""
+    assert main(["prepare", str(corpus_file), "--out", str(root / "data"), "--tokenizer", "byte",
+                 "--no-progress"]) == 0
+    assert main(["train", "--data", str(root / "data"), "--out", str(root / "base"), *TINY_RUN,
+                 "--context-length", "184", "--max-steps", "4", "--max-new-tokens", "0"]) == 0
+    return root
+

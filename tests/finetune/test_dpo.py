@@ -7,9 +7,8 @@ import math
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY_RUN, fails_cleanly, run_cli
+from conftest import byte_base, fails_cleanly, run_cli
 
-from gptjax.cli import main
 from gptjax.finetune.dpo import dpo_loss
 from gptjax.runs import finetuned
 from gptjax.runs.load import load_base
@@ -34,12 +33,7 @@ def test_the_losses_equal_a_hand_computation_on_a_toy_pair():
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, corpus_file):
-    root = tmp_path_factory.mktemp("dpo")
-    assert main(["prepare", str(corpus_file), "--out", str(root / "data"), "--tokenizer", "byte",
-                 "--no-progress"]) == 0
-    assert main(["train", "--data", str(root / "data"), "--out", str(root / "base"), *TINY_RUN,
-                 "--context-length", "184", "--max-steps", "4", "--max-new-tokens", "0"]) == 0
-    return root
+    return byte_base(tmp_path_factory.mktemp("dpo"), corpus_file)
 
 
 def _preferences(path, n=80, **changes):

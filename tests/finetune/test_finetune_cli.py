@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import jax
 import numpy as np
 import pytest
-from conftest import TINY_RUN, fails_cleanly, run_cli
+from conftest import byte_base, fails_cleanly, run_cli
 
 from gptjax.cli import main
 from gptjax.runs.load import load as load_run
@@ -21,13 +21,7 @@ WORDS = "apple river stone cloud paper glass music table light green".split()
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, corpus_file):
-    """A tiny byte-level run: every text encodes, whatever its characters."""
-    root = tmp_path_factory.mktemp("ft")
-    assert main(["prepare", str(corpus_file), "--out", str(root / "data"), "--tokenizer", "byte",
-                 "--no-progress"]) == 0
-    assert main(["train", "--data", str(root / "data"), "--out", str(root / "base"), *TINY_RUN,
-                 "--context-length", "184", "--max-steps", "4", "--max-new-tokens", "0"]) == 0
-    return root
+    return byte_base(tmp_path_factory.mktemp("ft"), corpus_file)
 
 
 @pytest.fixture(scope="module")
