@@ -60,7 +60,7 @@ def fastest(record: Path, key: str, make_candidates: Callable[[], Candidates], *
                  "repeats": repeats, "prefer_within": margin,
                  "measured": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         try:
-            write_atomically(record, json.dumps({**_read(record), key: entry}, indent=1) + "\n")
+            write_atomically(record, json.dumps({**read_record(record), key: entry}, indent=1) + "\n")
         except OSError:
             pass  # a read-only cache: the choice holds for this process, measured again next
     return choice
@@ -92,7 +92,7 @@ def _wait(out) -> None:
 
 def _recorded_choice(record: Path, key: str) -> str | None:
     """The recorded choice for `key`, if the entry is whole: a choice among its timings."""
-    entry = _read(record).get(key)
+    entry = read_record(record).get(key)
     if isinstance(entry, dict) and isinstance(entry.get("median_ms"), dict):
         choice = entry.get("choice")
         if isinstance(choice, str) and choice in entry["median_ms"]:
@@ -113,7 +113,7 @@ def one_process_at_a_time(record: Path):
         yield
 
 
-def _read(record: Path) -> dict:
+def read_record(record: Path) -> dict:
     """The record's entries; {} where it is missing or unreadable (it is measured again)."""
     try:
         entries = json.loads(record.read_text())

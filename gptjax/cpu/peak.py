@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from gptjax.cpu import machine
-from gptjax.cpu.measured_choice import one_process_at_a_time, write_atomically
+from gptjax.cpu.measured_choice import one_process_at_a_time, read_record, write_atomically
 
 THOROUGH_SECONDS = 2.0  # the first measurement on a machine: the best of this long a run
 QUICK_SECONDS = 0.5  # each run's check at start
@@ -72,14 +72,14 @@ def key(dtype: str) -> str:
 
 def recorded(dtype: str) -> dict | None:
     """{"flops", "measured" (a date)} for this machine, or None."""
-    entry = _read().get(key(dtype))
+    entry = read_record(record_path()).get(key(dtype))
     ok = isinstance(entry, dict) and isinstance(entry.get("flops"), (int, float)) and entry["flops"] > 0
     return entry if ok else None
 
 
 def cpu_peak(dtype: str = "float32", measure: Callable[..., float] | None = None) -> Peak:
     """The peak a run on this CPU uses: the record (made now, thoroughly, if there is none),
-    raised by a better start-up measurement, kept over a worse one (with a warning)."""
+    raised by a better start-up measurement, kept over a worse one (noted in its source)."""
     measure = measure or measure_matmul
     entry = recorded(dtype)
     if entry is None:
@@ -121,14 +121,6 @@ def remeasure(dtype: str = "float32", measure: Callable[..., float] | None = Non
     return (entry["flops"] if entry else None), rate, saved
 
 
-def _read() -> dict:
-    try:
-        entries = json.loads(record_path().read_text())
-    except (OSError, ValueError):
-        return {}
-    return entries if isinstance(entries, dict) else {}
-
-
 @contextlib.contextmanager
 def _one_writer():
     """The record's lock (none where the cache cannot be made: nothing is written there)."""
@@ -142,11 +134,10 @@ def _one_writer():
 
 def _store(dtype: str, flops: float, only_if_higher: bool = False) -> bool:
     """Write the rate into the record (the caller holds `_one_writer`); whether it was."""
-    entries = _read()
-    old = entries.get(key(dtype))
-    if only_if_higher and isinstance(old, dict) and isinstance(old.get("flops"), (int, float)) \
-            and old["flops"] >= flops:
+    old = recorded(dtype)
+    if only_if_higher and old is not None and old["flops"] >= flops:
         return False
+    entries = read_record(record_path())
     entries[key(dtype)] = {"flops": flops, "measured": date.today().isoformat()}
     try:
         write_atomically(record_path(), json.dumps(entries, indent=1) + "\n")

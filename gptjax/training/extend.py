@@ -17,13 +17,12 @@ import dataclasses
 
 from gptjax.config import Tail, format_tails, parse_tails
 from gptjax.errors import GptjaxError
+from gptjax.training.optim import schedule
 
 
 def extended(cfg, start: int, to: int):
     """`cfg` (a RunConfig) trained on to step `to`, with a new cosine tail from `start`
     (the step it resumes from) that begins at the rate the schedule has there."""
-    from gptjax.training.optim import schedule
-
     t = cfg.train
     if to <= t.max_steps:
         raise GptjaxError(f"--extend-to {to} is not beyond the run's max_steps ({t.max_steps}); "

@@ -125,8 +125,8 @@ class Loop:
                     fetched, clock, untimed, train_loss = [], now, 0, rec["loss"]
                 if save_now:
                     if not log_now:  # the losses since the last record, ending at this step
-                        kept = [m_["loss"] for m_ in fetched if not bool(m_.get("skipped", False))]
-                        train_loss = float(np.mean(kept)) if kept else None
+                        kept = _applied(fetched)
+                        train_loss = float(np.mean([m_["loss"] for m_ in kept])) if kept else None
                     # without the bar, this step's train line was just printed
                     shown_loss = None if log_now and not self.progress else train_loss
                     val_loss = self._evaluate_and_save(state, shown_loss)
@@ -190,7 +190,7 @@ class Loop:
 
     def _record(self, step: int, metrics: list[dict], untimed: int, seconds: float) -> dict:
         """One JSONL record for a log interval; `untimed` leading steps ran before the clock."""
-        kept = [m_ for m_ in metrics if not bool(m_.get("skipped", False))]
+        kept = _applied(metrics)
         losses = np.array([m_["loss"] for m_ in kept] or [math.nan], np.float64)
         timed = len(metrics) - untimed
         tok_s = self.tokens_per_step * timed / seconds if timed and seconds > 0 else None
@@ -216,6 +216,11 @@ class Loop:
         self.log.write({"kind": "peak", "step": step, "peak_flops": achieved, "source": source})
         if self.on_peak_raised is not None:
             self.on_peak_raised(achieved, source)
+
+
+def _applied(metrics: list[dict]) -> list[dict]:
+    """The steps whose update was applied (not skipped for a non-finite loss)."""
+    return [m_ for m_ in metrics if not bool(m_.get("skipped", False))]
 
 
 def _train_line(rec: dict) -> str:
