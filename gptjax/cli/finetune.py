@@ -36,10 +36,15 @@ TUNING_HELP = {
     "eval_every": "steps between validations; 0 = once per epoch",
     "patience": "stop after this many validations without improvement; 0 = never stop early",
     "seed": "seed for the split, the new parameters, shuffling and dropout",
+    "unfreeze": "gradual:EPOCHS = gradual unfreezing: the head and final norm train first, then "
+                "one more block from the top every EPOCHS epochs, the embeddings last; '' = "
+                "everything --train allows trains from the start",
+    "layer_lr_decay": "discriminative learning rates: block i of L trains at this^(L-i) times "
+                      "--base-lr (the embeddings at this^L); in (0, 1], 1 = the same everywhere",
 }
 
 
-TUNING_METAVARS = {"train": "all|head|last-N", "lora_targets": "TARGETS"}
+TUNING_METAVARS = {"train": "all|head|last-N", "lora_targets": "TARGETS", "unfreeze": "gradual:EPOCHS"}
 
 
 def _flag(name: str) -> str:
@@ -109,6 +114,15 @@ def add_parsers(sub) -> None:
                    help="tokens kept per text, at most the "
                    "model's context (longer ones are cut, with a count); 0 = the model's context "
                    "(default: 0)")
+    d.add_argument("--loss", choices=("ce", "focal"), default="ce", help="ce = cross-entropy; "
+                   "focal = focal loss, which down-weights texts the model already classifies "
+                   "well, for imbalanced classes; either is weighted by --class-weights (default: ce)")
+    d.add_argument("--focal-gamma", type=float, default=2.0, metavar="FLOAT",
+                   help="with --loss focal: the exponent of (1 - p_true); 0 = cross-entropy (default: 2)")
+    d.add_argument("--folds", type=int, default=0, metavar="INT",
+                   help="stratified K-fold cross-validation: K fine-tunes, each tested on one fold "
+                   "(the --split train:val ratio divides the rest), written to OUT/fold-1..K with "
+                   "the mean ± std of every metric in OUT/folds.json; 0 = one split (default: 0)")
     _add_tuning(fc, Tuning())
     _common(fc)
 
@@ -227,7 +241,8 @@ def run_finetune_cls(args) -> int:
     from gptjax.hf.io import check_new_dir
     from gptjax.training.run_lock import hold
     data = ClsData(args.data, args.text_column, args.label_column, args.format, _split(args.split),
-                   args.balance, args.class_weights, args.pooling, args.metric, args.max_length)
+                   args.balance, args.class_weights, args.pooling, args.metric, args.max_length,
+                   args.loss, args.focal_gamma, args.folds)
     tuning = tuning_from(args).check()
     with hold(args.out, "gptjax finetune-cls"):  # a second writer is refused before any work
         check_new_dir(Path(args.out))

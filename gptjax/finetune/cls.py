@@ -9,6 +9,7 @@ accuracy, per-class precision/recall/F1, macro F1 and the confusion matrix (tabl
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 from gptjax.errors import GptjaxError
 from gptjax.finetune import batching, cls_data, cls_metrics, session
 from gptjax.finetune.settings import Tuning
-from gptjax.model.classifier import POOLINGS, make_loss_sum, make_predict
+from gptjax.model.classifier import LOSSES, POOLINGS, make_loss_sum, make_predict
 from gptjax.model.parts import join
 from gptjax.runs import finetuned
 from gptjax.runs.load import Base, load_finetuned
@@ -39,6 +40,25 @@ class ClsData:
     pooling: str = "last"
     metric: str = "accuracy"  # what early stopping watches on the validation split
     max_length: int = 0  # tokens kept per text; 0 = the model's context
+    loss: str = "ce"  # ce (cross-entropy) or focal
+    focal_gamma: float = 2.0  # focal loss's (1 - p_t)^gamma exponent; 0 = cross-entropy
+    folds: int = 0  # 0 = one train/val/test split; K >= 2 = stratified K-fold cross-validation
+
+    def check(self, context_length: int) -> "ClsData":
+        if self.pooling not in POOLINGS:
+            raise GptjaxError(f"--pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+        if self.metric not in METRICS:
+            raise GptjaxError(f"--metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
+        if not 0 <= self.max_length <= context_length:
+            raise GptjaxError(f"--max-length must be 0 (the model's context) or at most the "
+                              f"context length {context_length}, got {self.max_length}")
+        if self.loss not in LOSSES:
+            raise GptjaxError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if not (math.isfinite(self.focal_gamma) and self.focal_gamma >= 0):
+            raise GptjaxError(f"--focal-gamma must be >= 0, got {self.focal_gamma}")
+        if self.folds == 1 or self.folds < 0:
+            raise GptjaxError(f"--folds must be at least 2 (or 0 for one split), got {self.folds}")
+        return self
 
 
 @dataclass
@@ -55,17 +75,17 @@ class Prepared:
 
 
 def prepare(d: ClsData, tokenizer, context_length: int, seed: int) -> Prepared:
-    if d.pooling not in POOLINGS:
-        raise GptjaxError(f"--pooling must be one of {', '.join(POOLINGS)}, got {d.pooling!r}")
-    if d.metric not in METRICS:
-        raise GptjaxError(f"--metric must be one of {', '.join(METRICS)}, got {d.metric!r}")
-    if not 0 <= d.max_length <= context_length:
-        raise GptjaxError(f"--max-length must be 0 (the model's context) or at most the "
-                          f"context length {context_length}, got {d.max_length}")
+    """Read, encode and split (with --folds, cls_folds splits again per fold)."""
+    d.check(context_length)
     data = cls_data.read_labeled(d.path, text_column=d.text_column, label_column=d.label_column,
                                  fmt=d.format)
-    train, val, test = cls_data.stratified_split(data.labels, d.split, seed)
-    if d.balance:
+    if d.folds:
+        from gptjax.finetune.cls_folds import check_folds
+        check_folds(data.labels, data.classes, d.folds)
+        train = val = test = np.arange(0)
+    else:
+        train, val, test = cls_data.stratified_split(data.labels, d.split, seed)
+    if d.balance and len(train):
         train = cls_data.balance(train, data.labels, seed)
     limit = d.max_length or context_length
     ids, truncated = batching.encode_all(data.texts, tokenizer, limit)
@@ -112,7 +132,8 @@ def evaluate_rows(predict, params, p: Prepared, rows, size, context, pad_id) -> 
 
 def finetune_cls(base: Base, data: ClsData, tuning: Tuning, out: str | Path, *,
                  progress: bool = True, say=print) -> dict:
-    """Fine-tune `base` as a classifier on `data`; returns the test report of the best checkpoint."""
+    """Fine-tune `base` as a classifier on `data`; returns the test report of the best
+    checkpoint (with --folds, the cross-validation summary: cls_folds.run_folds)."""
     from gptjax.hf.io import check_new_dir
     out = Path(out)
     check_new_dir(out)
@@ -122,12 +143,23 @@ def finetune_cls(base: Base, data: ClsData, tuning: Tuning, out: str | Path, *,
     if p.truncated:
         warnings.warn(f"{p.truncated} of {len(p.ids)} texts are longer than {data.max_length or m.context_length} "
                       "tokens and were cut to that length")
+    if data.folds:
+        from gptjax.finetune.cls_folds import run_folds
+        return run_folds(base, data, tuning, p, out, progress=progress, say=say)
+    return train_and_test(base, data, tuning, p, out, progress=progress, say=say)
+
+
+def train_and_test(base: Base, data: ClsData, tuning: Tuning, p: Prepared, out: Path, *,
+                   progress: bool = True, say=print, fold: int | None = None) -> dict:
+    """Fine-tune on p.train, validate on p.val, report the best checkpoint on p.test."""
+    m = base.config.model
     if len(p.train) < tuning.batch_size:
         raise GptjaxError(f"the training split has {len(p.train)} texts, fewer than --batch-size "
                           f"{tuning.batch_size}")
-    s = session.setup(base, tuning, "cls", classes=p.classes, pooling=data.pooling,
-                      settings={"data": {**asdict(data), "path": str(Path(data.path).absolute())},
-                                "tuning": asdict(tuning)})
+    settings = {"data": {**asdict(data), "path": str(Path(data.path).absolute())}, "tuning": asdict(tuning)}
+    if fold is not None:
+        settings["fold"] = fold
+    s = session.setup(base, tuning, "cls", classes=p.classes, pooling=data.pooling, settings=settings)
     pad = base.tokenizer.eot_id if base.tokenizer.eot_id is not None else 0
     class_w = _class_weights(p.labels[p.train], len(p.classes), data.class_weights)
     predict = jax.jit(make_predict(s.spec.model, data.pooling, s.spec.lora))
@@ -148,7 +180,9 @@ def finetune_cls(base: Base, data: ClsData, tuning: Tuning, out: str | Path, *,
     say(f"data: {len(p.ids):,} texts, classes " + ", ".join(f"{c} ({n:,})" for c, n in zip(p.classes, counts))
         + f"; split {len(p.train):,} train{' (balanced)' if data.balance else ''} / {len(p.val):,} val / "
         f"{len(p.test):,} test (seed {tuning.seed})")
-    result = session.run(out, s, tuning, base, make_loss_sum(s.spec.model, data.pooling, s.spec.lora),
+    loss_sum = make_loss_sum(s.spec.model, data.pooling, s.spec.lora, loss=data.loss,
+                             focal_gamma=data.focal_gamma)
+    result = session.run(out, s, tuning, base, loss_sum,
                          epoch_batches, len(p.train) // size, evaluate, f"val_{data.metric}",
                          data.metric != "loss", progress, say)
     params = join(result.best, s.frozen)

@@ -67,10 +67,17 @@ def format_report(report: dict, classes: Sequence[str]) -> str:
         c = report["per_class"][name]
         lines.append(f"{name:<{width}}  {c['precision']:9.4f}  {c['recall']:6.4f}  "
                      f"{c['f1']:6.4f}  {c['support']:7d}")
-    matrix = report["confusion"]
-    cell = max([len(n) for n in names] + [len(str(v)) for row in matrix for v in row])
     lines += ["", "confusion matrix (rows: true class, columns: predicted class)",
-              " " * (width + 2) + "  ".join(f"{n:>{cell}}" for n in names)]
+              format_confusion(report["confusion"], classes)]
+    return "\n".join(lines)
+
+
+def format_confusion(matrix, classes: Sequence[str]) -> str:
+    """The confusion matrix as aligned text, class names on both axes."""
+    names = [str(c) for c in classes]
+    width = max([len(n) for n in names] + [len("class")])
+    cell = max([len(n) for n in names] + [len(str(v)) for row in matrix for v in row])
+    lines = [" " * (width + 2) + "  ".join(f"{n:>{cell}}" for n in names)]
     for name, row in zip(names, matrix):
         lines.append(f"{name:<{width}}  " + "  ".join(f"{v:>{cell}}" for v in row))
     return "\n".join(lines)

@@ -14,6 +14,7 @@ import numpy as np
 
 from gptjax import config as C
 from gptjax.finetune import optim
+from gptjax.finetune.depth import DepthPlan, parse_unfreeze
 from gptjax.finetune.settings import Tuning
 from gptjax.finetune.step import init_state, make_step
 from gptjax.finetune.trainer import FitResult, Schedule, fit
@@ -77,27 +78,36 @@ def run(out: Path, s: Setup, tuning: Tuning, base: Base, loss_sum, epoch_batches
     schedule = Schedule(tuning.epochs, steps_per_epoch, eval_every, tuning.patience, monitor,
                         higher_is_better, tuning.max_steps)
     warmup = min(tuning.warmup_steps, max(schedule.total_steps - 1, 0))
-    tx = optim.optimizer(s.trainable, lr=tuning.lr, base_lr=tuning.base_lr, warmup_steps=warmup,
+    plan = depth_plan(s, tuning, steps_per_epoch)
+    tx = optim.optimizer(s.trainable, plan, lr=tuning.lr, base_lr=tuning.base_lr, warmup_steps=warmup,
                          total_steps=schedule.total_steps, weight_decay=tuning.weight_decay,
-                         grad_clip=tuning.grad_clip, blocks_trained=s.spec.trainable.blocks,
-                         n_layer=s.spec.model.n_layer)
+                         grad_clip=tuning.grad_clip)
     step = jax.jit(make_step(loss_sum, tx), donate_argnums=0)
     # The step donates its state: give it its own copy, so the caller's base survives.
     state = init_state(jax.tree.map(jnp.copy, s.trainable), tx, tuning.seed)
     data_cfg = C.DataConfig(tokenizer=base.tokenizer.spec()["kind"], gpt2_ranks=base.config.data.gpt2_ranks)
     with run_lock.hold(out, f"gptjax finetune-{s.spec.task}"):  # nests inside the CLI's
         finetuned.write_run(out, s.spec, base.tokenizer.spec(), data_cfg)
-        return _fit(out, s, tuning, state, step, schedule, epoch_batches, evaluate, progress, say)
+        return _fit(out, s, tuning, state, step, schedule, plan, epoch_batches, evaluate, progress, say)
 
 
-def _fit(out: Path, s: Setup, tuning: Tuning, state, step, schedule: Schedule, epoch_batches,
-         evaluate, progress: bool, say) -> FitResult:
+def depth_plan(s: Setup, tuning: Tuning, steps_per_epoch: int) -> DepthPlan:
+    """What trains at each step, and each layer's share of the base learning rate."""
+    epochs = parse_unfreeze(tuning.unfreeze)
+    stage_steps = max(1, round(epochs * steps_per_epoch)) if epochs else 0
+    return DepthPlan(s.spec.model.n_layer, s.spec.trainable, stage_steps, tuning.layer_lr_decay)
+
+
+def _fit(out: Path, s: Setup, tuning: Tuning, state, step, schedule: Schedule, plan: DepthPlan,
+         epoch_batches, evaluate, progress: bool, say) -> FitResult:
     ckpts = Checkpoints(out / "checkpoints", keep=1)
 
     def on_best(best, at, metrics):
         ckpts.save_params(at, best, {"metrics": _jsonable(metrics)})
 
     say(s.describe())
+    for line in plan.describe(schedule.total_steps):
+        say(line)
     say(f"{schedule.describe()}, validating every "
         f"{schedule.eval_every} steps on {schedule.monitor}"
         + (f", stopping after {tuning.patience} without improvement" if tuning.patience else ""))

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 from gptjax.errors import GptjaxError
+from gptjax.finetune.depth import parse_unfreeze
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,8 @@ class Tuning:
     eval_every: int = 0  # steps between validations; 0 = once per epoch
     patience: int = 3  # validations without improvement before stopping; 0 = run all epochs
     seed: int = 0
+    unfreeze: str = ""  # "" = what --train says from the start; gradual:EPOCHS = one layer per stage
+    layer_lr_decay: float = 1.0  # block i trains at layer_lr_decay^(L-i) x base_lr; 1 = off
 
     def check(self) -> "Tuning":
         for name in ("epochs", "batch_size"):
@@ -44,6 +47,15 @@ class Tuning:
             _require(math.isfinite(v) and v >= 0, f"--{_flag(name)} must be >= 0, got {v}")
         _require(0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1), got {self.dropout}")
         _require(self.seed < 2**31, f"--seed must be below 2**31, got {self.seed}")
+        _require(math.isfinite(self.layer_lr_decay) and 0 < self.layer_lr_decay <= 1,
+                 f"--layer-lr-decay must be in (0, 1], got {self.layer_lr_decay}")
+        parse_unfreeze(self.unfreeze)
+        if self.lora_rank and (self.unfreeze or self.layer_lr_decay != 1):
+            raise GptjaxError(f"--{'unfreeze' if self.unfreeze else 'layer-lr-decay'} schedules the "
+                              "pretrained layers, which LoRA freezes; drop it or --lora-rank")
+        if self.unfreeze and self.train == "head":
+            raise GptjaxError("--unfreeze opens layers that --train head keeps frozen; use --train all "
+                              "or last-N with it")
         return self
 
 

@@ -16,6 +16,7 @@ from gptjax.config import ModelConfig
 from gptjax.model import gpt as model
 
 POOLINGS = ("last", "mean")
+LOSSES = ("ce", "focal")
 
 
 def init_head(key: jax.Array, d_model: int, n_classes: int) -> dict:
@@ -40,16 +41,29 @@ def logits(params: dict, tokens_bt: jax.Array, lengths_b: jax.Array, config: Mod
     return x_bd @ params["head"]["kernel"] + params["head"]["bias"]
 
 
-def make_loss_sum(config: ModelConfig, pooling: str, lora=None):
+def focal(z_bc: jax.Array, labels_b: jax.Array, gamma: float) -> jax.Array:
+    """Per-row focal loss -(1 - p_t)^gamma log p_t (Lin et al. 2017), softmax over the
+    classes; gamma = 0 is cross-entropy. Well-classified rows (p_t near 1) count less."""
+    logp_t = jnp.take_along_axis(jax.nn.log_softmax(z_bc), labels_b[:, None], axis=1)[:, 0]
+    return -((1.0 - jnp.exp(logp_t)) ** gamma) * logp_t
+
+
+def make_loss_sum(config: ModelConfig, pooling: str, lora=None, *, loss: str = "ce",
+                  focal_gamma: float = 2.0):
     """loss_sum(params, batch, rng) over batch {"tokens", "lengths", "labels", "weights"}:
-    weights carry class weights and zero for padding rows."""
+    weights carry class weights and zero for padding rows. `loss` is "ce" or "focal"."""
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     deterministic = config.dropout == 0.0
 
     def loss_sum(params, batch, rng):
         z_bc = logits(params, batch["tokens"], batch["lengths"], config, pooling=pooling,
                       lora=lora, deterministic=deterministic or rng is None, rng=rng)
-        ce_b = optax.softmax_cross_entropy_with_integer_labels(z_bc, batch["labels"])
-        return (ce_b * batch["weights"]).sum(), batch["weights"].sum()
+        if loss == "focal":
+            per_row = focal(z_bc, batch["labels"], focal_gamma)
+        else:
+            per_row = optax.softmax_cross_entropy_with_integer_labels(z_bc, batch["labels"])
+        return (per_row * batch["weights"]).sum(), batch["weights"].sum()
 
     return loss_sum
 

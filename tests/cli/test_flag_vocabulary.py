@@ -32,7 +32,7 @@ TABLE = {
     "--coordinator": "HOST:PORT", "--text-field": "NAME", "--judge-model": "NAME",
     "--judge-url": "URL", "--api-key-env": "VAR", "--text-column": "COLUMN",
     "--label-column": "COLUMN", "--split": "FRACTIONS", "--preset": None, "--beta": "FLOAT",
-    "--label-smoothing": "FLOAT",
+    "--label-smoothing": "FLOAT", "--focal-gamma": "FLOAT", "--folds": "INT", "--loss": None,
 }
 # Where one command's value is another kind of thing under the same name.
 EXCEPTIONS = {

@@ -10,6 +10,7 @@ from gptjax import config as C
 from gptjax import model
 from gptjax.errors import GptjaxError
 from gptjax.finetune import optim
+from gptjax.finetune.depth import DepthPlan
 from gptjax.finetune.lm_loss import make_loss_sum
 from gptjax.finetune.step import init_state, make_step
 from gptjax.model import lora as L
@@ -66,8 +67,8 @@ def test_training_changes_only_the_adapters(base):
     trainable, frozen = finetuned.trainable_part(spec, finetuned.full_tree(spec, base, jax.random.PRNGKey(1)))
     assert set(trainable) == {"lora"} and set(frozen) == {"gpt"}
     before = jax.tree.map(np.array, frozen)
-    tx = optim.optimizer(trainable, lr=1e-2, base_lr=1e-3, warmup_steps=0, total_steps=10,
-                         weight_decay=0.1, grad_clip=1.0, blocks_trained=0, n_layer=CFG.n_layer)
+    tx = optim.optimizer(trainable, DepthPlan(CFG.n_layer, spec.trainable), lr=1e-2, base_lr=1e-3,
+                         warmup_steps=0, total_steps=10, weight_decay=0.1, grad_clip=1.0)
     step = jax.jit(make_step(make_loss_sum(CFG, spec.lora), tx), donate_argnums=0)
     state = init_state(trainable, tx, 0)
     t = tokens(length=CFG.context_length + 1)
@@ -88,8 +89,8 @@ def test_last_n_trains_only_the_last_layers(base):
     spec = finetuned.Spec("lm", cfg, parse_trainable("last-1", 2), None, {}, "")
     trainable, frozen = finetuned.trainable_part(spec, finetuned.full_tree(spec, params, jax.random.PRNGKey(1)))
     assert set(trainable["gpt"]) == {"blocks", "ln_f"} and set(frozen["gpt"]) == {"wte", "wpe"}
-    tx = optim.optimizer(trainable, lr=1e-2, base_lr=1e-2, warmup_steps=0, total_steps=10,
-                         weight_decay=0.1, grad_clip=1.0, blocks_trained=1, n_layer=2)
+    tx = optim.optimizer(trainable, DepthPlan(2, spec.trainable), lr=1e-2, base_lr=1e-2, warmup_steps=0,
+                         total_steps=10, weight_decay=0.1, grad_clip=1.0)
     step = jax.jit(make_step(make_loss_sum(cfg), tx))
     t = tokens(length=cfg.context_length + 1)
     state, _ = step(init_state(trainable, tx, 0), frozen, {"inputs": t[:, :-1], "targets": t[:, 1:]})
