@@ -42,7 +42,8 @@ def stratified_folds(labels: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
     return [rng.permutation(np.array(f, dtype=np.int64)) for f in folds]
 
 
-def split_rest(rest: np.ndarray, labels: np.ndarray, val_share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def split_rest(rest: np.ndarray, labels: np.ndarray, val_share: float,
+               seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(train, val) of the rows outside the test fold: `val_share` of each class, at least
     one row of it, goes to validation."""
     rng = np.random.default_rng(seed)

@@ -38,7 +38,8 @@ def parse_unfreeze(text: str) -> float:
     match = re.fullmatch(r"gradual:(\d+(?:\.\d*)?|\.\d+)", text)
     epochs = float(match.group(1)) if match else 0.0
     if not (epochs > 0 and math.isfinite(epochs)):
-        raise GptjaxError(f"--unfreeze must be gradual:EPOCHS with EPOCHS > 0 (epochs per stage), got {text!r}")
+        raise GptjaxError(f"--unfreeze must be gradual:EPOCHS with EPOCHS > 0 (epochs per stage), "
+                          f"got {text!r}")
     return epochs
 
 

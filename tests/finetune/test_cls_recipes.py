@@ -66,7 +66,8 @@ def test_gradual_unfreezing_keeps_the_unopened_layers_bitwise(base, sentiment, t
     before = load_base(str(base / "base"), None, "latest", None).params
     after = load_finetuned(out, "latest", None).params["gpt"]
     for name in ("wte", "wpe"):
-        assert np.asarray(before[name]["embedding"]).tobytes() == np.asarray(after[name]["embedding"]).tobytes()
+        old, new = before[name]["embedding"], after[name]["embedding"]
+        assert np.asarray(old).tobytes() == np.asarray(new).tobytes()
     old, new = before["blocks"]["mlp"]["fc"]["kernel"], after["blocks"]["mlp"]["fc"]["kernel"]
     assert np.asarray(old[0]).tobytes() == np.asarray(new[0]).tobytes()  # block 1: never opened
     assert np.abs(np.asarray(old[1]) - np.asarray(new[1])).max() > 0  # block 2: opened at step 7

@@ -39,6 +39,8 @@ def test_default_hashes_are_the_published_ones(script):
         "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944"
     args = script.parse_args([])
     assert args.sha256_sms == script.SMS_SHA256 and args.sms_url.startswith("https://")
+    assert script.SENTIMENT_SHA256 == "0e1a06c4900fdae46091d031068601e3773ba067c7cecb5b0da1dcba5ce989a6"
+    assert not args.sentiment and args.sentiment_agreement == "all"
 
 
 def test_download_extract_verify_then_skip(script, sources, tmp_path, capsys):
@@ -90,3 +92,64 @@ def test_download_failures_exit_2_with_one_line(script, sources, tmp_path, capsy
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and expected in err
     assert list((tmp_path / "data").iterdir()) == []
+
+
+PHRASES = ("Profit rose 20 % .@positive\n"
+           "The company , based in Espoo , makes paper .@neutral\n"
+           "Sales fell in the caf\xe9 unit@negative\n").encode("iso-8859-1")
+
+
+@pytest.fixture
+def sentiment(sources, tmp_path):
+    """The base arguments plus a Financial PhraseBank-shaped zip (ISO-8859-1 members)."""
+    zipped = tmp_path / "src" / "phrasebank.zip"
+    with zipfile.ZipFile(zipped, "w") as archive:
+        archive.writestr("FinancialPhraseBank-v1.0/Sentences_AllAgree.txt", PHRASES)
+        archive.writestr("FinancialPhraseBank-v1.0/Sentences_50Agree.txt", PHRASES + b"More@neutral\n")
+    return [*sources, "--sentiment", "--sentiment-url", zipped.as_uri(),
+            "--sha256-sentiment", hashlib.sha256(zipped.read_bytes()).hexdigest()]
+
+
+def test_sentiment_set_is_opt_in_converted_to_jsonl_and_skipped_when_present(script, sentiment, sources,
+                                                                              tmp_path, capsys):
+    out = tmp_path / "data"
+    assert script.main(["--out", str(out), *sources]) == 0
+    assert not (out / "financial_phrasebank.jsonl").exists()  # non-commercial licence: opt-in
+    assert script.main(["--out", str(out), *sentiment]) == 0
+    said = capsys.readouterr().out
+    assert "financial_phrasebank.jsonl: downloaded, sha256 ok" in said and "CC BY-NC-SA 3.0" in said
+    records = [json.loads(line) for line in (out / "financial_phrasebank.jsonl").read_text().splitlines()]
+    assert [r["label"] for r in records] == ["positive", "neutral", "negative"]
+    assert records[2]["text"] == "Sales fell in the caf\u00e9 unit"  # decoded from ISO-8859-1
+    assert script.main(["--out", str(out), *sentiment]) == 0
+    assert "financial_phrasebank.jsonl: already present, sha256 ok" in capsys.readouterr().out
+    (out / "financial_phrasebank.jsonl").write_text("edited\n")
+    assert script.main(["--out", str(out), *sentiment]) == 2
+    assert "is not the one this script wrote" in capsys.readouterr().err
+    assert (out / "financial_phrasebank.jsonl").read_text() == "edited\n"
+
+
+def test_sentiment_agreement_picks_the_member(script, sentiment, tmp_path):
+    out = tmp_path / "data"
+    assert script.main(["--out", str(out), *sentiment, "--sentiment-agreement", "50"]) == 0
+    assert len((out / "financial_phrasebank.jsonl").read_text().splitlines()) == 4
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("hash", "has the wrong sha256"),
+    ("label", "line 1 is not 'sentence@label' with label one of negative, neutral, positive"),
+])
+def test_a_bad_sentiment_download_writes_nothing(script, sentiment, tmp_path, capsys, damage, expected):
+    argv = ["--out", str(tmp_path / "data"), *sentiment]
+    if damage == "hash":
+        argv[argv.index("--sha256-sentiment") + 1] = "0" * 64
+    else:
+        bad = tmp_path / "src" / "bad.zip"
+        with zipfile.ZipFile(bad, "w") as archive:
+            archive.writestr("FinancialPhraseBank-v1.0/Sentences_AllAgree.txt", b"Fine@great\n")
+        argv[argv.index("--sentiment-url") + 1] = bad.as_uri()
+        argv[argv.index("--sha256-sentiment") + 1] = hashlib.sha256(bad.read_bytes()).hexdigest()
+    assert script.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected in err
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["instruction-data.json", "sms_spam.tsv"]
