@@ -18,7 +18,9 @@ Convert GPT-2 weights between gptjax and Hugging Face's layout.
   export:  gptjax convert RUN_DIR --out HF_DIR [--checkpoint latest|best|N]
            writes config.json + model.safetensors (OpenAI's GPT-2 tensor names), loadable
            with transformers' GPT2LMHeadModel.from_pretrained; GPT-2-tokenizer runs also
-           get vocab.json, merges.txt and tokenizer_config.json.
+           get vocab.json, merges.txt and tokenizer_config.json. A classifier run (gptjax
+           finetune-cls, last-token pooling) becomes a GPT2ForSequenceClassification with
+           its class names as id2label.
   import:  gptjax convert HF_DIR_OR_NAME --out RUN_DIR
            reads a directory with config.json + model.safetensors, or downloads a Hub
            model (gpt2, gpt2-medium, gpt2-large, gpt2-xl, or any GPT-2 repo id; needs
@@ -65,6 +67,9 @@ def _export(src: Path, out: Path, args) -> int:
     from gptjax.model.gpt import param_count
     from gptjax.runs.load import load as load_run
 
+    from gptjax.runs import finetuned
+    if finetuned.is_finetuned(src) and finetuned.read_spec(src).task == "cls":
+        return _export_classifier(src, out, args)
     loaded = load_run(src, args.checkpoint, args.gpt2_ranks)
     written = save_hf(loaded.params, loaded.config.model, out, tokenizer=loaded.tokenizer)
     print(f"exported step {loaded.step} of {src} ({param_count(loaded.config.model):,} parameters) "
@@ -72,6 +77,23 @@ def _export(src: Path, out: Path, args) -> int:
     if not isinstance(loaded.tokenizer, GPT2Tokenizer):
         print(f"(the run's {loaded.tokenizer.kind} tokenizer has no transformers equivalent; "
               "no tokenizer files were written)")
+    return 0
+
+
+def _export_classifier(src: Path, out: Path, args) -> int:
+    from gptjax.hf.classifier import save_classifier
+    from gptjax.model.lora import merge
+    from gptjax.runs.load import load_finetuned
+
+    ft = load_finetuned(src, args.checkpoint, args.gpt2_ranks)
+    spec = ft.spec
+    gpt = merge(ft.params["gpt"], ft.params["lora"], spec.lora) if spec.lora else ft.params["gpt"]
+    pad = ft.tokenizer.eot_id if ft.tokenizer.eot_id is not None else 0
+    written = save_classifier(gpt, spec.model, ft.params["head"], spec.classes, spec.pooling, out,
+                              pad_id=pad, tokenizer=ft.tokenizer)
+    print(f"exported classifier step {ft.step} of {src} ({len(spec.classes)} classes: "
+          f"{', '.join(spec.classes)}) as GPT2ForSequenceClassification to {out}: "
+          f"{', '.join(p.name for p in written)}")
     return 0
 
 

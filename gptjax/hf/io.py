@@ -60,7 +60,12 @@ def save_hf(params: dict, cfg: C.ModelConfig, out_dir: str | os.PathLike, *,
     out = Path(out_dir)
     check_new_dir(out)
     hf_config = config_to_hf(cfg, eot_id=getattr(tokenizer, "eot_id", None))
-    tensors = to_hf_tensors(params, cfg)
+    return write_model(out, hf_config, to_hf_tensors(params, cfg), tokenizer, cfg.context_length)
+
+
+def write_model(out: Path, hf_config: dict, tensors: dict, tokenizer, context_length: int) -> list[Path]:
+    """config.json + model.safetensors (+ GPT-2 tokenizer files) into the new folder `out`,
+    renamed into place only when complete; the paths written."""
     with new_dir(out) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         # transformers refuses safetensors files without this metadata.
@@ -69,7 +74,7 @@ def save_hf(params: dict, cfg: C.ModelConfig, out_dir: str | os.PathLike, *,
         del tensors
         if isinstance(tokenizer, GPT2Tokenizer):
             from gptjax.hf.tokenizer import save_tokenizer
-            save_tokenizer(tokenizer, tmp, model_max_length=cfg.context_length)
+            save_tokenizer(tokenizer, tmp, model_max_length=context_length)
         names = sorted(p.name for p in tmp.iterdir())
     return [out / name for name in names]
 

@@ -123,3 +123,40 @@ def test_focal_loss_is_the_hand_formula_and_cross_entropy_at_gamma_zero():
                                rtol=1e-6)
     # The confident, correct row loses more of its weight than the unsure one.
     assert focal(z, y, 2.0)[0] / focal(z, y, 0.0)[0] < focal(z, y, 2.0)[1] / focal(z, y, 0.0)[1]
+
+
+@pytest.mark.parametrize("extra", [[], ["--lora-rank", "4", "--lora-targets", "all"]], ids=["full", "lora"])
+def test_a_classifier_exports_to_transformers_with_the_same_logits(base, sentiment, tmp_path, capsys, extra):
+    torch = pytest.importorskip("torch")
+    from transformers import GPT2ForSequenceClassification
+
+    from gptjax.finetune import batching
+    from gptjax.model.classifier import logits
+    run, hf = tmp_path / "cls", tmp_path / "hf"
+    assert run_cli(capsys, "finetune-cls", "--base", base / "base", "--data", sentiment, *CLS,
+                   "--epochs", "1", *extra, "--out", run)[0] == 0
+    code, said, _ = run_cli(capsys, "convert", run, "--out", hf)
+    assert code == 0 and "as GPT2ForSequenceClassification" in said
+    ft = load_finetuned(run, "latest", None)
+    texts = ["great fun stone cloud paper", "awful day", "plain note glass music table light green"]
+    ids, _ = batching.encode_all(texts, ft.tokenizer, ft.spec.model.context_length)
+    pad = ft.tokenizer.eot_id
+    tokens, lengths = batching.pad_rows(ids, len(ids), max(map(len, ids)), pad)
+    ours = np.asarray(logits(ft.params, tokens, lengths, ft.spec.model, pooling="last", lora=ft.spec.lora))
+    model = GPT2ForSequenceClassification.from_pretrained(hf).eval()
+    assert model.config.id2label == {0: "negative", 1: "neutral", 2: "positive"}
+    mask = np.arange(tokens.shape[1])[None, :] < lengths[:, None]
+    with torch.no_grad():
+        theirs = model(input_ids=torch.from_numpy(np.asarray(tokens, np.int64)),
+                       attention_mask=torch.from_numpy(mask.astype(np.int64))).logits.numpy()
+    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
+    # The head's bias, folded into the final norm's shift on export, is not negligible.
+    assert np.abs(np.asarray(ft.params["head"]["bias"])).max() > 1e-3
+
+
+def test_a_mean_pooling_classifier_is_not_exported(tmp_path):
+    from gptjax.errors import GptjaxError
+    from gptjax.hf.classifier import save_classifier
+    with pytest.raises(GptjaxError, match="only --pooling last classifiers can be exported"):
+        save_classifier({}, None, {}, ("a", "b"), "mean", tmp_path / "hf", pad_id=0)
+    assert not (tmp_path / "hf").exists()
