@@ -115,7 +115,8 @@ def fit(state: FinetuneState, frozen: dict, step_fn, epoch_batches: Callable[[in
                 if step % 10 == 0 or step % s.eval_every == 0:
                     flush(epoch)  # the only host syncs: every 10 steps
                 if step % s.eval_every == 0:
-                    stopped = validate()
+                    # At the last step the run ends anyway: not an early stop.
+                    stopped = validate() and step < s.total_steps
                     clock = time.perf_counter()  # keep validation out of steps/s
                     if stopped:
                         break
