@@ -46,7 +46,7 @@ SENTIMENT_NAME = "financial_phrasebank.jsonl"
 AGREEMENTS = {"all": "AllAgree", "75": "75Agree", "66": "66Agree", "50": "50Agree"}
 SENTIMENT_LABELS = ("negative", "neutral", "positive")
 TIMEOUT_S = 60.0
-MAX_BYTES = 64 << 20  # both files are well under 1 MB; a runaway reply is refused
+MAX_BYTES = 64 << 20  # every file is well under 1 MB; a runaway reply is refused
 
 
 class DownloadError(Exception):
@@ -145,15 +145,17 @@ def install_sentiment(path: Path, url: str, sha256: str, agreement: str) -> str:
         have = sha256_of(path.read_bytes())
         if stamp.exists() and stamp.read_text().split() == [have, sha256, member]:
             return "present"
-        raise DownloadError(f"{path} already exists and is not the one this script wrote from "
-                            f"{member} of the zip with sha256 {sha256}; move it away to download it again")
+        raise DownloadError(f"{path} already exists and is not the one this script writes from "
+                            f"{member} (--sentiment-agreement {agreement}) of the zip with sha256 "
+                            f"{sha256}; move it away to download it again")
     data = fetch(url)
     got = sha256_of(data)
     if got != sha256:
         raise DownloadError(f"{url} has the wrong sha256: expected {sha256}, got {got}")
     records = phrasebank_records(zip_member(data, member, url), member)
-    write_atomic(path, records)
+    # The stamp first: one left without its file only means a fresh download next time.
     write_atomic(stamp, f"{sha256_of(records)} {sha256} {member}\n".encode())
+    write_atomic(path, records)
     return "downloaded"
 
 
@@ -186,7 +188,7 @@ def report(path: Path, outcome: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Download both files into --out; 0 on success, 2 (one line on stderr) on failure."""
+    """Download the files into --out; 0 on success, 2 (one line on stderr) on failure."""
     args = parse_args(argv)
     out = Path(args.out)
     jobs = [(out / SMS_NAME, args.sms_url, args.sha256_sms.lower(), SMS_MEMBER),

@@ -130,7 +130,9 @@ def _flatten(raw: dict, command: str) -> dict:
         if raw["task"] != FINETUNE_TASKS[command]:
             made_by = {t: c for c, t in FINETUNE_TASKS.items()}.get(raw["task"], raw["task"])
             raise GptjaxError(f"--config holds the settings of a {made_by} run, not {command}")
-        raw = {"base": raw.get("base", {}), **raw["settings"]}
+        # A cross-validation fold's number describes that run, not a setting: its file
+        # repeats the whole cross-validation (data.folds).
+        raw = {"base": raw.get("base", {}), **{k: v for k, v in raw["settings"].items() if k != "fold"}}
     out = {}
     for key, value in raw.items():
         if key == "base":

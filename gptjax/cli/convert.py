@@ -65,9 +65,8 @@ def _export(src: Path, out: Path, args) -> int:
     from gptjax.data.tokenizer import GPT2Tokenizer
     from gptjax.hf.io import save_hf
     from gptjax.model.gpt import param_count
-    from gptjax.runs.load import load as load_run
-
     from gptjax.runs import finetuned
+    from gptjax.runs.load import load as load_run
     if finetuned.is_finetuned(src) and finetuned.read_spec(src).task == "cls":
         return _export_classifier(src, out, args)
     loaded = load_run(src, args.checkpoint, args.gpt2_ranks)
@@ -81,10 +80,12 @@ def _export(src: Path, out: Path, args) -> int:
 
 
 def _export_classifier(src: Path, out: Path, args) -> int:
-    from gptjax.hf.classifier import save_classifier
+    from gptjax.hf.classifier import check_exportable, save_classifier
     from gptjax.model.lora import merge
+    from gptjax.runs.finetuned import read_spec
     from gptjax.runs.load import load_finetuned
 
+    check_exportable(read_spec(src).pooling)  # before any weight is read
     ft = load_finetuned(src, args.checkpoint, args.gpt2_ranks)
     spec = ft.spec
     gpt = merge(ft.params["gpt"], ft.params["lora"], spec.lora) if spec.lora else ft.params["gpt"]

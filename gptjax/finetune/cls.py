@@ -45,6 +45,7 @@ class ClsData:
     folds: int = 0  # 0 = one train/val/test split; K >= 2 = stratified K-fold cross-validation
 
     def check(self, context_length: int) -> "ClsData":
+        cls_data.check_fractions(self.split)
         if self.pooling not in POOLINGS:
             raise GptjaxError(f"--pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
         if self.metric not in METRICS:

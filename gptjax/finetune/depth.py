@@ -17,8 +17,6 @@ not the GPT's and pass untouched.
 
 from __future__ import annotations
 
-import math
-import re
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -27,20 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gptjax.errors import GptjaxError
 from gptjax.model.parts import Trainable
-
-
-def parse_unfreeze(text: str) -> float:
-    """'' (off) -> 0, or 'gradual:E' -> E epochs per stage (E > 0)."""
-    if not text:
-        return 0.0
-    match = re.fullmatch(r"gradual:(\d+(?:\.\d*)?|\.\d+)", text)
-    epochs = float(match.group(1)) if match else 0.0
-    if not (epochs > 0 and math.isfinite(epochs)):
-        raise GptjaxError(f"--unfreeze must be gradual:EPOCHS with EPOCHS > 0 (epochs per stage), "
-                          f"got {text!r}")
-    return epochs
 
 
 @dataclass(frozen=True)
@@ -76,23 +61,26 @@ class DepthPlan:
     def is_constant(self) -> bool:
         return not self.stage_steps
 
-    def describe(self, total_steps: int) -> list[str]:
+    def describe(self, total_steps: int, *, head: bool) -> list[str]:
+        """Console lines on the schedules; `head`: the task has a head of its own."""
         lines = []
         if self.lr_decay != 1.0:
             f = self.lr_factors()
+            embeddings = f", embeddings x{f[0]:.3g}" if self.trainable.embeddings else ""
             lines.append(f"layer-wise learning rates: block i at {self.lr_decay:g}^({self.n_layer}-i) of the "
-                         f"top one (block 1 x{f[1]:.3g}, embeddings x{f[0]:.3g})")
+                         f"top one (block 1 x{f[1]:.3g}{embeddings})")
         if self.stage_steps:
+            top = "the head and final norm" if head else "the final norm"
             reached = min(self.stages - 1, (max(total_steps, 1) - 1) // self.stage_steps)
-            lines.append(f"gradual unfreezing: one more layer every {self.stage_steps} steps, the head and "
-                         f"final norm first; this run reaches stage {reached} of {self.stages - 1} "
-                         f"({_stage_name(reached, self.n_layer)})")
+            lines.append(f"gradual unfreezing: one more layer every {self.stage_steps} steps, {top} "
+                         f"first; this run reaches stage {reached} of {self.stages - 1} "
+                         f"({_stage_name(reached, self.n_layer, top)})")
         return lines
 
 
-def _stage_name(stage: int, n_layer: int) -> str:
+def _stage_name(stage: int, n_layer: int, top: str) -> str:
     if stage == 0:
-        return "head and final norm only"
+        return f"{top} only"
     if stage <= n_layer:
         return f"the top {stage} block(s) open"
     return "everything open"

@@ -14,8 +14,8 @@ import numpy as np
 
 from gptjax import config as C
 from gptjax.finetune import optim
-from gptjax.finetune.depth import DepthPlan, parse_unfreeze
-from gptjax.finetune.settings import Tuning
+from gptjax.finetune.depth import DepthPlan
+from gptjax.finetune.settings import Tuning, parse_unfreeze
 from gptjax.finetune.step import init_state, make_step
 from gptjax.finetune.trainer import FitResult, Schedule, fit
 from gptjax.model.lora import LoRAConfig, count, parse_targets
@@ -106,7 +106,7 @@ def _fit(out: Path, s: Setup, tuning: Tuning, state, step, schedule: Schedule, p
         ckpts.save_params(at, best, {"metrics": _jsonable(metrics)})
 
     say(s.describe())
-    for line in plan.describe(schedule.total_steps):
+    for line in plan.describe(schedule.total_steps, head=s.spec.task == "cls"):
         say(line)
     say(f"{schedule.describe()}, validating every "
         f"{schedule.eval_every} steps on {schedule.monitor}"

@@ -7,10 +7,10 @@ value as one GptjaxError before anything is loaded or written.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 from gptjax.errors import GptjaxError
-from gptjax.finetune.depth import parse_unfreeze
 
 
 @dataclass(frozen=True)
@@ -53,10 +53,22 @@ class Tuning:
         if self.lora_rank and (self.unfreeze or self.layer_lr_decay != 1):
             raise GptjaxError(f"--{'unfreeze' if self.unfreeze else 'layer-lr-decay'} schedules the "
                               "pretrained layers, which LoRA freezes; drop it or --lora-rank")
-        if self.unfreeze and self.train == "head":
-            raise GptjaxError("--unfreeze opens layers that --train head keeps frozen; use --train all "
-                              "or last-N with it")
+        if self.train == "head" and (self.unfreeze or self.layer_lr_decay != 1):
+            raise GptjaxError(f"--{'unfreeze' if self.unfreeze else 'layer-lr-decay'} schedules layers "
+                              "that --train head keeps frozen; use --train all or last-N with it")
         return self
+
+
+def parse_unfreeze(text: str) -> float:
+    """'' (off) -> 0, or 'gradual:E' -> E epochs per stage (E > 0)."""
+    if not text:
+        return 0.0
+    match = re.fullmatch(r"gradual:(\d+(?:\.\d*)?|\.\d+)", text)
+    epochs = float(match.group(1)) if match else 0.0
+    if not (epochs > 0 and math.isfinite(epochs)):
+        raise GptjaxError(f"--unfreeze must be gradual:EPOCHS with EPOCHS > 0 (epochs per stage), "
+                          f"got {text!r}")
+    return epochs
 
 
 def _flag(name: str) -> str:

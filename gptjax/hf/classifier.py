@@ -10,7 +10,6 @@ Mean pooling has no transformers equivalent and is refused.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -38,15 +37,19 @@ def classifier_tensors(params: dict, cfg, head: dict) -> dict[str, np.ndarray]:
     return tensors
 
 
+def check_exportable(pooling: str) -> None:
+    if pooling != "last":
+        raise GptjaxError(f"this classifier pools by {pooling!r}; transformers' "
+                          "GPT2ForSequenceClassification reads the last token only, so only "
+                          "--pooling last classifiers can be exported")
+
+
 def save_classifier(params: dict, cfg, head: dict, classes: tuple[str, ...], pooling: str,
                     out_dir: str | os.PathLike, *, pad_id: int, tokenizer=None) -> list[Path]:
     """Write config.json + model.safetensors (+ GPT-2 tokenizer files) for transformers'
     GPT2ForSequenceClassification; the paths written."""
     from gptjax.hf.io import check_new_dir, write_model
-    if pooling != "last":
-        raise GptjaxError(f"this classifier pools by {pooling!r}; transformers' "
-                          "GPT2ForSequenceClassification reads the last token only, so only "
-                          "--pooling last classifiers can be exported")
+    check_exportable(pooling)
     out = Path(out_dir)
     check_new_dir(out)
     hf_config = config_to_hf(cfg, eot_id=getattr(tokenizer, "eot_id", None))

@@ -45,7 +45,11 @@ def focal(z_bc: jax.Array, labels_b: jax.Array, gamma: float) -> jax.Array:
     """Per-row focal loss -(1 - p_t)^gamma log p_t (Lin et al. 2017), softmax over the
     classes; gamma = 0 is cross-entropy. Well-classified rows (p_t near 1) count less."""
     logp_t = jnp.take_along_axis(jax.nn.log_softmax(z_bc), labels_b[:, None], axis=1)[:, 0]
-    return -((1.0 - jnp.exp(logp_t)) ** gamma) * logp_t
+    if gamma == 0:
+        return -logp_t
+    # 1 - p_t underflows to 0 on a confident row; x**gamma has an infinite slope at 0 for
+    # gamma < 1, and 0 * inf would make the whole step NaN.
+    return -(jnp.maximum(-jnp.expm1(logp_t), 1e-12) ** gamma) * logp_t
 
 
 def make_loss_sum(config: ModelConfig, pooling: str, lora=None, *, loss: str = "ce",

@@ -10,6 +10,9 @@ import numpy as np
 import pytest
 from conftest import byte_base, fails_cleanly, run_cli
 
+from gptjax.cli import config_file
+from gptjax.cli.app import _parser
+from gptjax.finetune.cls_folds import split_rest, stratified_folds
 from gptjax.runs.load import load_base, load_finetuned
 
 WORDS = "apple river stone cloud paper glass music table light green".split()
@@ -60,7 +63,7 @@ def test_gradual_unfreezing_keeps_the_unopened_layers_bitwise(base, sentiment, t
                             "--epochs", "2", "--unfreeze", "gradual:1", "--layer-lr-decay", "0.5",
                             "--patience", "0", "--out", out)
     assert code == 0
-    assert "gradual unfreezing: one more layer every 7 steps" in said
+    assert "gradual unfreezing: one more layer every 7 steps, the head and final norm first" in said
     assert "reaches stage 1 of 3 (the top 1 block(s) open)" in said
     assert "block 1 x0.5, embeddings x0.25" in said
     before = load_base(str(base / "base"), None, "latest", None).params
@@ -91,6 +94,32 @@ def test_stratified_k_fold_reports_every_fold_and_the_spread(base, sentiment, tm
     for i in (1, 2, 3):
         assert (out / f"fold-{i}" / "test_report.json").is_file()
         assert json.loads((out / f"fold-{i}" / "finetune.json").read_text())["settings"]["fold"] == i
+    # A fold's finetune.json repeats the whole cross-validation as --config.
+    fold_file = str(out / "fold-2" / "finetune.json")
+    argv = ["finetune-cls", "--config", fold_file, "--out", str(tmp_path / "again")]
+    args = config_file.parse_args(_parser(), argv)
+    assert args.folds == 3 and args.data == str(sentiment.absolute())
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_folds_partition_the_rows_and_validation_never_sees_the_test_fold(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, int(rng.integers(30, 200)))
+    labels[:15] = np.repeat([0, 1, 2], 5)  # every class at least 5 times
+    folds = stratified_folds(labels, 5, seed)
+    rows = np.concatenate(folds)
+    assert sorted(rows.tolist()) == list(range(len(labels)))  # disjoint and complete
+    sizes = [len(f) for f in folds]
+    assert max(sizes) - min(sizes) <= 1
+    for c in range(3):  # stratified: each class within one of an even share per fold
+        per_fold = [int((labels[f] == c).sum()) for f in folds]
+        assert max(per_fold) - min(per_fold) <= 1
+    for i, test in enumerate(folds):
+        rest = np.concatenate([f for j, f in enumerate(folds) if j != i])
+        train, val = split_rest(rest, labels, 0.125, seed)
+        assert sorted(np.concatenate([train, val]).tolist()) == sorted(rest.tolist())
+        assert not set(test.tolist()) & (set(train.tolist()) | set(val.tolist()))
+        assert set(labels[val].tolist()) == {0, 1, 2}
 
 
 @pytest.mark.parametrize("extra, match", [
@@ -121,6 +150,12 @@ def test_focal_loss_is_the_hand_formula_and_cross_entropy_at_gamma_zero():
     np.testing.assert_allclose(focal(z, y, 2.0), -(1 - p_true) ** 2 * np.log(p_true), rtol=1e-6)
     np.testing.assert_allclose(focal(z, y, 0.0), optax.softmax_cross_entropy_with_integer_labels(z, y),
                                rtol=1e-6)
+    # A saturated row (1 - p_t rounds to 0) keeps finite gradients at every gamma.
+    import jax
+    sure = jnp.array([[40.0, 0.0, 0.0]])
+    for gamma in (0.0, 0.5, 2.0):
+        g = jax.grad(lambda z, gamma=gamma: focal(z, jnp.array([0]), gamma).sum())(sure)
+        assert np.all(np.isfinite(np.asarray(g))), gamma
     # The confident, correct row loses more of its weight than the unsure one.
     assert focal(z, y, 2.0)[0] / focal(z, y, 0.0)[0] < focal(z, y, 2.0)[1] / focal(z, y, 0.0)[1]
 

@@ -13,9 +13,9 @@ from gptjax import config as C
 from gptjax import model
 from gptjax.errors import GptjaxError
 from gptjax.finetune import optim
-from gptjax.finetune.depth import DepthPlan, parse_unfreeze
-from gptjax.finetune.settings import Tuning
-from gptjax.model.parts import parse_trainable
+from gptjax.finetune.depth import DepthPlan
+from gptjax.finetune.settings import Tuning, parse_unfreeze
+from gptjax.model.parts import Trainable, parse_trainable
 from gptjax.runs import finetuned
 from gptjax.training.optim import decay_mask
 
@@ -23,7 +23,7 @@ CFG = C.preset("tiny", vocab_size=61)  # two blocks
 L = CFG.n_layer
 
 
-def _classifier(train: str = "all") -> dict:
+def _classifier(train: str = "all") -> tuple[dict, Trainable]:
     spec = finetuned.Spec("cls", CFG, parse_trainable(train, L), None, {}, "", classes=("a", "b", "c"))
     tree = finetuned.full_tree(spec, model.init(CFG, jax.random.PRNGKey(0)), jax.random.PRNGKey(1))
     return finetuned.trainable_part(spec, tree)[0], spec.trainable
@@ -157,7 +157,8 @@ def test_unfreeze_epochs_parse():
     ({"layer_lr_decay": float("nan")}, "--layer-lr-decay must be in"),
     ({"unfreeze": "gradual:1", "lora_rank": 4}, "--unfreeze schedules the pretrained layers, which LoRA"),
     ({"layer_lr_decay": 0.9, "lora_rank": 4}, "--layer-lr-decay schedules the pretrained layers"),
-    ({"unfreeze": "gradual:1", "train": "head"}, "--unfreeze opens layers that --train head keeps frozen"),
+    ({"unfreeze": "gradual:1", "train": "head"}, "--unfreeze schedules layers that --train head keeps"),
+    ({"layer_lr_decay": 0.5, "train": "head"}, "--layer-lr-decay schedules layers that --train head"),
 ])
 def test_schedule_settings_are_checked(fields, match):
     with pytest.raises(GptjaxError, match=match):

@@ -125,7 +125,7 @@ def test_sentiment_set_is_opt_in_converted_to_jsonl_and_skipped_when_present(scr
     assert "financial_phrasebank.jsonl: already present, sha256 ok" in capsys.readouterr().out
     (out / "financial_phrasebank.jsonl").write_text("edited\n")
     assert script.main(["--out", str(out), *sentiment]) == 2
-    assert "is not the one this script wrote" in capsys.readouterr().err
+    assert "is not the one this script writes" in capsys.readouterr().err
     assert (out / "financial_phrasebank.jsonl").read_text() == "edited\n"
 
 
