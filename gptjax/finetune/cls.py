@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from gptjax.errors import GptjaxError
-from gptjax.finetune import batching, cls_data, cls_metrics, session
+from gptjax.finetune import batching, cls_data, cls_folds, cls_metrics, session
 from gptjax.finetune.settings import Tuning
 from gptjax.model.classifier import LOSSES, POOLINGS, make_loss_sum, make_predict
 from gptjax.model.parts import join
@@ -81,8 +81,7 @@ def prepare(d: ClsData, tokenizer, context_length: int, seed: int) -> Prepared:
     data = cls_data.read_labeled(d.path, text_column=d.text_column, label_column=d.label_column,
                                  fmt=d.format)
     if d.folds:
-        from gptjax.finetune.cls_folds import check_folds
-        check_folds(data.labels, data.classes, d.folds)
+        cls_folds.check_folds(data.labels, data.classes, d.folds)
         train = val = test = np.arange(0)
     else:
         train, val, test = cls_data.stratified_split(data.labels, d.split, seed)
@@ -145,8 +144,7 @@ def finetune_cls(base: Base, data: ClsData, tuning: Tuning, out: str | Path, *,
         warnings.warn(f"{p.truncated} of {len(p.ids)} texts are longer than {data.max_length or m.context_length} "
                       "tokens and were cut to that length")
     if data.folds:
-        from gptjax.finetune.cls_folds import run_folds
-        return run_folds(base, data, tuning, p, out, progress=progress, say=say)
+        return cls_folds.run_folds(base, data, tuning, p, out, train_and_test, progress=progress, say=say)
     return train_and_test(base, data, tuning, p, out, progress=progress, say=say)
 
 

@@ -77,9 +77,10 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def run_folds(base, data, tuning: Tuning, p, out: Path, *, progress: bool = True, say=print) -> dict:
-    """Cross-validate: returns {"folds": [test reports], "summary": {...}} and writes folds.json."""
-    from gptjax.finetune.cls import train_and_test
+def run_folds(base, data, tuning: Tuning, p, out: Path, train_and_test, *, progress: bool = True,
+              say=print) -> dict:
+    """Cross-validate with `train_and_test` (cls.train_and_test, passed in: cls calls this
+    module); returns {"folds": [test reports], "summary": {...}} and writes folds.json."""
     k = data.folds
     folds = stratified_folds(p.labels, k, tuning.seed)
     train_share, val_share = data.split[0], data.split[1]
