@@ -78,7 +78,8 @@ def tuning_from(args) -> Tuning:
 def _common(p: argparse.ArgumentParser) -> None:
     add_config_option(p, "[base], [data] and [tuning], as in a fine-tuned run's finetune.json")
     p.add_argument("--out", required=True, metavar="DIR",
-                   help="new run directory (must not exist, or be empty)")
+                   help="run directory: new (absent or empty), or an interrupted run of the "
+                   "same command, which resumes from its last validation with the same settings")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -236,18 +237,26 @@ def _base(args):
     return load_base(args.base, args.hf, args.base_checkpoint, args.gpt2_ranks)
 
 
+def locked_out(args, task: str, train) -> int:
+    """Hold --out's lock and check it (new, or this task's run to resume) before the base
+    loads, so a second writer or a wrong folder is refused before any work; then
+    `train(base)`."""
+    from gptjax.finetune.out_dir import check_out
+    from gptjax.training.run_lock import hold
+    with hold(args.out, f"gptjax {task}"):
+        check_out(args.out, task.removeprefix("finetune-"))
+        train(_base(args))
+    return 0
+
+
 def run_finetune_cls(args) -> int:
     from gptjax.finetune.cls import ClsData, finetune_cls
-    from gptjax.hf.io import check_new_dir
-    from gptjax.training.run_lock import hold
     data = ClsData(args.data, args.text_column, args.label_column, args.format, _split(args.split),
                    args.balance, args.class_weights, args.pooling, args.metric, args.max_length,
                    args.loss, args.focal_gamma, args.folds)
     tuning = tuning_from(args).check()
-    with hold(args.out, "gptjax finetune-cls"):  # a second writer is refused before any work
-        check_new_dir(Path(args.out))
-        finetune_cls(_base(args), data, tuning, args.out, progress=not args.no_progress)
-    return 0
+    return locked_out(args, "finetune-cls", lambda base: finetune_cls(
+        base, data, tuning, args.out, progress=not args.no_progress))
 
 
 def run_classify(args) -> int:
@@ -269,38 +278,26 @@ def run_classify(args) -> int:
 
 def run_finetune_sft(args) -> int:
     from gptjax.finetune.sft import SftData, finetune_sft
-    from gptjax.hf.io import check_new_dir
-    from gptjax.training.run_lock import hold
     data = SftData(args.data, _split(args.split), args.mask_prompt)
     tuning = tuning_from(args).check()
-    with hold(args.out, "gptjax finetune-sft"):
-        check_new_dir(Path(args.out))
-        finetune_sft(_base(args), data, tuning, args.out, progress=not args.no_progress)
-    return 0
+    return locked_out(args, "finetune-sft", lambda base: finetune_sft(
+        base, data, tuning, args.out, progress=not args.no_progress))
 
 
 def run_finetune_dpo(args) -> int:
     from gptjax.finetune.dpo import DpoData, finetune_dpo
-    from gptjax.hf.io import check_new_dir
-    from gptjax.training.run_lock import hold
     data = DpoData(args.data, _split(args.split), args.beta, args.dpo_loss, args.label_smoothing,
                    args.drop_identical).check()
     tuning = tuning_from(args).check()
-    with hold(args.out, "gptjax finetune-dpo"):
-        check_new_dir(Path(args.out))
-        finetune_dpo(_base(args), data, tuning, args.out, progress=not args.no_progress)
-    return 0
+    return locked_out(args, "finetune-dpo", lambda base: finetune_dpo(
+        base, data, tuning, args.out, progress=not args.no_progress))
 
 
 def run_finetune_lm(args) -> int:
     from gptjax.finetune.lm import finetune_lm
-    from gptjax.hf.io import check_new_dir
-    from gptjax.training.run_lock import hold
     tuning = tuning_from(args).check()
-    with hold(args.out, "gptjax finetune-lm"):
-        check_new_dir(Path(args.out))
-        finetune_lm(_base(args), args.data, tuning, args.out, progress=not args.no_progress)
-    return 0
+    return locked_out(args, "finetune-lm", lambda base: finetune_lm(
+        base, args.data, tuning, args.out, progress=not args.no_progress))
 
 
 def _new_file(path: str) -> Path:

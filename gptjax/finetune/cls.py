@@ -19,6 +19,7 @@ import numpy as np
 
 from gptjax.errors import GptjaxError
 from gptjax.finetune import batching, cls_data, cls_folds, cls_metrics, session
+from gptjax.finetune.out_dir import check_out
 from gptjax.finetune.settings import Tuning
 from gptjax.model.classifier import LOSSES, POOLINGS, make_loss_sum, make_predict
 from gptjax.model.parts import join
@@ -134,9 +135,8 @@ def finetune_cls(base: Base, data: ClsData, tuning: Tuning, out: str | Path, *,
                  progress: bool = True, say=print) -> dict:
     """Fine-tune `base` as a classifier on `data`; returns the test report of the best
     checkpoint (with --folds, the cross-validation summary: cls_folds.run_folds)."""
-    from gptjax.hf.io import check_new_dir
     out = Path(out)
-    check_new_dir(out)
+    check_out(out, "cls")  # new, or this run again: it resumes
     tuning.check()
     m = base.config.model
     p = prepare(data, base.tokenizer, m.context_length, tuning.seed)

@@ -31,6 +31,7 @@ import optax
 from gptjax import model
 from gptjax.errors import GptjaxError
 from gptjax.finetune import batching, dpo_data, session, sft_data
+from gptjax.finetune.out_dir import check_out
 from gptjax.finetune.settings import Tuning
 from gptjax.finetune.sft import TEST_RECORDS
 from gptjax.model.parts import join
@@ -149,9 +150,8 @@ def _batch(pairs, indices, ref, eot, rows, context) -> dict:
 def finetune_dpo(base: Base, data: DpoData, tuning: Tuning, out: str | Path, *,
                  progress: bool = True, say=print) -> dict:
     """Tune `base` towards the chosen answers; returns the validation metrics before and after."""
-    from gptjax.hf.io import check_new_dir
     out = Path(out)
-    check_new_dir(out)
+    check_out(out, "dpo")  # new, or this run again: it resumes
     tuning.check()
     data.check()
     tokenizer, m = base.tokenizer, base.config.model

@@ -13,6 +13,7 @@ from gptjax.data.windows import WindowSampler, eval_batches, gather
 from gptjax.errors import GptjaxError
 from gptjax.finetune import session
 from gptjax.finetune.lm_loss import make_loss_sum, mean_loss
+from gptjax.finetune.out_dir import check_out
 from gptjax.finetune.settings import Tuning
 from gptjax.finetune.step import make_eval
 from gptjax.finetune.trainer import perplexity
@@ -25,9 +26,8 @@ VAL_BATCHES = 20
 def finetune_lm(base: Base, data_dir: str, tuning: Tuning, out: str | Path, *,
                 progress: bool = True, say=print) -> dict:
     """Train `base` on the prepared data in `data_dir` (gptjax prepare, same tokenizer)."""
-    from gptjax.hf.io import check_new_dir
     out = Path(out)
-    check_new_dir(out)
+    check_out(out, "lm")  # new, or this run again: it resumes
     tuning.check()
     data = load_prepared(data_dir)
     if data.meta["tokenizer"] != base.tokenizer.spec():

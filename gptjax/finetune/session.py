@@ -13,8 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax import config as C
-from gptjax.finetune import optim
+from gptjax.finetune import optim, resume
 from gptjax.finetune.depth import DepthPlan
+from gptjax.finetune.out_dir import check_out
 from gptjax.finetune.settings import Tuning, parse_unfreeze
 from gptjax.finetune.step import init_state, make_step
 from gptjax.finetune.trainer import FitResult, Schedule, fit
@@ -87,6 +88,8 @@ def run(out: Path, s: Setup, tuning: Tuning, base: Base, loss_sum, epoch_batches
     state = init_state(jax.tree.map(jnp.copy, s.trainable), tx, tuning.seed)
     data_cfg = C.DataConfig(tokenizer=base.tokenizer.spec()["kind"], gpt2_ranks=base.config.data.gpt2_ranks)
     with run_lock.hold(out, f"gptjax finetune-{s.spec.task}"):  # nests inside the CLI's
+        check_out(out, s.spec.task)
+        resume.check_same_run(out, s.spec.to_json())
         finetuned.write_run(out, s.spec, base.tokenizer.spec(), data_cfg)
         return _fit(out, s, tuning, state, step, schedule, plan, epoch_batches, evaluate, progress, say)
 
@@ -101,9 +104,20 @@ def depth_plan(s: Setup, tuning: Tuning, steps_per_epoch: int) -> DepthPlan:
 def _fit(out: Path, s: Setup, tuning: Tuning, state, step, schedule: Schedule, plan: DepthPlan,
          epoch_batches, evaluate, progress: bool, say) -> FitResult:
     ckpts = Checkpoints(out / "checkpoints", keep=1)
+    saved = resume.ResumeState(out)
+    log = JsonlLog(out / "metrics.jsonl")
 
     def on_best(best, at, metrics):
         ckpts.save_params(at, best, {"metrics": _jsonable(metrics)})
+
+    start = saved.load(state)
+    resume.reconcile(ckpts, start, on_best, log)
+    if start is not None:
+        p = start.progress
+        say(f"resuming {out} at step {p.step} of {schedule.total_steps}"
+            + (" (it had finished: reporting its best checkpoint)"
+               if p.stopped or p.step >= schedule.total_steps else "")
+            + f"; best {schedule.monitor} so far {p.best_value:.4f} at step {p.best_step}")
 
     say(s.describe())
     for line in plan.describe(schedule.total_steps, head=s.spec.task == "cls"):
@@ -113,8 +127,9 @@ def _fit(out: Path, s: Setup, tuning: Tuning, state, step, schedule: Schedule, p
         + (f", stopping after {tuning.patience} without improvement" if tuning.patience else ""))
     try:
         return fit(state, s.frozen, step, epoch_batches, evaluate, schedule, on_best=on_best,
-                   log=JsonlLog(out / "metrics.jsonl"), progress=progress, say=say)
+                   on_validated=saved.save, start=start, log=log, progress=progress, say=say)
     finally:
+        saved.close()
         ckpts.close()  # waits for the asynchronous save of the best checkpoint
 
 

@@ -22,6 +22,7 @@ import numpy as np
 from gptjax.errors import GptjaxError
 from gptjax.finetune import batching, session, sft_data
 from gptjax.finetune.lm_loss import make_loss_sum, mean_loss
+from gptjax.finetune.out_dir import check_out
 from gptjax.finetune.settings import Tuning
 from gptjax.finetune.step import make_eval
 from gptjax.finetune.trainer import perplexity
@@ -72,9 +73,8 @@ def _check_responses_survive(examples, truncated: int, train, val, context: int)
 def finetune_sft(base: Base, data: SftData, tuning: Tuning, out: str | Path, *,
                  progress: bool = True, say=print) -> dict:
     """Fine-tune `base` on instruction records; returns val losses before and after."""
-    from gptjax.hf.io import check_new_dir
     out = Path(out)
-    check_new_dir(out)
+    check_out(out, "sft")  # new, or this run again: it resumes
     tuning.check()
     tokenizer, m = base.tokenizer, base.config.model
     if tokenizer.eot_id is None:

@@ -7,6 +7,7 @@ and an evaluation returning a dict of metrics that includes the monitored one.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -56,81 +57,114 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
 
 
+@dataclass
+class Progress:
+    """Where a fit stands, besides its arrays: position in the data, and early stopping's
+    memory. It is all a resumed fit needs to continue exactly where it was saved."""
+
+    step: int = 0
+    epoch: int = 0
+    in_epoch: int = 0  # batches of `epoch` done
+    since_best: int = 0
+    best_value: float | None = None
+    best_step: int = 0
+    best_metrics: dict = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+    stopped: bool = False
+
+
+@dataclass
+class Start:
+    """A fit to continue: its state, best trainable parameters so far, and progress."""
+
+    state: FinetuneState
+    best: dict
+    progress: Progress
+
+
 def fit(state: FinetuneState, frozen: dict, step_fn, epoch_batches: Callable[[int], Iterable[dict]],
-        evaluate: Callable[[dict], dict], schedule: Schedule, *, on_best=None, log: JsonlLog | None = None,
-        progress: bool = True, say=print) -> FitResult:
+        evaluate: Callable[[dict], dict], schedule: Schedule, *, on_best=None, on_validated=None,
+        start: Start | None = None, log: JsonlLog | None = None, progress: bool = True,
+        say=print) -> FitResult:
     """Train until the epochs end or validation stops improving for `patience` evaluations.
 
     `evaluate(trainable)` returns the validation metrics; `on_best(trainable, step,
-    metrics)` runs at each new best (e.g. to checkpoint it).
+    metrics)` runs at each new best (e.g. to checkpoint it), after `on_validated(state,
+    best, progress)`, which runs after every validation (the last is at the last step) to
+    save what `start` needs to continue; a fit started from the last one has nothing left
+    to do. The state passed to it is donated by the next step: save it before returning.
+    Each epoch's batches must depend on the epoch number alone, so that a resumed fit
+    skips to the same batch.
     """
     s = schedule
     if progress and say is print:
         say = tqdm.write  # keeps lines clear of the bar
-    bar = tqdm(total=s.total_steps, desc="fine-tune", unit="step", dynamic_ncols=True,
+    p, best = (start.progress, start.best) if start else (Progress(), None)
+    if start is not None:
+        state = start.state
+    bar = tqdm(total=s.total_steps, initial=p.step, desc="fine-tune", unit="step", dynamic_ncols=True,
                disable=not progress)
-    best, best_value, best_step, best_metrics = None, None, 0, {}
-    since_best, step, history, stopped = 0, 0, [], False
     losses, clock = [], time.perf_counter()
 
-    def validate():
-        nonlocal best, best_value, best_step, best_metrics, since_best
-        metrics = {"step": step, **evaluate(state.trainable)}
+    def validate(final=False):
+        nonlocal best
+        metrics = {"step": p.step, **evaluate(state.trainable)}
         value = metrics[s.monitor]
-        improved = best_value is None or (value > best_value if s.higher_is_better else value < best_value)
+        improved = p.best_value is None or (
+            value > p.best_value if s.higher_is_better else value < p.best_value)
         if improved:
-            best_value, best_step, best_metrics, since_best = value, step, metrics, 0
+            p.best_value, p.best_step, p.best_metrics, p.since_best = value, p.step, metrics, 0
             best = jax.tree.map(lambda x: x.copy(), state.trainable)  # the state is donated
-            if on_best is not None:
-                on_best(best, step, metrics)
         else:
-            since_best += 1
-        history.append(metrics)
+            p.since_best += 1
+        p.history.append(metrics)
         if log is not None:
             log.write({"kind": "eval", **metrics})
+        if not final:  # at the last step the run ends anyway: not an early stop
+            p.stopped = p.since_best >= s.patience > 0 and p.step < s.total_steps
+        if on_validated is not None:  # first: a best checkpoint never runs ahead of it
+            on_validated(state, best, p)
+        if improved and on_best is not None:
+            on_best(best, p.step, metrics)
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-        say(f"step {step}: {shown}{' (best)' if improved else ''}")
-        return since_best >= s.patience > 0
+        say(f"step {p.step}: {shown}{' (best)' if improved else ''}")
 
-    def flush(epoch):
+    def flush():
         nonlocal losses, clock
         if not losses:
             return
         fetched = np.asarray(jax.device_get(losses), np.float64)
         now = time.perf_counter()
         if log is not None:
-            log.write({"kind": "train", "step": step, "epoch": epoch, "loss": float(fetched.mean()),
+            log.write({"kind": "train", "step": p.step, "epoch": p.epoch, "loss": float(fetched.mean()),
                        "steps_per_s": len(fetched) / (now - clock)})
-        bar.set_postfix(epoch=epoch + 1, loss=f"{fetched.mean():.4f}", refresh=False)
+        bar.set_postfix(epoch=p.epoch + 1, loss=f"{fetched.mean():.4f}", refresh=False)
         bar.update(len(fetched))
         losses, clock = [], now
 
-    epoch = 0
     try:
-        for epoch in range(s.passes):
-            for batch in epoch_batches(epoch):
+        while p.epoch < s.passes and p.step < s.total_steps and not p.stopped:
+            for batch in itertools.islice(epoch_batches(p.epoch), p.in_epoch, None):
                 state, metrics = step_fn(state, frozen, batch)
                 losses.append(metrics["loss"])
-                step += 1
-                if step % 10 == 0 or step % s.eval_every == 0:
-                    flush(epoch)  # the only host syncs: every 10 steps
-                if step % s.eval_every == 0:
-                    # At the last step the run ends anyway: not an early stop.
-                    stopped = validate() and step < s.total_steps
+                p.step, p.in_epoch = p.step + 1, p.in_epoch + 1
+                if p.step % 10 == 0 or p.step % s.eval_every == 0:
+                    flush()  # the only host syncs: every 10 steps
+                if p.step % s.eval_every == 0:
+                    validate()
                     clock = time.perf_counter()  # keep validation out of steps/s
-                    if stopped:
-                        break
-                if step == s.total_steps:
+                if p.stopped or p.step == s.total_steps:
                     break
-            if stopped:
+            if p.stopped:
                 say(f"stopped early: no better {s.monitor} in {s.patience} validations")
-                break
-        flush(epoch)
-        if step % s.eval_every:
-            validate()
+            elif p.step < s.total_steps:
+                p.epoch, p.in_epoch = p.epoch + 1, 0
+        flush()
+        if not p.history or p.history[-1]["step"] != p.step:  # a resumed fit may have done it
+            validate(final=True)
     finally:
         bar.close()
-    return FitResult(best, best_step, best_metrics, step, stopped, history)
+    return FitResult(best, p.best_step, p.best_metrics, p.step, p.stopped, p.history)
 
 
 def steps_between_evals(eval_every: int, steps_per_epoch: int) -> int:

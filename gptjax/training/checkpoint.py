@@ -58,14 +58,15 @@ class Checkpoints:
     `damaged-checkpoints/` (nothing is deleted), so that the run can resume from the newest
     good one and later save over the same step numbers."""
 
-    def __init__(self, directory: Path, keep: int = 3, create: bool = True, set_aside=None):
+    def __init__(self, directory: Path, keep: int = 3, create: bool = True, set_aside=None,
+                 keep_best: bool = True):
+        kept = [policies.LatestN(n=keep)]
+        if keep_best:  # else only the latest `keep`: a fine-tuning run's resume state
+            kept.append(policies.BestN(get_metric_fn=_val_loss, reverse=True, n=1,
+                                       keep_checkpoints_without_metrics=False))
         self._options = ocp.CheckpointManagerOptions(
-            best_fn=_val_loss, best_mode="min", create=create,
-            preservation_policy=policies.AnyPreservationPolicy([
-                policies.LatestN(n=keep),
-                policies.BestN(get_metric_fn=_val_loss, reverse=True, n=1,
-                               keep_checkpoints_without_metrics=False),
-            ]),
+            best_fn=_val_loss if keep_best else None, best_mode="min", create=create,
+            preservation_policy=policies.AnyPreservationPolicy(kept),
         )
         self.directory = Path(directory).absolute()
         self._set_aside = set_aside
@@ -111,7 +112,7 @@ class Checkpoints:
     def all_steps(self) -> list[int]:
         return sorted(self._mgr.all_steps())
 
-    def save(self, state: TrainState, extra: dict, val_loss: float) -> None:
+    def save(self, state: TrainState, extra: dict, val_loss: float | None) -> None:
         train = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
         extra = {**extra, INTEGRITY_KEY: integrity.ALGORITHM}
         sums = _checksums({"params": state.params, "train": train}, extra)
@@ -119,7 +120,7 @@ class Checkpoints:
             int(state.step), args=ocp.args.Composite(
                 params=ocp.args.StandardSave(state.params), train=ocp.args.StandardSave(train),
                 extra=ocp.args.JsonSave(extra), checksums=ocp.args.JsonSave(sums)),
-            metrics={"val_loss": float(val_loss)}, force=True))
+            metrics=None if val_loss is None else {"val_loss": float(val_loss)}, force=True))
 
     def save_params(self, step: int, params, extra: dict) -> None:
         """Parameters and JSON extra only (imported weights): restorable, not resumable."""
@@ -340,6 +341,18 @@ class Checkpoints:
         (run_lock), so every one of them is its own."""
         for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def discard(self, step: int) -> None:
+        """Delete checkpoint `step` (a fine-tuning run's best saved past its resume point)."""
+        self.wait()
+        self._mgr.delete(step)
+
+    def wait(self) -> None:
+        """Block until every pending save is on disk (or raise its failure as RunFailed)."""
+        try:
+            self._mgr.wait_until_finished()
+        except Exception as e:  # noqa: BLE001  a background write failed; see _write
+            raise self._write_failed(e) from None
 
     def close(self) -> None:
         try:
