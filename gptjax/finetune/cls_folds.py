@@ -102,7 +102,9 @@ def run_folds(base, data, tuning: Tuning, p, out: Path, train_and_test, *, progr
         reports.append(train_and_test(base, data, tuning, fold, out / f"fold-{i + 1}", progress=progress,
                                       say=say, fold=i + 1))
     summary = summarize(reports, p.classes)
-    result = {"k": k, "seed": tuning.seed, "folds": reports, "summary": summary}
+    # Row numbers count the data file's records from 0: which texts each fold tested on.
+    result = {"k": k, "seed": tuning.seed, "folds": reports, "summary": summary,
+              "test_rows": [sorted(int(r) for r in fold.test) for fold in plans]}
     (out / "folds.json").write_text(json.dumps(result, indent=2) + "\n")
     say(f"== {k}-fold cross-validation (stratified, seed {tuning.seed}); test metrics of each fold's best "
         "checkpoint, mean ± sample std:")

@@ -85,6 +85,11 @@ def test_stratified_k_fold_reports_every_fold_and_the_spread(base, sentiment, tm
     assert result["k"] == 3 and len(result["folds"]) == 3
     for fold in result["folds"]:  # 30 test texts each, 10 per class: stratified
         assert fold["n"] == 30 and [c["support"] for c in fold["per_class"].values()] == [10, 10, 10]
+    assert sorted(sum(result["test_rows"], [])) == list(range(90))  # each record tested once
+    records = sentiment.read_text().splitlines()
+    for fold, rows in zip(result["folds"], result["test_rows"]):
+        labels = [json.loads(records[r])["label"] for r in rows]
+        assert {c: labels.count(c) for c in set(labels)} == {c: 10 for c in fold["per_class"]}
     acc = [f["accuracy"] for f in result["folds"]]
     assert result["summary"]["accuracy"]["mean"] == pytest.approx(np.mean(acc))
     assert result["summary"]["accuracy"]["std"] == pytest.approx(np.std(acc, ddof=1))
