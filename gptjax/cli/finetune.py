@@ -237,14 +237,14 @@ def _base(args):
     return load_base(args.base, args.hf, args.base_checkpoint, args.gpt2_ranks)
 
 
-def locked_out(args, task: str, train) -> int:
+def locked_out(args, task: str, train, cross_validation: bool = False) -> int:
     """Hold --out's lock and check it (new, or this task's run to resume) before the base
     loads, so a second writer or a wrong folder is refused before any work; then
     `train(base)`."""
     from gptjax.finetune.out_dir import check_out
     from gptjax.training.run_lock import hold
     with hold(args.out, f"gptjax {task}"):
-        check_out(args.out, task.removeprefix("finetune-"))
+        check_out(args.out, task.removeprefix("finetune-"), cross_validation)
         train(_base(args))
     return 0
 
@@ -256,7 +256,7 @@ def run_finetune_cls(args) -> int:
                    args.loss, args.focal_gamma, args.folds)
     tuning = tuning_from(args).check()
     return locked_out(args, "finetune-cls", lambda base: finetune_cls(
-        base, data, tuning, args.out, progress=not args.no_progress))
+        base, data, tuning, args.out, progress=not args.no_progress), cross_validation=data.folds > 0)
 
 
 def run_classify(args) -> int:

@@ -136,7 +136,7 @@ def finetune_cls(base: Base, data: ClsData, tuning: Tuning, out: str | Path, *,
     """Fine-tune `base` as a classifier on `data`; returns the test report of the best
     checkpoint (with --folds, the cross-validation summary: cls_folds.run_folds)."""
     out = Path(out)
-    check_out(out, "cls")  # new, or this run again: it resumes
+    check_out(out, "cls", cross_validation=data.folds > 0)  # new, or this run again: it resumes
     tuning.check()
     m = base.config.model
     p = prepare(data, base.tokenizer, m.context_length, tuning.seed)

@@ -19,8 +19,9 @@ RESUME_DIR = "resume"
 _FOLD_ENTRY = re.compile(r"fold-\d+|folds\.json")
 
 
-def check_out(out: str | Path, task: str) -> None:
-    """Raise GptjaxError unless `out` is absent, empty, or a `task` run that can resume."""
+def check_out(out: str | Path, task: str, cross_validation: bool = False) -> None:
+    """Raise GptjaxError unless `out` is absent, empty, or a `task` run that can resume
+    (with `cross_validation`, a folder of fold runs; without, a single run)."""
     out = Path(out)
     if not out.exists():
         return
@@ -35,14 +36,19 @@ def check_out(out: str | Path, task: str) -> None:
         except (OSError, ValueError, AttributeError) as e:
             raise GptjaxError(f"cannot read {out / SPEC_FILE} ({e}); choose another --out") from None
         if recorded != task:
-            raise GptjaxError(f"{out} is a finetune-{recorded} run, not finetune-{task}; "
-                              "choose another --out")
+            what = f"a finetune-{recorded} run" if isinstance(recorded, str) else "not a fine-tuning run"
+            raise GptjaxError(f"{out} is {what}, not finetune-{task}; choose another --out")
+        if cross_validation:
+            raise GptjaxError(f"{out} is a single classifier run; --folds needs another --out")
         if not (out / RESUME_DIR).is_dir() and _has_checkpoints(out / "checkpoints"):
-            raise GptjaxError(f"{out} is a finished fine-tuning run without resume state; "
-                              "choose another --out")
+            raise GptjaxError(f"{out} holds a checkpoint but no resume state (a run from before "
+                              "gptjax saved one, or its resume/ was deleted); choose another --out")
         return
     if task == "cls" and all(_FOLD_ENTRY.fullmatch(name) for name in entries):
-        return  # a cross-validation: each fold's folder is checked as that fold starts
+        if not cross_validation:
+            raise GptjaxError(f"{out} holds a cross-validation (fold-* runs); resume it with its "
+                              "--folds, or choose another --out")
+        return  # each fold's folder is checked as that fold starts
     raise GptjaxError(f"{out} already exists and is not a fine-tuning run to resume; choose another --out")
 
 

@@ -5,7 +5,8 @@ it, bit for bit: the data order is a function of the epoch, dropout keys of the 
 
 The best checkpoint (OUT/checkpoints, what loaders read) is always saved after the resume
 state that contains it, so after a kill it is never ahead of what a resumed run replays;
-`reconcile` makes the two agree again.
+`reconcile` makes the two agree again. Only OUT/checkpoints is read by loaders: OUT/resume
+may be deleted once a run is finished (it then cannot be rerun into).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from gptjax.errors import GptjaxError
+from gptjax.errors import CheckpointDamaged, GptjaxError
 from gptjax.finetune.out_dir import RESUME_DIR, SPEC_FILE, first_difference
 from gptjax.finetune.step import FinetuneState
 from gptjax.finetune.trainer import Progress, Start
@@ -33,7 +34,11 @@ class ResumeState:
             return None
         target = TrainState(fresh.step, {"now": fresh.trainable, "best": fresh.trainable},
                             fresh.opt_state, fresh.rng)
-        saved, extra = self.ckpts.restore(target)
+        try:
+            saved, extra = self.ckpts.restore(target)
+        except CheckpointDamaged as e:
+            raise GptjaxError(f"{e}; to start this run over, delete {self.ckpts.directory.parent} "
+                              "or choose another --out") from None
         state = FinetuneState(saved.step, saved.params["now"], saved.opt_state, saved.rng)
         return Start(state, saved.params["best"], Progress(**extra["progress"]))
 
@@ -47,10 +52,14 @@ class ResumeState:
         self.ckpts.close()
 
 
-def reconcile(best_ckpts: Checkpoints, start: Start | None, save_best, log: JsonlLog) -> None:
-    """Bring the best checkpoint and metrics.jsonl back to the resume point: drop a best
-    saved past it (a resumed fit saves it again, identically), save its best if missing,
-    and drop log records of steps it will replay."""
+def reconcile(best_ckpts: Checkpoints, saved: ResumeState, start: Start | None, save_best,
+              log: JsonlLog) -> None:
+    """Bring the best checkpoint and metrics.jsonl back to the resume point: remove what
+    killed saves left half-written, keep only the resume point's best (a kill can land
+    after a new best is written and before the one it replaces is deleted), save it if it
+    is missing, and drop log records of the steps that will be replayed."""
+    best_ckpts.remove_partial()
+    saved.ckpts.remove_partial()
     progress = start.progress if start else Progress()
     if start is None and best_ckpts.all_steps():
         raise GptjaxError(f"{best_ckpts.directory} holds checkpoints but there is no resume state "
@@ -63,11 +72,13 @@ def reconcile(best_ckpts: Checkpoints, start: Start | None, save_best, log: Json
     log.truncate_after(progress.step)
 
 
-def check_same_run(out: Path, spec_json: dict) -> None:
-    """A resumed run must be the one that was started: same base, data and settings."""
+def check_same_run(out: Path, spec_json: dict) -> bool:
+    """False for a new run; True for a run started with the same settings, base and
+    data path (the path's contents are not compared); else GptjaxError naming the first
+    difference."""
     path = Path(out) / SPEC_FILE
     if not path.is_file():
-        return
+        return False
     try:
         recorded = json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -76,3 +87,4 @@ def check_same_run(out: Path, spec_json: dict) -> None:
     if found:
         raise GptjaxError(f"{out} was started with other settings ({found}); rerun with the same "
                           "ones to resume it, or choose another --out")
+    return True

@@ -84,14 +84,14 @@ def run(out: Path, s: Setup, tuning: Tuning, base: Base, loss_sum, epoch_batches
                          total_steps=schedule.total_steps, weight_decay=tuning.weight_decay,
                          grad_clip=tuning.grad_clip)
     step = jax.jit(make_step(loss_sum, tx), donate_argnums=0)
-    # The step donates its state: give it its own copy, so the caller's base survives.
-    state = init_state(jax.tree.map(jnp.copy, s.trainable), tx, tuning.seed)
+    def fresh_state():  # the step donates its state: a copy of its own, so the caller's base survives
+        return init_state(jax.tree.map(jnp.copy, s.trainable), tx, tuning.seed)
     data_cfg = C.DataConfig(tokenizer=base.tokenizer.spec()["kind"], gpt2_ranks=base.config.data.gpt2_ranks)
     with run_lock.hold(out, f"gptjax finetune-{s.spec.task}"):  # nests inside the CLI's
         check_out(out, s.spec.task)
-        resume.check_same_run(out, s.spec.to_json())
-        finetuned.write_run(out, s.spec, base.tokenizer.spec(), data_cfg)
-        return _fit(out, s, tuning, state, step, schedule, plan, epoch_batches, evaluate, progress, say)
+        if not resume.check_same_run(out, s.spec.to_json()):  # a resumed run's files stay as they are
+            finetuned.write_run(out, s.spec, base.tokenizer.spec(), data_cfg)
+        return _fit(out, s, tuning, fresh_state, step, schedule, plan, epoch_batches, evaluate, progress, say)
 
 
 def depth_plan(s: Setup, tuning: Tuning, steps_per_epoch: int) -> DepthPlan:
@@ -101,7 +101,7 @@ def depth_plan(s: Setup, tuning: Tuning, steps_per_epoch: int) -> DepthPlan:
     return DepthPlan(s.spec.model.n_layer, s.spec.trainable, stage_steps, tuning.layer_lr_decay)
 
 
-def _fit(out: Path, s: Setup, tuning: Tuning, state, step, schedule: Schedule, plan: DepthPlan,
+def _fit(out: Path, s: Setup, tuning: Tuning, fresh_state, step, schedule: Schedule, plan: DepthPlan,
          epoch_batches, evaluate, progress: bool, say) -> FitResult:
     ckpts = Checkpoints(out / "checkpoints", keep=1)
     saved = resume.ResumeState(out)
@@ -110,22 +110,24 @@ def _fit(out: Path, s: Setup, tuning: Tuning, state, step, schedule: Schedule, p
     def on_best(best, at, metrics):
         ckpts.save_params(at, best, {"metrics": _jsonable(metrics)})
 
-    start = saved.load(state)
-    resume.reconcile(ckpts, start, on_best, log)
-    if start is not None:
-        p = start.progress
-        say(f"resuming {out} at step {p.step} of {schedule.total_steps}"
-            + (" (it had finished: reporting its best checkpoint)"
-               if p.stopped or p.step >= schedule.total_steps else "")
-            + f"; best {schedule.monitor} so far {p.best_value:.4f} at step {p.best_step}")
-
-    say(s.describe())
-    for line in plan.describe(schedule.total_steps, head=s.spec.task == "cls"):
-        say(line)
-    say(f"{schedule.describe()}, validating every "
-        f"{schedule.eval_every} steps on {schedule.monitor}"
-        + (f", stopping after {tuning.patience} without improvement" if tuning.patience else ""))
     try:
+        state = fresh_state()
+        start = saved.load(state)
+        if start is not None:
+            state = start.state  # the fresh arrays are freed: a resumed run needs no more memory
+        resume.reconcile(ckpts, saved, start, on_best, log)
+        if start is not None:
+            p = start.progress
+            say(f"resuming {out} at step {p.step} of {schedule.total_steps}"
+                + (" (it had finished: reporting its best checkpoint)"
+                   if p.stopped or p.step >= schedule.total_steps else "")
+                + f"; best {schedule.monitor} so far {p.best_value:.4f} at step {p.best_step}")
+        say(s.describe())
+        for line in plan.describe(schedule.total_steps, head=s.spec.task == "cls"):
+            say(line)
+        say(f"{schedule.describe()}, validating every "
+            f"{schedule.eval_every} steps on {schedule.monitor}"
+            + (f", stopping after {tuning.patience} without improvement" if tuning.patience else ""))
         return fit(state, s.frozen, step, epoch_batches, evaluate, schedule, on_best=on_best,
                    on_validated=saved.save, start=start, log=log, progress=progress, say=say)
     finally:

@@ -336,6 +336,11 @@ class Checkpoints:
         steps = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
         return f" (steps {', '.join(map(str, steps))})" if steps else " (there are none yet)"
 
+    def remove_partial(self) -> None:
+        """Temporary folders of saves that never completed (a killed writer's), for a
+        writer holding the run's lock (run_lock): nothing else can be saving into them."""
+        self._remove_partial()
+
     def _remove_partial(self) -> None:
         """A failed save's temporary folders: this process is the run's only writer
         (run_lock), so every one of them is its own."""

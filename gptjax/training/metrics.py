@@ -64,7 +64,13 @@ class JsonlLog:
         """Drop records of steps after `step` (atomically, via a renamed temporary file)."""
         if not self.path.exists():
             return
-        kept = [r for r in self.read() if r.get("step", 0) <= step]
+        lines = self.path.read_text().splitlines()
+        if lines:  # a torn last line (a write cut short by a full disk) is dropped, not fatal
+            try:
+                json.loads(lines[-1])
+            except ValueError:
+                lines.pop()
+        kept = [r for r in map(json.loads, filter(str.strip, lines)) if r.get("step", 0) <= step]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         tmp.replace(self.path)
