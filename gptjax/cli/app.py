@@ -15,6 +15,7 @@ from gptjax.cli import bench as cli_bench
 from gptjax.cli import check as cli_check
 from gptjax.cli import config_file
 from gptjax.cli import convert as cli_convert
+from gptjax.cli import distill as cli_distill
 from gptjax.cli import evaluate as cli_evaluate
 from gptjax.cli import finetune as cli_finetune
 from gptjax.cli import generate as cli_generate
@@ -42,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     cli_bench.add_parser(sub)
     cli_check.add_parser(sub)
     cli_finetune.add_parsers(sub)
+    cli_distill.add_parser(sub)
     return p
 
 
@@ -51,7 +53,8 @@ STEP_COMMANDS = {"train", "bench"}
 
 COMMANDS = {**cli_train.COMMANDS, "generate": cli_generate.run, "eval": cli_evaluate.run,
             "convert": cli_convert.run, "bench": cli_bench.run,
-            "check": cli_check.run, **cli_finetune.COMMANDS}
+            "check": cli_check.run, **cli_finetune.COMMANDS,
+            "distill": cli_distill.run}
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):

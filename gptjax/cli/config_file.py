@@ -113,6 +113,8 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict:
 
 def _flatten(raw: dict, command: str) -> dict:
     """{flag dest: value} from the file's layout for `command`."""
+    if command == "distill" and "task" in raw and "settings" in raw:
+        return _distill_run(raw)
     if command not in FINETUNE_TASKS:
         out = {}
         for key, value in raw.items():
@@ -144,6 +146,35 @@ def _flatten(raw: dict, command: str) -> dict:
                 out["data" if k == "path" else k] = ",".join(map(str, v)) if k == "split" else v
         else:
             out[key] = value
+    return out
+
+
+# What distill derives from the teacher, or does not take: left out of a rerun's flags.
+_DISTILL_DERIVED = {"pooling", "max_length", "balance", "loss", "focal_gamma", "folds"}
+
+
+def _distill_run(raw: dict) -> dict:
+    """A distilled run's finetune.json as gptjax distill's flags: its student (the base),
+    teacher, loss, data and tuning."""
+    if raw["task"] != "distill":
+        raise GptjaxError(f"--config holds the settings of a finetune-{raw['task']} run, not distill")
+    settings, base = raw["settings"], raw.get("base", {})
+    out = {f"tuning.{k}": v for k, v in settings.get("tuning", {}).items()}
+    if base.get("kind") == "preset":
+        out["student"] = base.get("preset")
+    else:
+        out["student"], out["student_checkpoint"] = base.get("path"), str(base.get("checkpoint"))
+    kd = settings.get("distill", {})
+    teacher = kd.get("teacher", {})
+    out.update(alpha=kd.get("alpha"), temperature=kd.get("temperature"), teacher=teacher.get("path"),
+               teacher_checkpoint=str(teacher.get("checkpoint")))
+    data = settings.get("data")
+    if isinstance(data, dict):  # a classifier's labelled texts
+        for k, v in data.items():
+            if k not in _DISTILL_DERIVED:
+                out["data" if k == "path" else k] = ",".join(map(str, v)) if k == "split" else v
+    else:
+        out["data"] = data
     return out
 
 

@@ -67,7 +67,7 @@ def _export(src: Path, out: Path, args) -> int:
     from gptjax.model.gpt import param_count
     from gptjax.runs import finetuned
     from gptjax.runs.load import load as load_run
-    if finetuned.is_finetuned(src) and finetuned.read_spec(src).task == "cls":
+    if finetuned.is_finetuned(src) and finetuned.read_spec(src).is_classifier:
         return _export_classifier(src, out, args)
     loaded = load_run(src, args.checkpoint, args.gpt2_ranks)
     written = save_hf(loaded.params, loaded.config.model, out, tokenizer=loaded.tokenizer)

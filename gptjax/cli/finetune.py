@@ -237,15 +237,15 @@ def _base(args):
     return load_base(args.base, args.hf, args.base_checkpoint, args.gpt2_ranks)
 
 
-def locked_out(args, task: str, train, cross_validation: bool = False) -> int:
+def locked_out(args, task: str, train, cross_validation: bool = False, load=_base) -> int:
     """Hold --out's lock and check it (new, or this task's run to resume) before the base
     loads, so a second writer or a wrong folder is refused before any work; then
-    `train(base)`."""
+    `train(load(args))`."""
     from gptjax.finetune.out_dir import check_out
     from gptjax.training.run_lock import hold
     with hold(args.out, f"gptjax {task}"):
         check_out(args.out, task.removeprefix("finetune-"), cross_validation)
-        train(_base(args))
+        train(load(args))
     return 0
 
 

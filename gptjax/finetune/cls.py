@@ -74,6 +74,7 @@ class Prepared:
     val: np.ndarray
     test: np.ndarray
     truncated: int
+    teacher_logits: np.ndarray | None = None  # (texts, classes) when distilling (gptjax.finetune.distill)
 
 
 def prepare(d: ClsData, tokenizer, context_length: int, seed: int) -> Prepared:
@@ -108,12 +109,17 @@ def _batch(p: Prepared, rows: np.ndarray, size: int, context: int, pad_id: int, 
     labels[:len(rows)] = p.labels[rows]
     weights = np.zeros(size, np.float32)
     weights[:len(rows)] = class_w[labels[:len(rows)]]
-    return {"tokens": tokens, "lengths": lengths, "labels": labels, "weights": weights}
+    batch = {"tokens": tokens, "lengths": lengths, "labels": labels, "weights": weights}
+    if p.teacher_logits is not None:
+        teacher = np.zeros((size, len(p.classes)), np.float32)
+        teacher[:len(rows)] = p.teacher_logits[rows]
+        batch["teacher_logits"] = teacher
+    return batch
 
 
 def predict_rows(predict, params: dict, p: Prepared, rows: np.ndarray, size: int, context: int,
                  pad_id: int) -> np.ndarray:
-    """Class probabilities (len(rows), classes), in fixed-size batches."""
+    """predict's (len(rows), classes) output (probabilities, or logits), in fixed-size batches."""
     ones = np.ones(len(p.classes), np.float32)
     probs = np.zeros((len(rows), len(p.classes)), np.float32)
     for chunk in batching.by_length(np.array([len(p.ids[r]) for r in rows]), size):
@@ -149,8 +155,10 @@ def finetune_cls(base: Base, data: ClsData, tuning: Tuning, out: str | Path, *,
 
 
 def train_and_test(base: Base, data: ClsData, tuning: Tuning, p: Prepared, out: Path, *,
-                   progress: bool = True, say=print, fold: int | None = None) -> dict:
-    """Fine-tune on p.train, validate on p.val, report the best checkpoint on p.test."""
+                   progress: bool = True, say=print, fold: int | None = None, recipe=None) -> dict:
+    """Fine-tune on p.train, validate on p.val, report the best checkpoint on p.test.
+    With a `recipe` (gptjax.finetune.distill.ClsRecipe) the loss and the run's record are
+    the recipe's."""
     m = base.config.model
     if len(p.train) < tuning.batch_size:
         raise GptjaxError(f"the training split has {len(p.train)} texts, fewer than --batch-size "
@@ -158,7 +166,10 @@ def train_and_test(base: Base, data: ClsData, tuning: Tuning, p: Prepared, out: 
     settings = {"data": {**asdict(data), "path": str(Path(data.path).absolute())}, "tuning": asdict(tuning)}
     if fold is not None:
         settings["fold"] = fold
-    s = session.setup(base, tuning, "cls", classes=p.classes, pooling=data.pooling, settings=settings)
+    if recipe is not None:
+        settings["distill"] = recipe.settings
+    s = session.setup(base, tuning, "distill" if recipe else "cls", classes=p.classes,
+                      pooling=data.pooling, settings=settings)
     pad = base.tokenizer.eot_id if base.tokenizer.eot_id is not None else 0
     class_w = _class_weights(p.labels[p.train], len(p.classes), data.class_weights)
     predict = jax.jit(make_predict(s.spec.model, data.pooling, s.spec.lora))
@@ -179,8 +190,8 @@ def train_and_test(base: Base, data: ClsData, tuning: Tuning, p: Prepared, out: 
     say(f"data: {len(p.ids):,} texts, classes " + ", ".join(f"{c} ({n:,})" for c, n in zip(p.classes, counts))
         + f"; split {len(p.train):,} train{' (balanced)' if data.balance else ''} / {len(p.val):,} val / "
         f"{len(p.test):,} test (seed {tuning.seed})")
-    loss_sum = make_loss_sum(s.spec.model, data.pooling, s.spec.lora, loss=data.loss,
-                             focal_gamma=data.focal_gamma)
+    loss_sum = recipe.loss_sum(s.spec, data.pooling) if recipe else make_loss_sum(
+        s.spec.model, data.pooling, s.spec.lora, loss=data.loss, focal_gamma=data.focal_gamma)
     result = session.run(out, s, tuning, base, loss_sum,
                          epoch_batches, len(p.train) // size, evaluate, f"val_{data.metric}",
                          data.metric != "loss", progress, say)
@@ -204,7 +215,7 @@ def classify(run_dir: str | Path, texts: list[str], *, checkpoint: str = "latest
         raise GptjaxError(f"{run_dir} is not a classifier run (no {finetuned.FILE}); make one with "
                           "gptjax finetune-cls")
     ft = load_finetuned(run_dir, checkpoint, gpt2_ranks)
-    if ft.spec.task != "cls":
+    if not ft.spec.is_classifier:
         raise GptjaxError(f"{run_dir} is not a classifier (it was fine-tuned for {ft.spec.task}); "
                           "use gptjax generate --run")
     if not texts:

@@ -19,6 +19,11 @@ RESUME_DIR = "resume"
 _FOLD_ENTRY = re.compile(r"fold-\d+|folds\.json")
 
 
+def command(task: str) -> str:
+    """The gptjax command that makes runs of `task` (finetune.json's "task")."""
+    return "distill" if task == "distill" else f"finetune-{task}"
+
+
 def check_out(out: str | Path, task: str, cross_validation: bool = False) -> None:
     """Raise GptjaxError unless `out` is absent, empty, or a `task` run that can resume
     (with `cross_validation`, a folder of fold runs; without, a single run)."""
@@ -36,8 +41,8 @@ def check_out(out: str | Path, task: str, cross_validation: bool = False) -> Non
         except (OSError, ValueError, AttributeError) as e:
             raise GptjaxError(f"cannot read {out / SPEC_FILE} ({e}); choose another --out") from None
         if recorded != task:
-            what = f"a finetune-{recorded} run" if isinstance(recorded, str) else "not a fine-tuning run"
-            raise GptjaxError(f"{out} is {what}, not finetune-{task}; choose another --out")
+            what = f"a {command(recorded)} run" if isinstance(recorded, str) else "not a fine-tuning run"
+            raise GptjaxError(f"{out} is {what}, not {command(task)}; choose another --out")
         if cross_validation:
             raise GptjaxError(f"{out} is a single classifier run; --folds needs another --out")
         if not (out / RESUME_DIR).is_dir() and _has_checkpoints(out / "checkpoints"):

@@ -15,7 +15,7 @@ import numpy as np
 from gptjax import config as C
 from gptjax.finetune import optim, resume
 from gptjax.finetune.depth import DepthPlan
-from gptjax.finetune.out_dir import check_out
+from gptjax.finetune.out_dir import check_out, command
 from gptjax.finetune.settings import Tuning, parse_unfreeze
 from gptjax.finetune.step import init_state, make_step
 from gptjax.finetune.trainer import FitResult, Schedule, fit
@@ -39,18 +39,19 @@ class Setup:
     def describe(self) -> str:
         s = self.spec
         what = (f"LoRA rank {s.lora.rank} (alpha {s.lora.alpha:g}) on {', '.join(s.lora.targets)}"
-                + (" + the head" if s.task == "cls" else "")) if s.lora else s.trainable.describe(
-                    s.model.n_layer, head=s.task == "cls")
+                + (" + the head" if s.is_classifier else "")) if s.lora else s.trainable.describe(
+                    s.model.n_layer, head=s.is_classifier)
         return (f"trainable: {self.n_trainable:,} of {self.n_total:,} parameters "
                 f"({100 * self.n_trainable / self.n_total:.2f}%): {what}")
 
 
 def setup(base: Base, tuning: Tuning, task: str, *, classes: tuple[str, ...] = (),
           pooling: str = "last", settings: dict | None = None) -> Setup:
-    """The full parameter tree {"gpt", ["head"], ["lora"]} split into trainable and frozen."""
+    """The full parameter tree {"gpt", ["head"], ["lora"]} split into trainable and frozen;
+    `classes` (a classifier's) give it a head."""
     tuning.check()
     m = dataclasses.replace(base.config.model, dropout=tuning.dropout)
-    trainable_spec = parse_trainable(tuning.train, m.n_layer, head=task == "cls")
+    trainable_spec = parse_trainable(tuning.train, m.n_layer, head=bool(classes))
     lora = None
     if tuning.lora_rank:
         lora = LoRAConfig(tuning.lora_rank, tuning.lora_alpha, parse_targets(tuning.lora_targets)).check()
@@ -87,7 +88,7 @@ def run(out: Path, s: Setup, tuning: Tuning, base: Base, loss_sum, epoch_batches
     def fresh_state():  # the step donates its state: a copy of its own, so the caller's base survives
         return init_state(jax.tree.map(jnp.copy, s.trainable), tx, tuning.seed)
     data_cfg = C.DataConfig(tokenizer=base.tokenizer.spec()["kind"], gpt2_ranks=base.config.data.gpt2_ranks)
-    with run_lock.hold(out, f"gptjax finetune-{s.spec.task}"):  # nests inside the CLI's
+    with run_lock.hold(out, f"gptjax {command(s.spec.task)}"):  # nests inside the CLI's
         check_out(out, s.spec.task)
         if not resume.check_same_run(out, s.spec.to_json()):  # a resumed run's files stay as they are
             finetuned.write_run(out, s.spec, base.tokenizer.spec(), data_cfg)
@@ -123,7 +124,7 @@ def _fit(out: Path, s: Setup, tuning: Tuning, fresh_state, step, schedule: Sched
                    if p.stopped or p.step >= schedule.total_steps else "")
                 + f"; best {schedule.monitor} so far {p.best_value:.4f} at step {p.best_step}")
         say(s.describe())
-        for line in plan.describe(schedule.total_steps, head=s.spec.task == "cls"):
+        for line in plan.describe(schedule.total_steps, head=s.spec.is_classifier):
             say(line)
         say(f"{schedule.describe()}, validating every "
             f"{schedule.eval_every} steps on {schedule.monitor}"

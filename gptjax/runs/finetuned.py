@@ -47,7 +47,7 @@ def fingerprint(params: dict) -> str:
 class Spec:
     """Everything finetune.json records, from which the parameter tree can be rebuilt."""
 
-    task: str  # "cls", "sft", "lm" or "dpo"
+    task: str  # the command that made it: "cls", "sft", "lm", "dpo" or "distill"
     model: C.ModelConfig
     trainable: Trainable
     lora: LoRAConfig | None
@@ -56,6 +56,11 @@ class Spec:
     classes: tuple[str, ...] = ()
     pooling: str = "last"
     settings: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def is_classifier(self) -> bool:
+        """A class head replaces the language-model head (finetune-cls, or a distilled classifier)."""
+        return bool(self.classes)
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -86,14 +91,14 @@ def read_spec(run_dir: str | Path) -> Spec:
         return Spec.from_json(raw)
     except (KeyError, TypeError, AttributeError) as e:  # valid JSON, not what write_run wrote
         raise GptjaxError(f"{path} is malformed ({type(e).__name__}: {e}); it is written by "
-                          "gptjax finetune-cls, finetune-sft and finetune-lm") from None
+                          "the gptjax finetune-* commands and gptjax distill") from None
 
 
 def full_tree(spec: Spec, gpt: dict, key: jax.Array) -> dict:
     """{"gpt", ["head"], ["lora"]}: the base's parameters plus freshly initialised new parts."""
     head_key, lora_key = jax.random.split(key)
     tree = {"gpt": gpt}
-    if spec.task == "cls":
+    if spec.is_classifier:
         tree["head"] = init_head(head_key, spec.model.d_model, len(spec.classes))
     if spec.lora is not None:
         tree["lora"] = init_adapters(spec.model, spec.lora, lora_key)
@@ -132,5 +137,7 @@ class Finetuned:
 def describe(origin: dict) -> str:
     if origin["kind"] == "hf":
         return f"Hugging Face weights {origin['source']}"
+    if origin["kind"] == "preset":
+        return f"a fresh {origin['preset']} model (seed {origin['seed']})"
     return f"run {origin['path']} at step {origin['checkpoint']}"
 

@@ -69,7 +69,7 @@ def load(run_dir: str | Path, which: str | int = "latest", gpt2_ranks: str | Non
     which = parse_checkpoint(str(which))
     if finetuned.is_finetuned(path):
         tuned = load_finetuned(path, which, gpt2_ranks)
-        if tuned.spec.task == "cls":
+        if tuned.spec.is_classifier:
             raise GptjaxError(f"{path} is a classifier (gptjax finetune-cls): use gptjax classify")
         return LoadedRun(path, tuned.config, tuned.tokenizer, tuned.lm_params(), tuned.step)
     cfg = C.load(path / "config.json")
@@ -191,7 +191,8 @@ def own_data(path: Path) -> Path:
         return path / layout.EMBEDDED_DATA
     if finetuned.is_finetuned(path):
         spec = finetuned.read_spec(path)
-        tuned_on = spec.settings.get("data") if spec.task == "lm" else None
+        tuned_on = spec.settings.get("data") if spec.task in ("lm", "distill") else None
+        tuned_on = tuned_on if isinstance(tuned_on, str) else None  # a classifier's is a file
         if tuned_on and not Path(tuned_on).is_dir():
             raise GptjaxError(f"the data {path} was tuned on ({tuned_on}) is gone; pass --data")
         if tuned_on:

@@ -33,13 +33,15 @@ TABLE = {
     "--judge-url": "URL", "--api-key-env": "VAR", "--text-column": "COLUMN",
     "--label-column": "COLUMN", "--split": "FRACTIONS", "--preset": None, "--beta": "FLOAT",
     "--label-smoothing": "FLOAT", "--focal-gamma": "FLOAT", "--folds": "INT", "--loss": None,
+    "--teacher": "RUN_DIR", "--teacher-checkpoint": "latest|best|STEP", "--student": "PRESET|RUN_DIR",
+    "--student-checkpoint": "latest|best|STEP", "--alpha": "FLOAT",
 }
 # Where one command's value is another kind of thing under the same name.
 EXCEPTIONS = {
     ("bench", "--preset"): "LIST", ("bench", "--batch-size"): "LIST",
     ("bench", "--context-length"): "LIST", ("respond", "--out"): "FILE", ("judge", "--out"): "FILE",
     ("finetune-cls", "--data"): "FILE", ("finetune-sft", "--data"): "FILE",
-    ("finetune-dpo", "--data"): "FILE",
+    ("finetune-dpo", "--data"): "FILE", ("distill", "--data"): "DIR|FILE",
 }
 FIELDS = {f"{section}.{f.name}": f for section, cls in C.SECTIONS.items()
           for f in dataclasses.fields(cls)}
@@ -79,7 +81,7 @@ def test_every_option_of_every_command_is_named_and_shown_as_the_table_says():
             continue
         assert action.metavar == _expected(command, action), (command, name, action.metavar)
         assert name not in RENAMED_FLAGS, f"{command} shows the old spelling {name}"
-        if name in ("--checkpoint", "--base-checkpoint"):
+        if name.endswith("checkpoint"):
             assert action.help.endswith(CHECKPOINT_HELP), (command, action.help)
         seen += 1
     assert seen > 150  # every command, config and tuning fields included

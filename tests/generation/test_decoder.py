@@ -135,9 +135,9 @@ def test_generate_samples_exactly_the_top_k_ids_through_the_decode_loop(params):
         if prefill_only:
             assert {r[0] for r in rows} == top3
         else:  # the loop's step: each row's own next logits, after its first id
-            for r in rows:
-                nxt = np.asarray(model.apply(params, jnp.array([prompt + r[:1]]), CFG)[0, -1])
-                assert r[1] in set(np.argsort(-nxt)[:3].tolist())
+            nxt = np.asarray(model.apply(params, jnp.array([prompt + r[:1] for r in rows]), CFG)[:, -1])
+            for r, row_logits in zip(rows, nxt, strict=True):
+                assert r[1] in set(np.argsort(-row_logits)[:3].tolist())
 
 
 def test_top_k_values_below_one_power_of_two_share_one_compile():
