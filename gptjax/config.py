@@ -111,6 +111,10 @@ class TrainConfig:
                       choices=("random", "sliding"))
     stride: int = _f(0, "sliding-window stride in tokens; 0 = context_length")
     log_every: int = _f(50, "steps between console/JSONL training records", resume_safe=True)
+    log_to: str = _f("jsonl", "where metrics go: comma-separated jsonl (metrics.jsonl, always "
+                     "written), tensorboard, wandb (offline unless $WANDB_MODE), mlflow (a file "
+                     "store in the run folder); each tracker is an extra: pip install "
+                     "'gptjax[tensorboard]'", resume_safe=True, metavar="SINKS")
     eval_every: int = _f(250, "steps between validation runs and checkpoints", resume_safe=True)
     eval_batches: int = _f(20, "validation batches per evaluation", resume_safe=True)
     keep_checkpoints: int = _f(3, "most recent checkpoints kept (the best is kept too)",

@@ -21,7 +21,7 @@ from gptjax.data.windows import WindowSampler
 from gptjax.errors import CheckpointDamaged, GptjaxError
 from gptjax.generation.decoder import generate
 from gptjax.parallel.distributed import host, is_main
-from gptjax.training import run_dir, run_lock
+from gptjax.training import run_dir, run_lock, trackers
 from gptjax.training.checkpoint import Checkpoints
 from gptjax.training.compiled import CompiledSteps
 from gptjax.training.loop import Loop
@@ -53,9 +53,24 @@ def train(cfg: C.RunConfig, out_dir: str | Path, *, stop_at: int | None = None,
 
 def _train(cfg: C.RunConfig, out: Path, stop_at: int | None, progress: bool, echo) -> TrainResult:
     end = min(cfg.train.max_steps, stop_at or cfg.train.max_steps)
-    cfg, data, tokenizer, sampler, steps, resuming = _setup(cfg, out, progress, end)
-    m, t = cfg.model, cfg.train
+    trackers.parse_log_to(cfg.train.log_to)  # a missing tracker package: refused before any work
+    cfg, *set_up = _setup(cfg, out, progress, end)
     log = JsonlLog(out / "metrics.jsonl") if is_main() else _NoLog()
+    if is_main():
+        flat = {f"{section}.{k}": v for section, fields in C.to_dict(cfg).items() for k, v in fields.items()}
+        log = trackers.tracked(log, trackers.parse_log_to(cfg.train.log_to), out, out.absolute().name, flat)
+    try:
+        return _train_logged(cfg, out, stop_at, progress, echo, end, set_up, log)
+    finally:
+        if isinstance(log, trackers.Tracked):
+            log.close()  # sends what is queued; a tracker never holds up a step before this
+
+
+def _train_logged(cfg: C.RunConfig, out: Path, stop_at: int | None, progress: bool, echo, end: int,
+                  set_up: list, log) -> TrainResult:
+    """Train with the metrics log open: `set_up` is what _setup gave besides the config."""
+    data, tokenizer, sampler, steps, resuming = set_up
+    m, t = cfg.model, cfg.train
     if isinstance(steps, int):  # already at `end`: said before compiling anything
         echo(_nothing_to_train(steps, t.max_steps, stop_at))
         return _report(TrainResult(out, steps, None), cfg, log, out, echo)
