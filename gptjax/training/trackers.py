@@ -78,7 +78,9 @@ class WandbSink:
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "gptjax"), name=name, id=run_id,
                               resume="allow", dir=str(out), config=params,
-                              mode=os.environ.get("WANDB_MODE", "offline"))
+                              mode=os.environ.get("WANDB_MODE", "offline"),
+                              # quiet, and not capturing the console: gptjax prints its own lines
+                              settings=wandb.Settings(silent=True, console="off"))
         id_file.write_text(run_id + "\n")
 
     def log(self, step: int, values: dict[str, float]) -> None:
