@@ -25,6 +25,11 @@ FINETUNE_TASKS = {"finetune-cls": "cls", "finetune-sft": "sft", "finetune-lm": "
                   "finetune-dpo": "dpo"}
 
 
+# A run flag and the flag naming its checkpoint (gptjax distill has two runs).
+_CHECKPOINT_OF = {"base": "base_checkpoint", "hf": "base_checkpoint", "teacher": "teacher_checkpoint",
+                  "student": "student_checkpoint"}
+
+
 def add_config_option(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--config", metavar="FILE", help=f"settings from a TOML, YAML or JSON "
                         f"file ({what}); flags given as well override it")
@@ -58,9 +63,11 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Nam
         for a in group._group_actions:
             if typed and a not in typed and a.dest in from_file:
                 setattr(args, a.dest, None)
-        # ... and the file's checkpoint of its starting point goes with it
-        if typed and "base_checkpoint" in from_file and not _typed(actions["base_checkpoint"], argv):
-            args.base_checkpoint = own_defaults["base_checkpoint"]
+    # ... and a typed run takes its own checkpoint, not the one the file named for another
+    for run, checkpoint in _CHECKPOINT_OF.items():
+        if (run in actions and _typed(actions[run], argv) and checkpoint in from_file
+                and not _typed(actions[checkpoint], argv)):
+            setattr(args, checkpoint, own_defaults[checkpoint])
     # What came from the file rather than the command line: a typed flag outranks it
     # (gptjax train's --preset against the file's [model] fields, --extend-to against its
     # max_steps).

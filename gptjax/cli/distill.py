@@ -20,7 +20,8 @@ def add_parser(sub) -> None:
         description="Knowledge distillation. The student learns the teacher's predictions "
         "softened by --temperature T, mixed with the true labels: per example, alpha * T^2 * "
         "KL(teacher_T || student_T) + (1 - alpha) * cross-entropy; --alpha 0 trains on the "
-        "labels alone, the same student without a teacher. A language-model teacher is "
+        "labels alone, the same student without a teacher (its steps never run the teacher; "
+        "validation still reports the KL to it). A language-model teacher is "
         "distilled on prepared data, next token by next token; a classifier teacher (a "
         "finetune-cls run) on labelled texts, through its class probabilities, and the "
         "student becomes a classifier with the same classes. Teacher and student must share "
@@ -56,7 +57,8 @@ def add_parser(sub) -> None:
     c.add_argument("--class-weights", action="store_true", default=None,
                    help="weight every example by its class's inverse frequency")
     _add_tuning(p, DEFAULTS)
-    _common(p)
+    _common(p, "top-level teacher, student, data, alpha and the other flags' names, and "
+               "[tuning]; or a distilled run's finetune.json")
 
 
 def run(args) -> int:
@@ -72,7 +74,9 @@ def run(args) -> int:
         teacher = load_teacher(args.teacher, args.teacher_checkpoint, args.gpt2_ranks)
         if given and not teacher.is_classifier:
             flag = "--" + next(iter(given)).replace("_", "-")
-            raise GptjaxError(f"{flag} is for a classifier teacher; {args.teacher} is a language model")
+            where = " (from --config)" if next(iter(given)) in getattr(args, "from_config", ()) else ""
+            raise GptjaxError(f"{flag}{where} is for a classifier teacher; {args.teacher} is a "
+                              "language model")
         return teacher, load_student(args.student, teacher, tuning, args.student_checkpoint, args.gpt2_ranks)
 
     def train(pair):

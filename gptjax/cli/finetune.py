@@ -75,8 +75,9 @@ def tuning_from(args) -> Tuning:
     return Tuning(**{k.split(".", 1)[1]: v for k, v in vars(args).items() if k.startswith("tuning.")})
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    add_config_option(p, "[base], [data] and [tuning], as in a fine-tuned run's finetune.json")
+def _common(p: argparse.ArgumentParser,
+            config: str = "[base], [data] and [tuning], as in a fine-tuned run's finetune.json") -> None:
+    add_config_option(p, config)
     p.add_argument("--out", required=True, metavar="DIR",
                    help="run directory: new (absent or empty), or an interrupted run of the "
                    "same command, which resumes from its last validation with the same settings")

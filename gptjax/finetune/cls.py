@@ -213,7 +213,7 @@ def classify(run_dir: str | Path, texts: list[str], *, checkpoint: str = "latest
     """(class names, probabilities (len(texts), classes)) from a classifier run."""
     if not finetuned.is_finetuned(run_dir):
         raise GptjaxError(f"{run_dir} is not a classifier run (no {finetuned.FILE}); make one with "
-                          "gptjax finetune-cls")
+                          "gptjax finetune-cls or gptjax distill")
     ft = load_finetuned(run_dir, checkpoint, gpt2_ranks)
     if not ft.spec.is_classifier:
         raise GptjaxError(f"{run_dir} is not a classifier (it was fine-tuned for {ft.spec.task}); "

@@ -73,7 +73,10 @@ def load_student(student: str, teacher: Teacher, tuning: Tuning, checkpoint: str
     """The student as a fine-tuning base: a gptjax run (same tokenizer as the teacher), or a
     preset initialised with --seed, shaped for the teacher's tokenizer and context."""
     t = teacher.config.model
-    if Path(student).is_dir():
+    if not layout.is_run(Path(student)) and student not in C.PRESETS:
+        raise GptjaxError(f"--student {student!r} is neither a gptjax run folder nor a preset "
+                          f"({', '.join(C.PRESETS)})")
+    if layout.is_run(Path(student)):  # a run in a folder named like a preset is the run
         base = load_base(run_dir=student, checkpoint=checkpoint, gpt2_ranks=gpt2_ranks)
         check_same_tokenizer(base.tokenizer.spec(), teacher.tokenizer.spec(), student, teacher.path)
         if not teacher.is_classifier and base.config.model.context_length > t.context_length:
@@ -81,12 +84,9 @@ def load_student(student: str, teacher: Teacher, tuning: Tuning, checkpoint: str
                               f"than the teacher's ({t.context_length}): the teacher cannot score its "
                               f"windows; use a student with a context of at most {t.context_length}")
         return base
-    if student not in C.PRESETS:
-        raise GptjaxError(f"--student {student!r} is neither a gptjax run folder nor a preset "
-                          f"({', '.join(C.PRESETS)})")
-    if tuning.lora_rank or tuning.train != "all":
-        raise GptjaxError(f"a preset student starts from random weights and trains whole: "
-                          f"--{'lora-rank' if tuning.lora_rank else 'train'} needs a student run")
+    if checkpoint != "latest":
+        raise GptjaxError(f"--student-checkpoint is for a student run; {student} is a preset")
+    check_whole(tuning, student)
     own = C.preset(student)
     m = C.preset(student, vocab_size=t.vocab_size, context_length=min(own.context_length, t.context_length))
     if m.context_length < own.context_length:
@@ -96,6 +96,21 @@ def load_student(student: str, teacher: Teacher, tuning: Tuning, checkpoint: str
     data = C.DataConfig(tokenizer=teacher.tokenizer.spec()["kind"], gpt2_ranks=teacher.config.data.gpt2_ranks)
     return Base(C.RunConfig(model=m, data=data), teacher.tokenizer, params,
                 {"kind": "preset", "preset": student, "seed": tuning.seed})
+
+
+def check_whole(tuning: Tuning, preset: str) -> None:
+    """A preset student starts from random weights: all of it trains from the first step
+    (nothing random is left frozen, and its run needs no base on disk)."""
+    for on, flag in ((tuning.lora_rank, "--lora-rank"), (tuning.train != "all", "--train"),
+                     (tuning.unfreeze, "--unfreeze"), (tuning.layer_lr_decay != 1, "--layer-lr-decay")):
+        if on:
+            raise GptjaxError(f"the preset student {preset} starts from random weights and trains "
+                              f"whole from the first step: {flag} needs a student run")
+
+
+def _check_student(base: Base, tuning: Tuning) -> None:
+    if base.origin["kind"] == "preset":
+        check_whole(tuning, base.origin["preset"])
 
 
 def check_same_tokenizer(student: dict, teacher: dict, student_path, teacher_path) -> None:
@@ -123,6 +138,10 @@ def distill_lm(teacher: Teacher, base: Base, data_dir: str, kd: DistillLoss, tun
     kd.check()
     if teacher.is_classifier:
         raise GptjaxError(f"{teacher.path} is a classifier: distil it with labelled texts (distill_cls)")
+    _check_student(base, tuning)
+    if not Path(data_dir).is_dir():
+        raise GptjaxError(f"--data {data_dir} is not a folder: a language-model teacher is distilled "
+                          "on prepared data (gptjax prepare)")
     check_same_tokenizer(base.tokenizer.spec(), teacher.tokenizer.spec(), "model", teacher.path)
     d = lm.lm_data(base, data_dir, tuning)
     s = session.setup(base, tuning, "distill", settings={
@@ -178,6 +197,10 @@ def distill_cls(teacher: Teacher, base: Base, data: cls.ClsData, kd: DistillLoss
     if not teacher.is_classifier:
         raise GptjaxError(f"{teacher.path} is a language model, not a classifier: distil it on "
                           "prepared data (distill_lm)")
+    _check_student(base, tuning)
+    if Path(data.path).is_dir():
+        raise GptjaxError(f"--data {data.path} is a folder: a classifier teacher is distilled on a "
+                          "CSV, TSV or JSONL file of labelled texts")
     check_same_tokenizer(base.tokenizer.spec(), teacher.tokenizer.spec(), "model", teacher.path)
     t_model = dataclasses.replace(teacher.spec.model, dropout=0.0)
     t_limit = teacher.spec.settings.get("data", {}).get("max_length") or t_model.context_length
@@ -197,7 +220,7 @@ def distill_cls(teacher: Teacher, base: Base, data: cls.ClsData, kd: DistillLoss
     p.teacher_logits = cls.predict_rows(predict, teacher.params, p, np.arange(len(p.ids)),
                                         tuning.batch_size, t_model.context_length, pad)
     agree = (p.teacher_logits[p.test].argmax(-1) == p.labels[p.test]).mean() if len(p.test) else float("nan")
-    say(f"teacher {teacher.path} (step {teacher.step}): test-split accuracy {agree:.4f}; "
-        f"alpha {kd.alpha:g}, temperature {kd.temperature:g}")
+    say(f"teacher {teacher.path} (step {teacher.step}): accuracy {agree:.4f} on this run's test "
+        f"split; alpha {kd.alpha:g}, temperature {kd.temperature:g}")
     return cls.train_and_test(base, data, tuning, p, out, progress=progress, say=say,
                               recipe=ClsRecipe(kd, _settings(teacher, kd)))

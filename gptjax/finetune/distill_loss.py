@@ -4,9 +4,10 @@ distribution (Hinton, Vinyals and Dean 2015) mixed with the true labels' cross-e
     per example = alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T))
                   + (1 - alpha) * cross-entropy(student, label)
 
-The KL's gradient with respect to the student's logits is T * (q - p), which shrinks as
-1/T once the logits are divided by T; the T^2 keeps the two terms' gradients on the same
-scale whatever T is, so alpha means the same thing at every temperature.
+The KL's gradient with respect to the student's logits is (q - p) / T, where q and p are
+the softened distributions; the T^2 makes it T * (q - p), which for large T is about the
+gradient of matching the logits themselves, so alpha weighs the two terms about the same
+way at every temperature.
 """
 
 from __future__ import annotations
@@ -65,9 +66,17 @@ def make_lm_loss_sum(student: ModelConfig, teacher: ModelConfig, n_vocab: int, k
             t_btv = model.apply(params["teacher"], batch["inputs"], teacher)
             per_bt = mixed(soft_kl(s_btv[..., :n_vocab], t_btv[..., :n_vocab], kd.temperature),
                            per_bt, kd.alpha)
-        return per_bt.sum(), jnp.asarray(per_bt.size, jnp.float32)
+        return _weighted(per_bt, batch)
 
     return loss_sum
+
+
+def _weighted(per_bt: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """(weighted sum, total weight): validation batches mark their padding rows with weight 0."""
+    weights_bt = batch.get("weights")
+    if weights_bt is None:
+        return per_bt.sum(), jnp.asarray(per_bt.size, jnp.float32)
+    return (per_bt * weights_bt).sum(), weights_bt.sum()
 
 
 def make_lm_kl_sum(student: ModelConfig, teacher: ModelConfig, n_vocab: int, lora=None):
@@ -76,8 +85,7 @@ def make_lm_kl_sum(student: ModelConfig, teacher: ModelConfig, n_vocab: int, lor
     def kl_sum(params, batch):
         s_btv = model.apply(params["gpt"], batch["inputs"], student, lora=lora, adapters=params.get("lora"))
         t_btv = model.apply(params["teacher"], batch["inputs"], teacher)
-        kl_bt = soft_kl(s_btv[..., :n_vocab], t_btv[..., :n_vocab], 1.0)
-        return kl_bt.sum(), jnp.asarray(kl_bt.size, jnp.float32)
+        return _weighted(soft_kl(s_btv[..., :n_vocab], t_btv[..., :n_vocab], 1.0), batch)
     return kl_sum
 
 

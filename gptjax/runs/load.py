@@ -70,7 +70,7 @@ def load(run_dir: str | Path, which: str | int = "latest", gpt2_ranks: str | Non
     if finetuned.is_finetuned(path):
         tuned = load_finetuned(path, which, gpt2_ranks)
         if tuned.spec.is_classifier:
-            raise GptjaxError(f"{path} is a classifier (gptjax finetune-cls): use gptjax classify")
+            raise GptjaxError(f"{path} is a classifier, not a language model: use gptjax classify")
         return LoadedRun(path, tuned.config, tuned.tokenizer, tuned.lm_params(), tuned.step)
     cfg = C.load(path / "config.json")
     tokenizer = _tokenizer(path, gpt2_ranks or cfg.data.gpt2_ranks or None)
@@ -146,6 +146,9 @@ def load_base(run_dir: str | None = None, hf: str | None = None, checkpoint: str
 
 def _base_of(spec: finetuned.Spec, gpt2_ranks: str | None) -> Base:
     origin = spec.base
+    if origin["kind"] == "preset":  # only a hand-edited finetune.json freezes random weights
+        raise GptjaxError(f"this run's base is {finetuned.describe(origin)}, which is not on disk, "
+                          "yet its finetune.json says part of it stayed frozen")
     try:
         if origin["kind"] == "hf":
             return load_base(hf=origin["source"], gpt2_ranks=gpt2_ranks)
@@ -185,8 +188,9 @@ def _use_the_previous(damaged, step: int) -> None:
 
 def own_data(path: Path) -> Path:
     """Where a run without a `data` setting keeps its prepared data: its embedded copy, or
-    for a finetune-lm run the data it was tuned on. Other fine-tuned runs (instruction and
-    classification data is not prepared data) and imported runs have none."""
+    for a finetune-lm run or a distilled language model the data it was tuned on. Other
+    fine-tuned runs (instruction and classification data is not prepared data) and imported
+    runs have none."""
     if (path / layout.EMBEDDED_DATA).exists():
         return path / layout.EMBEDDED_DATA
     if finetuned.is_finetuned(path):

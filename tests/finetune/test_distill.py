@@ -14,9 +14,13 @@ from conftest import TINY_RUN, fails_cleanly, run_cli
 
 from gptjax import config as C
 from gptjax import model
-from gptjax.cli import main
+from gptjax.cli import config_file, main
+from gptjax.cli.app import _parser
+from gptjax.errors import GptjaxError
 from gptjax.finetune.cls import classify
-from gptjax.finetune.distill_loss import DistillLoss, make_lm_loss_sum, soft_kl
+from gptjax.finetune.distill import distill_lm, load_student, load_teacher
+from gptjax.finetune.distill_loss import DistillLoss, make_lm_kl_sum, make_lm_loss_sum, soft_kl
+from gptjax.finetune.settings import Tuning
 from gptjax.runs.load import load_run
 
 WORDS = "apple river stone cloud paper glass music table light green".split()
@@ -87,6 +91,19 @@ def test_the_language_model_loss_mixes_the_two_terms_over_the_shared_vocabulary(
     assert total[0.3] == pytest.approx(0.3 * kl + 0.7 * ce, rel=1e-5)
 
 
+def test_validation_kl_leaves_out_the_padding_rows():
+    student = C.preset("tiny", vocab_size=300)  # padded past the 257 ids the KL compares
+    teacher = C.preset("tiny", vocab_size=257, n_layer=1)
+    params = {"gpt": model.init(student, jax.random.PRNGKey(0)),
+              "teacher": model.init(teacher, jax.random.PRNGKey(1))}
+    real = jax.random.randint(jax.random.PRNGKey(2), (1, 16), 0, 257)
+    padded = {"inputs": jnp.concatenate([real, real[:, ::-1]]),  # a second row that must not count
+              "weights": jnp.array([[1.0] * 16, [0.0] * 16])}
+    kl_sum = jax.jit(make_lm_kl_sum(student, teacher, 257))
+    (a, n), (b, m) = jax.device_get((kl_sum(params, {"inputs": real}), kl_sum(params, padded)))
+    assert n == m == 16 and float(b) == pytest.approx(float(a), rel=1e-6)
+
+
 def _records(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -112,6 +129,13 @@ def test_a_preset_student_learns_the_teachers_next_token_distribution(runs, tmp_
     code, said, err = run_cli(capsys, "distill", "--config", out / "finetune.json", "--out", out,
                               "--no-progress")
     assert code == 0 and "it had finished" in said, err
+
+    # ... and with another teacher typed, that teacher's own latest checkpoint, not step 60.
+    def parsed(*flags):
+        return config_file.parse_args(_parser(), ["distill", "--config", str(out / "finetune.json"),
+                                                  "--out", "x", *flags])
+    assert parsed().teacher_checkpoint == "60"
+    assert parsed("--teacher", "another").teacher_checkpoint == "latest"
 
 
 def test_a_classifier_student_learns_the_teachers_class_probabilities(runs, tmp_path, capsys):
@@ -139,21 +163,33 @@ def test_a_classifier_student_learns_the_teachers_class_probabilities(runs, tmp_
     (["--student", "CHAR"], "must use the same tokenizer"),
     (["--student", "tiny", "--alpha", "1.5"], "--alpha must be in [0, 1]"),
     (["--student", "tiny", "--temperature", "0"], "--temperature must be positive"),
-    (["--student", "tiny", "--lora-rank", "2"], "a preset student starts from random weights"),
+    (["--student", "tiny", "--lora-rank", "2"], "--lora-rank needs a student run"),
     (["--student", "nope"], "neither a gptjax run folder nor a preset"),
     (["--student", "tiny", "--text-column", "body"], "--text-column is for a classifier teacher"),
     (["--student", "LONG"], "longer than the teacher's (64)"),
+    (["--student", "tiny", "--unfreeze", "gradual:1"], "--unfreeze needs a student run"),
+    (["--student", "tiny", "--student-checkpoint", "3"], "--student-checkpoint is for a student run"),
+    (["--student", "tiny", "--data", "FILE"], "is not a folder: a language-model teacher"),
 ])
 def test_bad_distillation_input_is_one_line_and_writes_nothing(runs, tmp_path, capsys, corpus_file,
                                                                extra, match):
     if "LONG" in extra and not (runs / "long").exists():  # a byte run with a longer context
         assert main(["train", "--data", str(runs / "data"), "--out", str(runs / "long"), *TINY_RUN,
                      "--context-length", "96", "--max-steps", "3", "--max-new-tokens", "0"]) == 0
-    extra = [str(runs / "char") if a == "CHAR" else str(runs / "long") if a == "LONG" else a for a in extra]
+    named = {"CHAR": runs / "char", "LONG": runs / "long", "FILE": runs / "sentiment.jsonl"}
+    extra = [str(named.get(a, a)) for a in extra]
     out = tmp_path / "out"
     fails_cleanly(capsys, "distill", "--teacher", runs / "teacher", "--data", runs / "data", "--out", out,
                   *extra, *COMMON, match=match)
     assert not out.exists()
+
+
+def test_the_drivers_refuse_to_freeze_a_preset_students_random_weights(runs, tmp_path):
+    teacher = load_teacher(runs / "teacher")
+    student = load_student("tiny", teacher, Tuning())
+    with pytest.raises(GptjaxError, match="--lora-rank needs a student run"):
+        distill_lm(teacher, student, str(runs / "data"), DistillLoss(), Tuning(lora_rank=2), tmp_path / "o")
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_classifier_teacher_needs_data_with_its_classes(runs, tmp_path, capsys):
