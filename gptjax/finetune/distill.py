@@ -26,7 +26,7 @@ from gptjax import config as C
 from gptjax import model
 from gptjax.errors import GptjaxError
 from gptjax.finetune import cls, lm, session
-from gptjax.finetune.distill_loss import DistillLoss, make_cls_loss_sum, make_lm_kl_sum, make_lm_loss_sum
+from gptjax.finetune.distill_loss import DistillLoss, make_cls_loss_sum, make_lm_loss_sum, make_lm_val_sums
 from gptjax.finetune.lm_loss import make_loss_sum, mean_loss
 from gptjax.finetune.out_dir import check_out
 from gptjax.finetune.settings import Tuning
@@ -150,13 +150,14 @@ def distill_lm(teacher: Teacher, base: Base, data_dir: str, kd: DistillLoss, tun
     s.frozen["teacher"] = teacher.params
     n_vocab = base.tokenizer.vocab_size
     loss_sum = make_lm_loss_sum(s.spec.model, t_cfg, n_vocab, kd, s.spec.lora)
-    ce = jax.jit(make_eval(make_loss_sum(s.spec.model, s.spec.lora)))
-    kl = jax.jit(make_lm_kl_sum(s.spec.model, t_cfg, n_vocab, s.spec.lora))
+    val_sums = jax.jit(make_lm_val_sums(s.spec.model, t_cfg, n_vocab, s.spec.lora))
 
     def evaluate(trainable):
-        params = join(trainable, s.frozen)
-        loss = mean_loss(ce, params, d.val)
-        return {"val_loss": loss, "val_ppl": perplexity(loss), "val_kl": mean_loss(kl, params, d.val)}
+        parts = jax.device_get([val_sums(join(trainable, s.frozen), b) for b in d.val])  # synced once
+        weight = max(sum(float(w) for _, _, w in parts), 1e-9)
+        loss = sum(float(ce) for ce, _, _ in parts) / weight
+        return {"val_loss": loss, "val_ppl": perplexity(loss),
+                "val_kl": sum(float(kl) for _, kl, _ in parts) / weight}
 
     teacher_loss = mean_loss(jax.jit(make_eval(make_loss_sum(t_cfg))), {"gpt": teacher.params}, d.val)
     before = evaluate(s.trainable)

@@ -79,14 +79,18 @@ def _weighted(per_bt: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array]:
     return (per_bt * weights_bt).sum(), weights_bt.sum()
 
 
-def make_lm_kl_sum(student: ModelConfig, teacher: ModelConfig, n_vocab: int, lora=None):
-    """kl_sum(params, batch) -> (summed KL(teacher || student) at T = 1, token count): how
-    far the student's next-token distribution is from the teacher's, for validation."""
-    def kl_sum(params, batch):
+def make_lm_val_sums(student: ModelConfig, teacher: ModelConfig, n_vocab: int, lora=None):
+    """val_sums(params, batch) -> (summed cross-entropy, summed KL(teacher || student) at
+    T = 1, token weight), from one pass of each model: the student's loss and how far its
+    next-token distribution is from the teacher's, for validation."""
+    def val_sums(params, batch):
         s_btv = model.apply(params["gpt"], batch["inputs"], student, lora=lora, adapters=params.get("lora"))
         t_btv = model.apply(params["teacher"], batch["inputs"], teacher)
-        return _weighted(soft_kl(s_btv[..., :n_vocab], t_btv[..., :n_vocab], 1.0), batch)
-    return kl_sum
+        ce_bt = optax.softmax_cross_entropy_with_integer_labels(s_btv, batch["targets"])
+        ce, weight = _weighted(ce_bt, batch)
+        kl, _ = _weighted(soft_kl(s_btv[..., :n_vocab], t_btv[..., :n_vocab], 1.0), batch)
+        return ce, kl, weight
+    return val_sums
 
 
 def make_cls_loss_sum(student: ModelConfig, pooling: str, kd: DistillLoss, lora=None):

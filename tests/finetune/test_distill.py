@@ -19,7 +19,7 @@ from gptjax.cli.app import _parser
 from gptjax.errors import GptjaxError
 from gptjax.finetune.cls import classify
 from gptjax.finetune.distill import distill_lm, load_student, load_teacher
-from gptjax.finetune.distill_loss import DistillLoss, make_lm_kl_sum, make_lm_loss_sum, soft_kl
+from gptjax.finetune.distill_loss import DistillLoss, make_lm_loss_sum, make_lm_val_sums, soft_kl
 from gptjax.finetune.settings import Tuning
 from gptjax.runs.load import load_run
 
@@ -96,12 +96,14 @@ def test_validation_kl_leaves_out_the_padding_rows():
     teacher = C.preset("tiny", vocab_size=257, n_layer=1)
     params = {"gpt": model.init(student, jax.random.PRNGKey(0)),
               "teacher": model.init(teacher, jax.random.PRNGKey(1))}
-    real = jax.random.randint(jax.random.PRNGKey(2), (1, 16), 0, 257)
-    padded = {"inputs": jnp.concatenate([real, real[:, ::-1]]),  # a second row that must not count
-              "weights": jnp.array([[1.0] * 16, [0.0] * 16])}
-    kl_sum = jax.jit(make_lm_kl_sum(student, teacher, 257))
-    (a, n), (b, m) = jax.device_get((kl_sum(params, {"inputs": real}), kl_sum(params, padded)))
-    assert n == m == 16 and float(b) == pytest.approx(float(a), rel=1e-6)
+    real = jax.random.randint(jax.random.PRNGKey(2), (1, 17), 0, 257)
+    row = {"inputs": real[:, :-1], "targets": real[:, 1:]}
+    padded = {k: jnp.concatenate([v, v[:, ::-1]]) for k, v in row.items()}  # a row that must not count
+    padded["weights"] = jnp.array([[1.0] * 16, [0.0] * 16])
+    val_sums = jax.jit(make_lm_val_sums(student, teacher, 257))
+    (ce_a, kl_a, n), (ce_b, kl_b, m) = jax.device_get((val_sums(params, row), val_sums(params, padded)))
+    assert n == m == 16 and float(kl_b) == pytest.approx(float(kl_a), rel=1e-6)
+    assert float(ce_b) == pytest.approx(float(ce_a), rel=1e-6)
 
 
 def _records(run):
