@@ -1,12 +1,14 @@
 """A/B of train-step variants: the same case under different ModelConfig/TrainConfig fields.
 
-Each variant is the train step `gptjax train` builds (gptjax.bench.train_step.build_train_step, unless
-it changes how the step is jitted: below), all compiled in this one process and timed
-alternately (the order flips every repeat), so the machine's drift hits every variant alike. A variant is a comma-separated list of config
-overrides (so a multi-axis `mesh` cannot be one: use a one-axis mesh), or of how the step is
-jitted (`donate=0`: the state not donated; `fused_update=0`: the optimizer update in a jit
-of its own); the empty variant is the preset as it stands. Every variant's state stays in
-memory at once, so on an accelerator compare sizes that fit together. Reported: median
+Each variant is the train step `gptjax train` builds (gptjax.bench.train_step.build_train_step,
+unless it changes how the step is jitted: below), all compiled in this one process and timed
+alternately (the order flips every repeat), so the machine's drift hits every variant alike.
+A variant is a comma-separated list of config overrides (so a multi-axis `mesh` cannot be
+one: use a one-axis mesh), or of how the step is jitted (`donate=0`: the state not donated;
+`fused_update=0`: the optimizer update in a jit of its own; `stats=1`: the per-layer
+statistics step that `train.stats_every` runs); the empty variant is the preset as it
+stands. Every variant's state stays in memory at once, so on an accelerator compare sizes
+that fit together. Reported: median
 ms/step (min-max), tokens/s, MFU (PaLM formula over gptjax.bench.train_step's peak: a data sheet on
 accelerators, the measured float32 matmul rate on CPU), each variant's tokens/s over the
 first's (the ratio of medians, and the median of the per-repeat ratios, each repeat's
@@ -19,6 +21,7 @@ GPTJAX_KEEP_FREED_MEMORY=0.
     python benchmarks/train_step_ab.py --case mini:8:256 attention_impl=xla attention_impl=blocked
     python benchmarks/train_step_ab.py --case baby:12:64 scan_unroll=1 scan_unroll=4
     python benchmarks/train_step_ab.py --case mini:8:256 '' donate=0 fused_update=0
+    python benchmarks/train_step_ab.py --case baby:12:64 '' stats=1   # what a statistics step costs
     python benchmarks/train_step_ab.py --case gpt2:8:1024 --compile-only \
         scan_unroll=1 remat=dots_no_batch remat=full      # remat runs the layer scan rolled
     # on a GPU (more in benchmarks/gpu_session.sh): python benchmarks/train_step_ab.py \
@@ -42,7 +45,8 @@ from gptjax.errors import GptjaxError
 
 # Keywords of bench.build_train_step, not config fields: how the step is jitted. Training
 # always donates its state and updates inside the step's jit; these measure what that is worth.
-STEP_OPTIONS = ("donate", "fused_update")
+# stats=1 is the per-layer statistics step, which training runs every train.stats_every steps.
+STEP_OPTIONS = ("donate", "fused_update", "stats")
 
 
 def parse_variant(text: str, model_cfg: ModelConfig, train_cfg: TrainConfig):

@@ -115,6 +115,11 @@ class TrainConfig:
                      "written), tensorboard, wandb (offline unless $WANDB_MODE), mlflow (a file "
                      "store in the run folder); each tracker is an extra: pip install "
                      "'gptjax[tensorboard]'", resume_safe=True, metavar="SINKS")
+    stats_every: int = _f(0, "steps between per-layer statistics (gradient, update and "
+                          "parameter norms per block and kind, activation RMS, attention "
+                          "entropy per head) to metrics.jsonl, stats.png and the trackers; "
+                          "computed by a second compiled step only at those steps; 0 = off",
+                          resume_safe=True)
     eval_every: int = _f(250, "steps between validation runs and checkpoints", resume_safe=True)
     eval_batches: int = _f(20, "validation batches per evaluation", resume_safe=True)
     keep_checkpoints: int = _f(3, "most recent checkpoints kept (the best is kept too)",
@@ -226,7 +231,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     for name in ("lr", "beta2", "eps"):
         _positive(f"train.{name}", getattr(t, name))
     for name in ("min_lr", "warmup_steps", "weight_decay", "grad_clip", "stride",
-                 "max_new_tokens", "peak_flops", "beta1"):
+                 "max_new_tokens", "peak_flops", "beta1", "stats_every"):
         if not getattr(t, name) >= 0:
             raise GptjaxError(f"train.{name} must be >= 0, got {getattr(t, name)}")
     if t.min_lr > t.lr:

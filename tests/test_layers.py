@@ -24,7 +24,7 @@ LAYERS = [
     {"training"},
     {"runs"},
     {"finetune"},
-    {"eval", "bench", "serve"},
+    {"eval", "bench", "serve", "inspection"},
     {"cli"},
     {"__init__", "__main__"},  # the public names and `python -m gptjax` reach everything
 ]

@@ -78,14 +78,15 @@ class TrainStepBench:
 
 
 def build_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig, *, donate: bool = True,
-                     fused_update: bool = True) -> TrainStepBench:
+                     fused_update: bool = True, stats: bool = False) -> TrainStepBench:
     """Lower and compile the training step as `gptjax.training.train.CompiledSteps` builds it.
 
     `donate=False` and `fused_update=False` build what training does not, for the A/B that
     measures them (benchmarks/train_step_ab.py): the state not donated, and the gradients
     and the optimizer update as two jits called one after the other. `step` is then a
     function of the two executables, and the compile times and memory plans are the two
-    parts' sums."""
+    parts' sums. `stats=True` builds the statistics step that `train.stats_every` runs at
+    its steps (per-layer norms, activation RMS, attention entropy)."""
     mesh = make_mesh(train_cfg.mesh)
     check_divisible(model_cfg, mesh)
     check_batch(train_cfg.batch_size, mesh, train_cfg.grad_accum)
@@ -99,12 +100,12 @@ def build_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig, *, donate: 
     state_donation = (0,) if donate else ()
     with jax.set_mesh(mesh):
         if fused_update:
-            parts = [(jax.jit(make_train_step(model_cfg, train_cfg, tx),
+            parts = [(jax.jit(make_train_step(model_cfg, train_cfg, tx, stats=stats),
                               donate_argnums=state_donation, in_shardings=(state_sharding, rows),
                               out_shardings=(state_sharding, replicated)), (abstract, batch))]
         else:
-            gradients, update = make_step_parts(model_cfg, train_cfg, tx)
-            grads_sharding = (state_sharding.params, replicated, replicated)
+            gradients, update = make_step_parts(model_cfg, train_cfg, tx, stats=stats)
+            grads_sharding = (state_sharding.params, replicated, replicated, replicated)
             grads_abstract = jax.eval_shape(gradients, abstract, batch)
             parts = [(jax.jit(gradients, in_shardings=(state_sharding, rows),
                               out_shardings=grads_sharding), (abstract, batch)),

@@ -154,17 +154,17 @@ _native.defvjp(_native_forward, _native_backward)
 
 
 def _scores(q, k):
-    """float32 q k^T. For half-precision inputs the dot algorithm is pinned (as jax's own
+    """float32 (or float64) q k^T. For half-precision inputs the dot algorithm is pinned (as jax's own
     attention does, jax issue #24047) so the backward products stay half x half -> f32
     instead of mixing a float32 cotangent with half-precision operands."""
     presets = {jnp.bfloat16: jax.lax.DotAlgorithmPreset.BF16_BF16_F32,
                jnp.float16: jax.lax.DotAlgorithmPreset.F16_F16_F32}
     precision = presets.get(jnp.dtype(q.dtype).type)
+    wide = jnp.promote_types(q.dtype, jnp.float32)  # float64 inputs stay float64
     try:
-        return jnp.einsum("bhqd,bhkd->bhqk", q, k, precision=precision,
-                          preferred_element_type=jnp.float32)
+        return jnp.einsum("bhqd,bhkd->bhqk", q, k, precision=precision, preferred_element_type=wide)
     except Exception:  # a backend without that algorithm: its default precision
-        return jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+        return jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=wide)
 
 
 def _blocked(q_bthd, k_bthd, v_bthd, block: int = QUERY_BLOCK):
@@ -183,3 +183,16 @@ def _blocked(q_bthd, k_bthd, v_bthd, block: int = QUERY_BLOCK):
         probs = jax.nn.softmax(scores, axis=-1).astype(v_bhtd.dtype)
         outs.append(jnp.einsum("bhqk,bhkd->bhqd", probs, v_bhtd[:, :, :end]))
     return jnp.swapaxes(jnp.concatenate(outs, axis=2), 1, 2)
+
+
+def attention_probs(qkv_tkhd: jax.Array) -> jax.Array:
+    """The causal attention weights of one sequence, (heads, query, key) in float32, from q,
+    k, v packed as (time, 3, heads, head_dim): the explicit softmax every formulation above
+    computes (or, natively, recomputes in its backward). Outside the gradient: it is for
+    looking at, not training through."""
+    qkv = jax.lax.stop_gradient(qkv_tkhd).astype(jnp.float32)
+    q_htd, k_htd = jnp.swapaxes(qkv[:, 0], 0, 1), jnp.swapaxes(qkv[:, 1], 0, 1)
+    t = q_htd.shape[1]
+    scores = jnp.einsum("hqd,hkd->hqk", q_htd, k_htd) / math.sqrt(q_htd.shape[-1])
+    visible = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]
+    return jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1)

@@ -31,12 +31,12 @@ import optax
 
 from gptjax.config import FULL_UNROLL_MAX_LAYERS, ModelConfig
 from gptjax.cpu.products import dense_dot, out_major_product
-from gptjax.model.attention import causal_attention_packed
+from gptjax.model.attention import attention_probs, causal_attention_packed
 from gptjax.model.kv_cache import KVCache, cached_attention, init_cache
 from gptjax.parallel.mesh import constrain_rows
 
-__all__ = ["GPT", "KVCache", "LoRA", "apply", "apply_cached", "cast", "decode_params", "init",
-           "init_cache", "loss", "loss_sum", "param_count"]
+__all__ = ["GPT", "KVCache", "LoRA", "apply", "apply_cached", "apply_observed", "cast", "ce_sum",
+           "decode_params", "init", "init_cache", "loss", "loss_sum", "param_count"]
 
 INIT_STD = 0.02
 LORA_SUFFIX = "_lora"  # adapter of projection "qkv" is module "qkv_lora" in the "lora" collection
@@ -127,6 +127,7 @@ class CausalSelfAttention(nn.Module):
     cfg: ModelConfig
     out_major: bool = False  # the decode layout (see OutMajorDense)
     lora: Any = None  # a LoRAConfig: adapters on the projections it targets
+    observe: bool = False  # sow the first row's attention weights (see apply_observed)
 
     @nn.compact
     def __call__(self, x_btd, deterministic: bool, cache: KVCache | None = None, layer=None):
@@ -135,6 +136,8 @@ class CausalSelfAttention(nn.Module):
                                 nn.initializers.normal(INIT_STD), "qkv", self.lora)(x_btd)
         if cache is None:
             y_bthd = causal_attention_packed(qkv_btkhd, c.attention_impl)
+            if self.observe:
+                self.sow("intermediates", "attn_probs", attention_probs(qkv_btkhd[0]))
         else:
             q_bthd, k_bthd, v_bthd = (qkv_btkhd[:, :, i] for i in range(3))
             y_bthd, cache = cached_attention(q_bthd, k_bthd, v_bthd, cache, layer)
@@ -166,6 +169,7 @@ class Block(nn.Module):
     cfg: ModelConfig
     out_major: bool = False
     lora: Any = None
+    observe: bool = False  # sow attention weights and the residual stream's RMS
 
     @nn.compact
     def __call__(self, x_btd, deterministic: bool, cache: KVCache | None = None, layer: int = 0):
@@ -173,11 +177,14 @@ class Block(nn.Module):
         norm = partial(nn.LayerNorm, epsilon=c.layer_norm_eps, use_bias=c.bias, dtype=c.dtype,
                        param_dtype=c.param_dtype)
         drop = nn.Dropout(c.dropout)
-        attn = CausalSelfAttention(c, self.out_major, self.lora, name="attn")
+        attn = CausalSelfAttention(c, self.out_major, self.lora, self.observe, name="attn")
         h, cache = attn(norm(name="ln1")(x_btd), deterministic, cache, layer)
         x_btd = constrain_rows(x_btd + drop(h, deterministic=deterministic))
         h = MLP(c, self.out_major, self.lora, name="mlp")(norm(name="ln2")(x_btd))
         x_btd = constrain_rows(x_btd + drop(h, deterministic=deterministic))
+        if self.observe:
+            rms = jnp.sqrt(jnp.mean(jnp.square(jax.lax.stop_gradient(x_btd).astype(jnp.float32))))
+            self.sow("intermediates", "resid_rms", rms)
         return x_btd, cache
 
 
@@ -191,6 +198,7 @@ class GPT(nn.Module):
     cfg: ModelConfig
     decode_layout: bool = False
     lora: Any = None  # a LoRAConfig: low-rank adapters (the "lora" collection) on its targets
+    observe: bool = False  # blocks sow what `apply_observed` returns
 
     @nn.compact
     def __call__(self, tokens_bt, positions_bt=None, deterministic: bool = True,
@@ -215,13 +223,14 @@ class GPT(nn.Module):
                 raise ValueError("decoding with a KV cache needs decode_params(params)")
             blocks = nn.scan(
                 _remat(Block, c),
-                variable_axes={"params": 0, "lora": 0},
+                variable_axes={"params": 0, "lora": 0, "intermediates": 0},
                 split_rngs={"params": True, "dropout": True},
                 in_axes=nn.broadcast,
                 length=c.n_layer,
                 unroll=layers_per_scan_step(c),
             )
-            x_btd, _ = blocks(c, lora=self.lora, name="blocks")(x_btd, deterministic)
+            x_btd, _ = blocks(c, lora=self.lora, observe=self.observe, name="blocks")(
+                x_btd, deterministic)
         else:
             for i in range(c.n_layer):
                 block = Block(c, out_major=True, name=f"blocks_{i}")
@@ -234,7 +243,8 @@ class GPT(nn.Module):
         if features:
             return x_btd
         if cache is None:
-            return constrain_rows(wte.attend(x_btd).astype(jnp.float32))
+            # float32 logits at least (a float64 model, as gradcheck runs it, keeps float64)
+            return constrain_rows(wte.attend(x_btd).astype(jnp.promote_types(c.dtype, jnp.float32)))
         return _decode_head(x_btd[:, 0], wte, c), cache._replace(index=cache.index + tokens_bt.shape[1])
 
 
@@ -295,14 +305,36 @@ def apply(params: dict, tokens_bt: jax.Array, config: ModelConfig, *, positions_
     targeted projections add their low-rank updates; `features` returns the final hidden
     states (batch, time, d_model) instead of logits.
     """
+    return _apply(params, tokens_bt, config, positions_bt, deterministic, rng, lora, adapters,
+                  features, observe=False)
+
+
+def apply_observed(params: dict, tokens_bt: jax.Array, config: ModelConfig, *,
+                   positions_bt=None, deterministic: bool = True, rng: jax.Array | None = None,
+                   lora=None, adapters: dict | None = None) -> tuple[jax.Array, dict]:
+    """`apply`'s logits and what the blocks saw on the way: "attn_probs", the attention
+    weights of the batch's first row (layer, head, query, key), and "resid_rms", the
+    residual stream's root-mean-square after each block (layer,). Both float32 and outside
+    the gradient. The weights are recomputed from q and k whatever `attention_impl` runs,
+    which costs one (head, time, time) array a layer: meant for inspection and for the
+    occasional statistics step, not every step."""
+    logits, state = _apply(params, tokens_bt, config, positions_bt, deterministic, rng, lora,
+                           adapters, False, observe=True)
+    sown = state["intermediates"]["blocks"]
+    return logits, {"attn_probs": sown["attn"]["attn_probs"][0], "resid_rms": sown["resid_rms"][0]}
+
+
+def _apply(params, tokens_bt, config, positions_bt, deterministic, rng, lora, adapters, features,
+           observe):
     rngs = {"dropout": rng} if rng is not None else None
     variables = {"params": params}
     if lora is not None:
         if adapters is None:
             raise ValueError("apply with lora needs its adapters")
         variables["lora"] = adapters
-    return GPT(config, lora=lora).apply(variables, tokens_bt, positions_bt,
-                                        deterministic=deterministic, rngs=rngs, features=features)
+    return GPT(config, lora=lora, observe=observe).apply(
+        variables, tokens_bt, positions_bt, deterministic=deterministic, rngs=rngs,
+        features=features, mutable=["intermediates"] if observe else False)
 
 
 # Kernels of each block and how many of their leading axes are inputs.
@@ -350,10 +382,15 @@ def loss_sum(params, batch: dict, config: ModelConfig, *, deterministic=True, rn
     """(sum of token cross-entropies, number of weighted tokens) for exact averaging."""
     logits_btv = apply(params, batch["inputs"], config, deterministic=deterministic, rng=rng,
                        lora=lora, adapters=adapters)
+    return ce_sum(logits_btv, batch)
+
+
+def ce_sum(logits_btv: jax.Array, batch: dict):
+    """(sum of token cross-entropies, weighted token count) of logits against batch["targets"]."""
     ce_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv, batch["targets"])
     weights_bt = batch.get("weights")
     if weights_bt is None:
-        return ce_bt.sum(), jnp.asarray(ce_bt.size, jnp.float32)
+        return ce_bt.sum(), jnp.asarray(ce_bt.size, ce_bt.dtype)
     return (ce_bt * weights_bt).sum(), weights_bt.sum()
 
 

@@ -21,7 +21,8 @@ from gptjax.training.step import init_state, make_eval_step, make_train_step
 
 
 class CompiledSteps:
-    """train_step and eval_step for the run's mesh, and a jitted init_state laid out on it."""
+    """train_step and eval_step for the run's mesh, and a jitted init_state laid out on it;
+    with train.stats_every, stats_step too (the train step with per-layer statistics)."""
 
     def __init__(self, cfg: C.RunConfig):
         m, t = cfg.model, cfg.train
@@ -49,6 +50,11 @@ class CompiledSteps:
             with jax.set_mesh(self.mesh):  # traced under the mesh: activations stay row-split
                 self.train_step = jax.jit(
                     make_train_step(m, t, self.tx), donate_argnums=0,
+                    in_shardings=(self.state_sharding, self.batch_sharding),
+                    out_shardings=(self.state_sharding, replicated)).lower(abstract, batch).compile()
+                # The statistics step is a second executable: the plain step stays as it was.
+                self.stats_step = None if not t.stats_every else jax.jit(
+                    make_train_step(m, t, self.tx, stats=True), donate_argnums=0,
                     in_shardings=(self.state_sharding, self.batch_sharding),
                     out_shardings=(self.state_sharding, replicated)).lower(abstract, batch).compile()
                 self.eval_step = jax.jit(

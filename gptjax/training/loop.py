@@ -20,6 +20,7 @@ from gptjax.data.windows import WindowSampler, eval_batches, gather
 from gptjax.errors import Preempted, RunFailed
 from gptjax.parallel import preemption
 from gptjax.parallel.distributed import host, one_step_at_a_time
+from gptjax.training import layer_stats
 from gptjax.training.checkpoint import Checkpoints
 from gptjax.training.compiled import CompiledSteps
 from gptjax.training.guard import Guard, Spike
@@ -82,14 +83,20 @@ class Loop:
             new = [jax.tree.map(host, m_) for m_ in pending]  # waits for them
             pending = []
             fetched.extend(new)
-            return self.guard.check(first, new)
+            spike = self.guard.check(first, new)
+            for i, m_ in enumerate(new):
+                if "stats" in m_:  # a rollback trims those past its checkpoint
+                    self.log.write({"kind": "stats", "step": first + i,
+                                    **layer_stats.flatten(m_.pop("stats"))})
+            return spike
 
         try:
             while step < end:
                 starts = self.sampler.starts(step + self.skipped_batches)
                 batch = self.put_batch(lambda rows: gather(self.data.train, starts[rows], T),
                                        len(starts))
-                state, metrics = self.train_step(state, batch)
+                stats_now = t.stats_every and (step + 1) % t.stats_every == 0
+                state, metrics = (self.steps.stats_step if stats_now else self.train_step)(state, batch)
                 if serial:
                     jax.block_until_ready((state, metrics))
                 pending.append(metrics)

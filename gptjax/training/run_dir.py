@@ -21,7 +21,7 @@ from gptjax.training.extend import is_extension
 EMBEDDED_DATA = "data"
 # What --extend-to changes in a run's config: the schedule's length, nothing before it.
 SCHEDULE_LENGTH = ("train.max_steps", "train.decay_steps", "train.lr_tails")
-RUN_FILES = ("config.json", "tokenizer.json", "metrics.jsonl", "loss.png", "sample.txt")
+RUN_FILES = ("config.json", "tokenizer.json", "metrics.jsonl", "loss.png", "stats.png", "sample.txt")
 
 
 def is_run(path: Path) -> bool:

@@ -18,7 +18,7 @@ import optax
 from gptjax import model
 from gptjax.config import ModelConfig, TrainConfig
 from gptjax.parallel.distributed import host
-from gptjax.training import optim
+from gptjax.training import layer_stats, optim
 
 
 class TrainState(NamedTuple):
@@ -48,44 +48,61 @@ def _split_micro(batch: dict, n_micro: int) -> dict:
 
 
 def make_step_parts(model_cfg: ModelConfig, train_cfg: TrainConfig,
-                    tx: optax.GradientTransformation | None = None, *, axis_name=None):
+                    tx: optax.GradientTransformation | None = None, *, axis_name=None,
+                    stats: bool = False):
     """The train step's two halves: gradients(state, batch) -> (grads, loss sum, token
-    count), and update(state, grads, total, count) -> (state, metrics). make_train_step
-    composes them in one function (one jit). Apart, code can act between them (inspect or
-    change the gradients), and benchmarks/train_step_ab.py jits them apart to measure what
-    fusing the optimizer into the step is worth."""
+    count, observed), and update(state, grads, total, count, observed) -> (state, metrics).
+    make_train_step composes them in one function (one jit). Apart, code can act between
+    them (inspect or change the gradients), and benchmarks/train_step_ab.py jits them apart
+    to measure what fusing the optimizer into the step is worth.
+
+    With `stats`, the forward pass also observes activations and attention weights, and
+    the metrics gain "stats" (gptjax.training.layer_stats); without it, `observed` is None
+    and the step is the plain one."""
     tx = tx or optim.optimizer(train_cfg)
     lr_at = optim.schedule(train_cfg)
     n_micro = train_cfg.grad_accum
     skip_nonfinite = train_cfg.on_nonfinite == "skip"
     deterministic = model_cfg.dropout == 0.0
 
+    def observed_loss_sum(params, micro, key):
+        logits, seen = model.apply_observed(params, micro["inputs"], model_cfg,
+                                            deterministic=deterministic, rng=key)
+        total, count = model.ce_sum(logits, micro)
+        return total, (count, layer_stats.summarize_observed(seen))
+
     def micro_grads(params, micro, key):
+        if stats:
+            (total, (count, seen)), grads = jax.value_and_grad(observed_loss_sum, has_aux=True)(
+                params, micro, key)
+            return total, count, grads, seen
         (total, count), grads = jax.value_and_grad(model.loss_sum, has_aux=True)(
             params, micro, model_cfg, deterministic=deterministic, rng=key)
-        return total, count, grads
+        return total, count, grads, None
 
     def gradients(state: TrainState, batch: dict):
         step_key = jax.random.fold_in(state.rng, state.step)
         if axis_name is not None:  # each shard of the batch draws its own dropout masks
             step_key = jax.random.fold_in(step_key, jax.lax.axis_index(axis_name))
         if n_micro == 1:
-            total, count, grads = micro_grads(state.params, batch, step_key)
+            total, count, grads, seen = micro_grads(state.params, batch, step_key)
         else:
             def body(carry, xs):
                 i, micro = xs
-                t, c, g = micro_grads(state.params, micro, jax.random.fold_in(step_key, i))
+                t, c, g, o = micro_grads(state.params, micro, jax.random.fold_in(step_key, i))
                 acc_t, acc_c, acc_g = carry
-                return (acc_t + t, acc_c + c, jax.tree.map(jnp.add, acc_g, g)), None
+                return (acc_t + t, acc_c + c, jax.tree.map(jnp.add, acc_g, g)), o
             zeros = jax.tree.map(jnp.zeros_like, state.params)
-            (total, count, grads), _ = jax.lax.scan(
+            (total, count, grads), seen = jax.lax.scan(
                 body, (jnp.zeros(()), jnp.zeros(()), zeros),
                 (jnp.arange(n_micro), _split_micro(batch, n_micro)))
+            seen = jax.tree.map(lambda x: x.mean(0), seen)  # the micro-batches' mean
         if axis_name is not None:
             total, count, grads = jax.lax.psum((total, count, grads), axis_name)
-        return grads, total, count
+            seen = jax.lax.pmean(seen, axis_name)
+        return grads, total, count, seen
 
-    def update(state: TrainState, grads, total, count):
+    def update(state: TrainState, grads, total, count, seen=None):
         grads = jax.tree.map(lambda g: g / count, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -98,15 +115,20 @@ def make_step_parts(model_cfg: ModelConfig, train_cfg: TrainConfig,
             keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
             params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
             metrics["skipped"] = ~ok
+        if seen is not None:
+            metrics["stats"] = layer_stats.step_stats(grads, updates, state.params, seen)
         return TrainState(state.step + 1, params, opt_state, state.rng), metrics
 
     return gradients, update
 
 
 def make_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig,
-                    tx: optax.GradientTransformation | None = None, *, axis_name=None):
-    """Build train_step(state, batch) -> (state, metrics) for these configs."""
-    gradients, update = make_step_parts(model_cfg, train_cfg, tx, axis_name=axis_name)
+                    tx: optax.GradientTransformation | None = None, *, axis_name=None,
+                    stats: bool = False):
+    """Build train_step(state, batch) -> (state, metrics) for these configs; with `stats`,
+    the metrics carry the per-layer statistics (see make_step_parts)."""
+    gradients, update = make_step_parts(model_cfg, train_cfg, tx, axis_name=axis_name,
+                                        stats=stats)
 
     def train_step(state: TrainState, batch: dict):
         return update(state, *gradients(state, batch))

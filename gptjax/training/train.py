@@ -24,6 +24,7 @@ from gptjax.parallel.distributed import host, is_main
 from gptjax.training import run_dir, run_lock, trackers
 from gptjax.training.checkpoint import Checkpoints
 from gptjax.training.compiled import CompiledSteps
+from gptjax.training.layer_stats import plot_stats
 from gptjax.training.loop import Loop
 from gptjax.training.metrics import JsonlLog, peak_flops, plot_losses
 from gptjax.training.step import TrainState
@@ -276,7 +277,10 @@ def _report(result: TrainResult, cfg: C.RunConfig, log: JsonlLog, out: Path,
     m = cfg.model
     title = (f"{out.absolute().name}: {_short_count(model.param_count(m))} parameters "
              f"({m.n_layer} layers x {m.d_model} wide, {cfg.data.tokenizer} tokenizer)")
-    result.files["loss curve"] = plot_losses(log.read(), out / "loss.png", title)
+    records = log.read()
+    result.files["loss curve"] = plot_losses(records, out / "loss.png", title)
+    if (stats_png := plot_stats(records, out / "stats.png", title)) is not None:
+        result.files["layer stats"] = stats_png
     result.files["metrics"] = log.path
     result.files["checkpoints"] = out / "checkpoints"
     result.files["config"] = out / "config.json"

@@ -34,7 +34,9 @@ TABLE = {
     "--label-column": "COLUMN", "--split": "FRACTIONS", "--preset": None, "--beta": "FLOAT",
     "--label-smoothing": "FLOAT", "--focal-gamma": "FLOAT", "--folds": "INT", "--loss": None,
     "--teacher": "RUN_DIR", "--teacher-checkpoint": "latest|best|STEP", "--student": "PRESET|RUN_DIR",
-    "--student-checkpoint": "latest|best|STEP", "--alpha": "FLOAT",
+    "--student-checkpoint": "latest|best|STEP", "--alpha": "FLOAT", "--layers": "LIST",
+    "--heads": "LIST", "--length": "INT", "--coords": "INT", "--directions": "INT",
+    "--eps": "FLOAT", "--tolerance": "FLOAT",
 }
 # Where one command's value is another kind of thing under the same name.
 EXCEPTIONS = {
@@ -48,10 +50,17 @@ FIELDS = {f"{section}.{f.name}": f for section, cls in C.SECTIONS.items()
 TUNING = {f"tuning.{f.name}": f for f in dataclasses.fields(Tuning)}
 
 
+def _commands(parser, prefix=""):
+    """(name, parser) of every command, nested ones ("inspect attention") included."""
+    for name, sub in _subparsers(parser).items():
+        yield prefix + name, sub
+        yield from _commands(sub, f"{prefix}{name} ")
+
+
 def _options():
-    for command, sub in _subparsers(_parser()).items():
+    for command, sub in _commands(_parser()):
         for action in sub._actions:
-            if action.nargs != 0 and action.dest != "help":
+            if action.nargs not in (0, argparse.PARSER) and action.dest != "help":
                 yield command, action
 
 
