@@ -93,8 +93,12 @@ def _gradcheck(args) -> int:
     from gptjax.inspection.gradcheck import check_model
 
     for name in ("coords", "directions", "length", "batch_size", "vocab_size"):
-        if getattr(args, name) < (0 if name in ("coords", "directions") else 1):
-            raise GptjaxError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+        least = 0 if name in ("coords", "directions") else 1
+        if getattr(args, name) < least:
+            flag = "--" + name.replace("_", "-")
+            raise GptjaxError(f"{flag} must be at least {least}, got {getattr(args, name)}")
+    if args.coords + args.directions == 0:
+        raise GptjaxError("--coords and --directions are both 0: nothing would be checked")
     if args.eps <= 0 or args.tolerance <= 0:
         raise GptjaxError("--eps and --tolerance must be positive")
     if args.run is not None:

@@ -5,9 +5,9 @@ returns, beside the usual metrics, `metrics["stats"]`:
 
 - gradient, update and parameter norms per block (the stacked layer axis) and per kind of
   parameter (embeddings, attention, mlp, norms), and the update/parameter norm ratios;
-- the residual stream's RMS after each block, and each head's attention entropy (nats,
-  averaged over query positions), both from `model.apply_observed` on the first row of
-  each micro-batch.
+- the residual stream's RMS after each block (over the whole micro-batch), and each head's
+  attention entropy (nats, averaged over query positions) on the micro-batch's first row,
+  both from `model.apply_observed`.
 
 `flatten` turns them into one flat record for metrics.jsonl and the trackers, and
 `plot_stats` draws stats.png from those records.

@@ -83,12 +83,14 @@ class Loop:
             new = [jax.tree.map(host, m_) for m_ in pending]  # waits for them
             pending = []
             fetched.extend(new)
-            spike = self.guard.check(first, new)
+            # Before the guard, which may stop the run: the statistics leading up to a
+            # divergence are the ones worth keeping. A rollback trims those past its
+            # checkpoint; a skipped update (on_nonfinite skip) changed nothing to describe.
             for i, m_ in enumerate(new):
-                if "stats" in m_:  # a rollback trims those past its checkpoint
+                if "stats" in m_ and not bool(m_.get("skipped", False)):
                     self.log.write({"kind": "stats", "step": first + i,
                                     **layer_stats.flatten(m_.pop("stats"))})
-            return spike
+            return self.guard.check(first, new)
 
         try:
             while step < end:

@@ -281,6 +281,8 @@ def _report(result: TrainResult, cfg: C.RunConfig, log: JsonlLog, out: Path,
     result.files["loss curve"] = plot_losses(records, out / "loss.png", title)
     if (stats_png := plot_stats(records, out / "stats.png", title)) is not None:
         result.files["layer stats"] = stats_png
+    else:  # none left (a resume trimmed them, or statistics are off now): no stale plot
+        (out / "stats.png").unlink(missing_ok=True)
     result.files["metrics"] = log.path
     result.files["checkpoints"] = out / "checkpoints"
     result.files["config"] = out / "config.json"

@@ -57,6 +57,8 @@ def test_the_cli_reports_every_parameter_and_fails_above_the_tolerance(capsys):
     assert code == 1 and "FAILS" in out and "exceeds --tolerance" in err
     assert "blocks/attn/qkv/kernel" in out and "ln_f/scale" in out and "1 random directions" in out
     fails_cleanly(capsys, "inspect", "gradcheck", "--length", "99", match="context_length")
+    fails_cleanly(capsys, "inspect", "gradcheck", "--coords", "0", "--directions", "0",
+                  match="nothing would be checked")
 
 
 @pytest.fixture(scope="module")

@@ -40,6 +40,11 @@ def test_the_statistics_step_trains_as_the_plain_step_and_its_norms_add_up():
     by_hand = np.sqrt(sum(np.square(np.asarray(x).reshape(x.shape[0], -1)).sum(1)
                           for x in jax.tree.leaves(blocks)))
     np.testing.assert_allclose(stats["param_norm"]["block"], by_hand, rtol=1e-5)
+    from gptjax import model
+    grads = jax.grad(model.loss)(state.params, batch, CFG)  # equal-sized micro-batches: the same mean
+    g = np.sqrt(sum(np.square(np.asarray(x).reshape(x.shape[0], -1)).sum(1)
+                    for x in jax.tree.leaves(grads["blocks"])))
+    np.testing.assert_allclose(stats["grad_norm"]["block"], g, rtol=1e-4)
     updates = jax.tree.map(lambda new, old: np.asarray(new) - np.asarray(old),
                            new_obs.params["blocks"], blocks)
     upd = np.sqrt(sum(np.square(x.reshape(x.shape[0], -1)).sum(1) for x in jax.tree.leaves(updates)))
