@@ -9,6 +9,7 @@
 #   bash benchmarks/gpu_session.sh xl       # GPT-2 XL at batch 96 and 128; 124M in float32
 #   bash benchmarks/gpu_session.sh flags    # XLA:GPU flags, one process each
 #   bash benchmarks/gpu_session.sh structure # donated state, the optimizer's own jit
+#   bash benchmarks/gpu_session.sh members  # gptjax sweep's vmapped members vs one after another
 #
 # Each step has its own time limit, so one that hangs or fails leaves the rest to run;
 # logs go to $OUT (or ./gpu-out). Run from the repository root.
@@ -86,6 +87,12 @@ structure)
     step ab_structure 420 $ab --case gpt2:16:1024 --vocab 50304 --repeats 7 \
         "$defaults" "$defaults,donate=0" "$defaults,fused_update=0"
     ;;
+members)
+    # gptjax sweep: N small models in one vmapped step against the same members one after
+    # another (CPU: 1.0x once a member's step is compute-bound, RESULTS.md "Sweep").
+    step members 300 python benchmarks/sweep_throughput.py --members 8 --repeats 5 \
+        --case tiny:8:32 --case baby:8:64 --case mini:8:256
+    ;;
 xl)
     # GPT-2 XL's largest batch: 64 planned 28.3 GiB of temporaries under remat=full next to
     # 25 GB of state ("depth"). If they grow with the batch (the float32 logits alone are
@@ -114,7 +121,7 @@ flags)
     run_bench flags_none_again ""
     ;;
 *)
-    echo "usage: $0 sweep|depth|report|profile|xl|flags|structure" >&2
+    echo "usage: $0 sweep|depth|report|profile|xl|flags|structure|members" >&2
     exit 2
     ;;
 esac

@@ -29,9 +29,7 @@ def add_parsers(sub) -> None:
                         "and resident memory higher; GPTJAX_KEEP_FREED_MEMORY=0 turns that off.")
     tr.add_argument("--out", metavar="DIR", help="run directory (default: runs/<date-time>); an existing run "
                     "is resumed with its saved config")
-    add_config_option(tr, "[model], [train] and [data] fields, as in a run's config.json")
-    tr.add_argument("--preset", choices=list(C.PRESETS), help="model preset (default: baby; "
-                    "explicit model flags override it)")
+    add_run_config_source(tr)
     tr.add_argument("--stop-at", type=int, metavar="STEP", help="stop (with a checkpoint) at this "
                     "step without changing the schedule; rerun to continue")
     tr.add_argument("--extend-to", type=int, metavar="STEPS", help="train an existing run on "
@@ -69,6 +67,13 @@ def add_parsers(sub) -> None:
 
 
 
+def add_run_config_source(parser) -> None:
+    """--config and --preset, where a run's config starts (train, sweep)."""
+    add_config_option(parser, "[model], [train] and [data] fields, as in a run's config.json")
+    parser.add_argument("--preset", choices=list(C.PRESETS), help="model preset (default: "
+                        "baby; explicit model flags override it)")
+
+
 def run_train(args) -> int:
     from gptjax.parallel.distributed import initialize
     from gptjax.training.run_dir import is_run
@@ -79,19 +84,8 @@ def run_train(args) -> int:
     initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed,
                timeout=args.join_timeout)
     out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
-    overrides = explicit_overrides(args)
-    if "peak_flops" in overrides.get("train", {}):  # given now: say so in config.json
-        overrides["train"].setdefault("peak_source", "flag")
+    overrides = preset_overrides(args)
     from_file = getattr(args, "from_config", set())
-    if args.preset:
-        # A typed flag beats the --config file: typed model flags, then a typed --preset,
-        # then the file's [model] fields, then a preset the file names.
-        file_model = {k: v for k, v in overrides.get("model", {}).items()
-                      if f"model.{k}" in from_file}
-        typed_model = {k: v for k, v in overrides.get("model", {}).items() if k not in file_model}
-        preset = C.PRESETS[args.preset]
-        overrides["model"] = ({**file_model, **preset, **typed_model} if "preset" not in from_file
-                              else {**preset, **file_model, **typed_model})
     if args.extend_to is not None and "train.max_steps" in from_file:
         del overrides["train"]["max_steps"]  # a run's config.json always has one
     if is_run(out):
@@ -103,6 +97,24 @@ def run_train(args) -> int:
         cfg = _extended(cfg, out, args.extend_to, overrides)
     train(cfg, out, stop_at=args.stop_at, progress=not args.no_progress)
     return 0
+
+
+def preset_overrides(args) -> dict[str, dict]:
+    """The config flags given, with --preset's model fields merged in: a typed flag beats
+    the --config file: typed model flags, then a typed --preset, then the file's [model]
+    fields, then a preset the file names."""
+    overrides = explicit_overrides(args)
+    if "peak_flops" in overrides.get("train", {}):  # given now: say so in config.json
+        overrides["train"].setdefault("peak_source", "flag")
+    from_file = getattr(args, "from_config", set())
+    if args.preset:
+        file_model = {k: v for k, v in overrides.get("model", {}).items()
+                      if f"model.{k}" in from_file}
+        typed_model = {k: v for k, v in overrides.get("model", {}).items() if k not in file_model}
+        preset = C.PRESETS[args.preset]
+        overrides["model"] = ({**file_model, **preset, **typed_model} if "preset" not in from_file
+                              else {**preset, **file_model, **typed_model})
+    return overrides
 
 
 def _extended(cfg: C.RunConfig, out: Path, to: int, overrides: dict) -> C.RunConfig:

@@ -29,9 +29,11 @@ class TrainState(NamedTuple):
 
 
 def init_state(model_cfg: ModelConfig, train_cfg: TrainConfig,
-               tx: optax.GradientTransformation | None = None, params=None) -> TrainState:
-    """Initial state from the seed (or from given params, e.g. pretrained weights)."""
-    key = jax.random.PRNGKey(train_cfg.seed)
+               tx: optax.GradientTransformation | None = None, params=None,
+               seed=None) -> TrainState:
+    """Initial state from the seed (or from given params, e.g. pretrained weights); `seed`
+    replaces train_cfg.seed and may be traced (vmapped over a sweep's seeds)."""
+    key = jax.random.PRNGKey(train_cfg.seed if seed is None else seed)
     init_key, dropout_key = jax.random.split(key)
     if params is None:
         params = model.init(model_cfg, init_key)
@@ -49,7 +51,7 @@ def _split_micro(batch: dict, n_micro: int) -> dict:
 
 def make_step_parts(model_cfg: ModelConfig, train_cfg: TrainConfig,
                     tx: optax.GradientTransformation | None = None, *, axis_name=None,
-                    stats: bool = False):
+                    stats: bool = False, hparams: dict | None = None):
     """The train step's two halves: gradients(state, batch) -> (grads, loss sum, token
     count, observed), and update(state, grads, total, count, observed) -> (state, metrics).
     make_train_step composes them in one function (one jit). Apart, code can act between
@@ -58,9 +60,14 @@ def make_step_parts(model_cfg: ModelConfig, train_cfg: TrainConfig,
 
     With `stats`, the forward pass also observes activations and attention weights, and
     the metrics gain "stats" (gptjax.training.layer_stats); without it, `observed` is None
-    and the step is the plain one."""
-    tx = tx or optim.optimizer(train_cfg)
-    lr_at = optim.schedule(train_cfg)
+    and the step is the plain one.
+
+    `hparams` ({"lr": ..., "weight_decay": ...}, traced or not) replace train_cfg's values
+    in the optimizer and the reported learning rate: gptjax.training.sweep vmaps the step
+    over its members' values."""
+    hparams = hparams or {}
+    tx = tx or optim.optimizer(train_cfg, **hparams)
+    lr_at = optim.schedule(train_cfg, hparams.get("lr"))
     n_micro = train_cfg.grad_accum
     skip_nonfinite = train_cfg.on_nonfinite == "skip"
     deterministic = model_cfg.dropout == 0.0
@@ -124,11 +131,12 @@ def make_step_parts(model_cfg: ModelConfig, train_cfg: TrainConfig,
 
 def make_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig,
                     tx: optax.GradientTransformation | None = None, *, axis_name=None,
-                    stats: bool = False):
+                    stats: bool = False, hparams: dict | None = None):
     """Build train_step(state, batch) -> (state, metrics) for these configs; with `stats`,
-    the metrics carry the per-layer statistics (see make_step_parts)."""
+    the metrics carry the per-layer statistics, and `hparams` replace train_cfg's learning
+    rate and weight decay (see make_step_parts)."""
     gradients, update = make_step_parts(model_cfg, train_cfg, tx, axis_name=axis_name,
-                                        stats=stats)
+                                        stats=stats, hparams=hparams)
 
     def train_step(state: TrainState, batch: dict):
         return update(state, *gradients(state, batch))

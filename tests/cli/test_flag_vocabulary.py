@@ -36,7 +36,8 @@ TABLE = {
     "--teacher": "RUN_DIR", "--teacher-checkpoint": "latest|best|STEP", "--student": "PRESET|RUN_DIR",
     "--student-checkpoint": "latest|best|STEP", "--alpha": "FLOAT", "--layers": "LIST",
     "--heads": "LIST", "--length": "INT", "--coords": "INT", "--directions": "INT",
-    "--eps": "FLOAT", "--tolerance": "FLOAT",
+    "--eps": "FLOAT", "--tolerance": "FLOAT", "--lrs": "LIST", "--weight-decays": "LIST",
+    "--seeds": "LIST", "--devices": "INT",
 }
 # Where one command's value is another kind of thing under the same name.
 EXCEPTIONS = {
