@@ -10,11 +10,7 @@ from dataclasses import dataclass
 
 import jax
 
-# jax.monitoring duration events: tracing a Python function to a jaxpr, and an XLA compile
-# (recorded for persistent-cache hits too, which still load an executable).
-TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
-COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+from gptjax.training.compile_log import CACHE_HIT_EVENT, COMPILE_EVENT, TRACE_EVENT  # noqa: F401
 
 
 class RecompileError(AssertionError):

@@ -17,6 +17,7 @@ from gptjax.parallel.distributed import local_rows
 from gptjax.parallel.mesh import make_mesh
 from gptjax.parallel.sharding import batch_sharding, check_batch, check_divisible, shardings
 from gptjax.training import optim
+from gptjax.training.compile_log import CompileLog
 from gptjax.training.step import init_state, make_eval_step, make_train_step
 
 
@@ -24,8 +25,9 @@ class CompiledSteps:
     """train_step and eval_step for the run's mesh, and a jitted init_state laid out on it;
     with train.stats_every, stats_step too (the train step with per-layer statistics)."""
 
-    def __init__(self, cfg: C.RunConfig):
+    def __init__(self, cfg: C.RunConfig, compile_log: CompileLog | None = None):
         m, t = cfg.model, cfg.train
+        named = compile_log.watch if compile_log else lambda name, fn: fn  # names in telemetry
         self.mesh = make_mesh(t.mesh)
         check_divisible(m, self.mesh)
         check_batch(t.batch_size, self.mesh, t.grad_accum)
@@ -49,18 +51,19 @@ class CompiledSteps:
         try:
             with jax.set_mesh(self.mesh):  # traced under the mesh: activations stay row-split
                 self.train_step = jax.jit(
-                    make_train_step(m, t, self.tx), donate_argnums=0,
+                    named("train_step", make_train_step(m, t, self.tx)), donate_argnums=0,
                     in_shardings=(self.state_sharding, self.batch_sharding),
                     out_shardings=(self.state_sharding, replicated)).lower(abstract, batch).compile()
                 # The statistics step is a second executable: the plain step stays as it was.
                 self.stats_step = None if not t.stats_every else jax.jit(
-                    make_train_step(m, t, self.tx, stats=True), donate_argnums=0,
+                    named("stats_step", make_train_step(m, t, self.tx, stats=True)), donate_argnums=0,
                     in_shardings=(self.state_sharding, self.batch_sharding),
                     out_shardings=(self.state_sharding, replicated)).lower(abstract, batch).compile()
                 self.eval_step = jax.jit(
-                    make_eval_step(m), in_shardings=(self.state_sharding.params, self.batch_sharding),
+                    named("eval_step", make_eval_step(m)),
+                    in_shardings=(self.state_sharding.params, self.batch_sharding),
                     out_shardings=replicated).lower(abstract.params, eval_batch).compile()
-                self.init_state = jax.jit(lambda: init_state(m, t, self.tx),
+                self.init_state = jax.jit(named("init_state", lambda: init_state(m, t, self.tx)),
                                           out_shardings=self.state_sharding)
         except Exception as e:  # XLA reports unsupported dtype/attention choices variously
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

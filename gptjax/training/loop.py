@@ -125,6 +125,7 @@ class Loop:
                     now = time.perf_counter()
                     rec = self._record(step, fetched, untimed, now - clock)
                     self.log.write(rec)
+                    self._report_compiles(step)
                     if not self.progress:  # the bar shows these; without it, a line each
                         self.say(_train_line(rec))
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s'] or 0:.0f}",
@@ -154,6 +155,17 @@ class Loop:
             raise
         bar.close()
         return state, val_loss
+
+    def _report_compiles(self, step: int) -> None:
+        """Anything traced or compiled since the last record goes to the log (a checkpoint's
+        first save compiles small eager ops); a retrace of a step itself is said aloud."""
+        if not hasattr(self.log, "write_compiles"):
+            return
+        for r in self.log.write_compiles(step):
+            if r.get("retrace") and self.log.compile_log.watched(r["function"]):
+                shapes = "; then ".join(r.get("shapes", [])) or "shapes not recorded"
+                self.say(f"step {step}: {r['function']} was traced again ({r['traces']}x, "
+                         f"{r['trace_s'] + r['compile_s']:.1f}s): {shapes}")
 
     def _roll_back(self, spike: Spike, step: int) -> tuple[TrainState, int]:
         """Restore the last checkpoint (or the initial state) and skip the batches since."""

@@ -23,6 +23,8 @@ from gptjax.generation.decoder import generate
 from gptjax.parallel.distributed import host, is_main
 from gptjax.training import run_dir, run_lock, trackers
 from gptjax.training.checkpoint import Checkpoints
+from gptjax.training.compile_log import CompileLog
+from gptjax.training.compile_log import summary as compile_summary
 from gptjax.training.compiled import CompiledSteps
 from gptjax.training.layer_stats import plot_stats
 from gptjax.training.loop import Loop
@@ -55,13 +57,19 @@ def train(cfg: C.RunConfig, out_dir: str | Path, *, stop_at: int | None = None,
 def _train(cfg: C.RunConfig, out: Path, stop_at: int | None, progress: bool, echo) -> TrainResult:
     end = min(cfg.train.max_steps, stop_at or cfg.train.max_steps)
     trackers.parse_log_to(cfg.train.log_to)  # a missing tracker package: refused before any work
-    cfg, *set_up = _setup(cfg, out, progress, end)
+    with CompileLog() as compile_log:  # what is traced and compiled, from here to the end
+        return _train_compiling(cfg, out, stop_at, progress, echo, end, compile_log)
+
+
+def _train_compiling(cfg: C.RunConfig, out: Path, stop_at: int | None, progress: bool, echo,
+                     end: int, compile_log: CompileLog) -> TrainResult:
+    cfg, *set_up = _setup(cfg, out, progress, end, compile_log)
     log = JsonlLog(out / "metrics.jsonl") if is_main() else _NoLog()
     if is_main():
         flat = {f"{section}.{k}": v for section, fields in C.to_dict(cfg).items() for k, v in fields.items()}
         log = trackers.tracked(log, trackers.parse_log_to(cfg.train.log_to), out, out.absolute().name, flat)
     try:
-        return _train_logged(cfg, out, stop_at, progress, echo, end, set_up, log)
+        return _train_logged(cfg, out, stop_at, progress, echo, end, set_up, _CompilesTo(log, compile_log))
     finally:
         if isinstance(log, trackers.Tracked):
             log.close()  # sends what is queued; a tracker never holds up a step before this
@@ -102,6 +110,7 @@ def _train_logged(cfg: C.RunConfig, out: Path, stop_at: int | None, progress: bo
         echo(f"compiled the train and eval steps for mesh {mesh} ({steps.mesh.size} "
              f"device{'s' if steps.mesh.size > 1 else ''}) in {steps.compile_seconds:.1f}s; "
              f"freed host memory: {host_memory.status()}")
+        echo(compile_summary(log.write_compiles(int(host(state.step)))))
         if steps.host_memory_note:
             echo(steps.host_memory_note)
         val_loss = None
@@ -152,7 +161,7 @@ def _wants_sample(out: Path, cfg: C.RunConfig) -> bool:
                         or C.load(out / "config.json").train.max_new_tokens != n)
 
 
-def _setup(cfg: C.RunConfig, out: Path, progress: bool, end: int):
+def _setup(cfg: C.RunConfig, out: Path, progress: bool, end: int, compile_log: CompileLog):
     """Validate, open the data and compile; only then write anything into `out`. A resumed
     run already at `end` compiles nothing: its step comes back in place of the steps."""
     C.validate(cfg)
@@ -175,7 +184,7 @@ def _setup(cfg: C.RunConfig, out: Path, progress: bool, end: int):
         if finished is not None:
             C.save(cfg, out / "config.json")  # as below: changed resume-safe fields are kept
             return cfg, data, tokenizer, sampler, finished, resuming
-        steps = CompiledSteps(cfg)
+        steps = CompiledSteps(cfg, compile_log)
         if jax.process_count() > 1:
             # Every process has looked at `out` before process 0 writes into it.
             from jax.experimental import multihost_utils
@@ -224,6 +233,28 @@ def _sampler(tokens, cfg: C.RunConfig, what: str) -> WindowSampler:
                              t.stride, t.seed)
     except GptjaxError as e:
         raise GptjaxError(f"{what}: {e}; use a larger corpus or a smaller --context-length") from None
+
+
+class _CompilesTo:
+    """The metrics log, which also takes the compile telemetry's records when asked (the
+    loop asks at every log interval: a compile there is news). They go to metrics.jsonl
+    only: a tracker's scalars per step cannot hold one record per function."""
+
+    def __init__(self, log, compile_log: CompileLog):
+        self._log, self.compile_log = log, compile_log
+        self._jsonl = log.log if isinstance(log, trackers.Tracked) else log
+
+    def __getattr__(self, name):
+        return getattr(self._log, name)
+
+    def write(self, record: dict) -> None:
+        self._log.write(record)
+
+    def write_compiles(self, step: int) -> list[dict]:
+        records = self.compile_log.new_records(step)
+        for r in records:
+            self._jsonl.write(r)
+        return records
 
 
 class _NoLog:
@@ -275,6 +306,8 @@ def _finish(out: Path, cfg: C.RunConfig, tokenizer, state: TrainState, val_loss,
 def _report(result: TrainResult, cfg: C.RunConfig, log: JsonlLog, out: Path,
             echo) -> TrainResult:
     m = cfg.model
+    if isinstance(log, _CompilesTo):  # the end sample's decoder, a first checkpoint's hashing
+        log.write_compiles(result.step)
     title = (f"{out.absolute().name}: {_short_count(model.param_count(m))} parameters "
              f"({m.n_layer} layers x {m.d_model} wide, {cfg.data.tokenizer} tokenizer)")
     records = log.read()

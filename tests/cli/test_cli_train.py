@@ -202,7 +202,8 @@ def test_eval_prints_loss_and_perplexity_over_what_it_scored(full_run, char_data
     loss, ppl = _eval_line(out)
     assert ppl == pytest.approx(np.exp(loss), rel=1e-3)
     assert "the first 2 validation batches, as training evaluates (256 of the split's 936 tokens" in out
-    last_eval = json.loads((full_run / "metrics.jsonl").read_text().splitlines()[-1])
+    last_eval = [r for r in map(json.loads, (full_run / "metrics.jsonl").read_text().splitlines())
+                 if r["kind"] == "eval"][-1]
     assert loss == pytest.approx(last_eval["val_loss"], abs=1e-4)
 
     code, default, err = run_cli(capsys, "eval", "--run", full_run)
