@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -54,6 +55,15 @@ def char_data(tmp_path_factory, corpus_file) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def faults_reference(tmp_path_factory, char_data) -> tuple[Path, list]:
+    """benchmarks/faults.py's uninterrupted run: (its folder, its final state as saved), the
+    run that tests/faults/ compares every interrupted or damaged run with. Made once per
+    test process; tests copy the folder before changing anything in it."""
+    work = tmp_path_factory.mktemp("faults-reference")
+    return work / "reference", benchmark_script("faults").reference(work, char_data)
+
+
 TINY_RUN = ["--preset", "tiny", "--batch-size", "4", "--warmup-steps", "2", "--log-every", "1",
             "--eval-every", "3", "--eval-batches", "2", "--max-new-tokens", "8", "--no-progress"]
 
@@ -90,12 +100,25 @@ def fails_cleanly(capsys, *argv, match: str) -> None:
     assert code == 2 and len(lines) == 1 and "error" in lines[0] and match in lines[0], err
 
 
+_BYTE_BASES: dict[Path, Path] = {}  # corpus file -> the byte base made from it in this process
+
+
 def byte_base(root: Path, corpus_file: Path) -> Path:
     """A tiny byte-level run in root/base (data in root/data) whose 184-byte context holds
-    the instruction template: every text encodes, whatever its characters."""
-    assert main(["prepare", str(corpus_file), "--out", str(root / "data"), "--tokenizer", "byte",
-                 "--no-progress"]) == 0
-    assert main(["train", "--data", str(root / "data"), "--out", str(root / "base"), *TINY_RUN,
-                 "--context-length", "184", "--max-steps", "4", "--max-new-tokens", "0"]) == 0
+    the instruction template: every text encodes, whatever its characters.
+
+    Made once per test process (the modules that use it each get a copy of the two folders,
+    so nothing one module writes is seen by another): preparing and training it again gives
+    the same files, training being deterministic."""
+    made = _BYTE_BASES.get(corpus_file)
+    if made is None:
+        made = root.parent / f"byte-base-{len(_BYTE_BASES)}"
+        assert main(["prepare", str(corpus_file), "--out", str(made / "data"), "--tokenizer", "byte",
+                     "--no-progress"]) == 0
+        assert main(["train", "--data", str(made / "data"), "--out", str(made / "base"), *TINY_RUN,
+                     "--context-length", "184", "--max-steps", "4", "--max-new-tokens", "0"]) == 0
+        _BYTE_BASES[corpus_file] = made
+    for folder in ("data", "base"):
+        shutil.copytree(made / folder, root / folder)
     return root
 

@@ -17,8 +17,8 @@ def work(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ref(work, char_data):
-    return faults.reference(work, char_data)
+def ref(faults_reference):
+    return faults_reference[1]
 
 
 def test_kill_9_at_random_moments_resumes_bitwise_equal(work, char_data, ref):
@@ -42,11 +42,12 @@ def test_a_signal_saves_the_step_reached_and_exits_130(work, char_data, ref, sig
     assert outcome == "equal" and steps[-1] == 40, steps
 
 
-def test_damage_to_any_checkpoint_file_is_detected_or_harmless(work, ref):
+def test_damage_to_any_checkpoint_file_is_detected_or_harmless(faults_reference):
+    run_dir, ref = faults_reference  # damage() changes a copy of it
     outcomes = {}
-    for rel in faults.checkpoint_files(work / "reference"):
+    for rel in faults.checkpoint_files(run_dir):
         for mode in ("flip", "truncate", "delete"):
-            outcomes[(rel, mode)] = faults.damage(work / "reference", rel, mode, ref)
+            outcomes[(rel, mode)] = faults.damage(run_dir, rel, mode, ref)
     bad = {k: v for k, v in outcomes.items() if v not in ("detected", "harmless")}
     assert not bad, bad
     # Every array file and the checksums themselves are among what is caught.

@@ -55,7 +55,8 @@ def _spike_once_at(monkeypatch, step: int):
     monkeypatch.setattr(loop.Guard, "check", check)
 
 
-def test_a_spike_rolls_back_skips_its_batches_and_resumes_alike(tmp_path, capsys, char_data, monkeypatch):
+def test_a_spike_rolls_back_skips_its_batches_and_resumes_alike(tmp_path, capsys, char_data, monkeypatch,
+                                                                faults_reference):
     flags = ("--spike-policy", "rollback", "--spike-factor", "3")
     _spike_once_at(monkeypatch, 27)
     code, out, err = _train(capsys, tmp_path / "whole", char_data, *flags)
@@ -69,11 +70,11 @@ def test_a_spike_rolls_back_skips_its_batches_and_resumes_alike(tmp_path, capsys
     assert _train(capsys, tmp_path / "parts", char_data, *flags, "--stop-at", "30")[0] == 0
     assert _train(capsys, tmp_path / "parts", char_data, *flags)[0] == 0
     assert faults.equal(faults.final_state(tmp_path / "parts"), whole)
-    assert not faults.equal(whole, faults.reference(tmp_path, char_data))  # it did change the run
+    assert not faults.equal(whole, faults_reference[1])  # it did change the run
 
 
 def test_a_failed_checkpoint_write_is_one_line_and_leaves_no_partial_files(tmp_path, capsys, char_data,
-                                                                             monkeypatch):
+                                                                             monkeypatch, faults_reference):
     original, calls = ocp.CheckpointManager.save, []
 
     def full_disk(self, step, *args, **kwargs):
@@ -90,7 +91,7 @@ def test_a_failed_checkpoint_write_is_one_line_and_leaves_no_partial_files(tmp_p
     assert not list((run_dir / "checkpoints").glob("*tmp*")) and _steps(run_dir) == [5, 10]
     monkeypatch.undo()  # space freed: it resumes from step 10 and ends as if nothing happened
     assert _train(capsys, run_dir, char_data)[0] == 0
-    assert faults.equal(faults.final_state(run_dir), faults.reference(tmp_path, char_data))
+    assert faults.equal(faults.final_state(run_dir), faults_reference[1])
 
 
 @pytest.mark.skipif(subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0
@@ -110,7 +111,8 @@ def test_a_real_full_tmpfs_stops_in_one_line(tmp_path, char_data):
     assert "space" in errors[0] and "tmp" not in done.stdout.split("rc=1")[1]
 
 
-def test_resume_sets_a_damaged_latest_checkpoint_aside_and_ends_alike(tmp_path, capsys, char_data):
+def test_resume_sets_a_damaged_latest_checkpoint_aside_and_ends_alike(tmp_path, capsys, char_data,
+                                                                     faults_reference):
     run_dir = tmp_path / "run"
     assert _train(capsys, run_dir, char_data, "--stop-at", "20")[0] == 0
     data_file = max((run_dir / "checkpoints" / "20" / "params" / "d").iterdir(),
@@ -121,16 +123,16 @@ def test_resume_sets_a_damaged_latest_checkpoint_aside_and_ends_alike(tmp_path, 
     code, _, err = _train(capsys, run_dir, char_data)
     assert code == 0 and "checkpoint 20 in" in err and "damaged-checkpoints/20" in err, err
     assert (run_dir / "damaged-checkpoints" / "20" / "params").is_dir()  # kept, not deleted
-    assert faults.equal(faults.final_state(run_dir), faults.reference(tmp_path, char_data))
+    assert faults.equal(faults.final_state(run_dir), faults_reference[1])
     assert run_cli(capsys, "check", run_dir)[0] == 0
 
 
-def test_a_finished_run_with_a_damaged_last_checkpoint_trains_its_last_steps_again(tmp_path, capsys,
-                                                                                   char_data):
+def test_a_finished_run_with_a_damaged_last_checkpoint_trains_its_last_steps_again(
+        tmp_path, capsys, char_data, faults_reference):
     """Re-running a finished run says "nothing to train" without compiling only when its last
     checkpoint verifies; a damaged one is set aside and the steps after the one before rerun."""
     run_dir = tmp_path / "run"
-    assert _train(capsys, run_dir, char_data)[0] == 0
+    shutil.copytree(faults_reference[0], run_dir)  # a finished run of these flags, to damage a copy of
     last = _steps(run_dir)[-1]
     finished = faults.final_state(run_dir)
     data_file = max((run_dir / "checkpoints" / str(last) / "params" / "d").iterdir(),
