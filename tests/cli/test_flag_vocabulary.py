@@ -37,7 +37,8 @@ TABLE = {
     "--student-checkpoint": "latest|best|STEP", "--alpha": "FLOAT", "--layers": "LIST",
     "--heads": "LIST", "--length": "INT", "--coords": "INT", "--directions": "INT",
     "--eps": "FLOAT", "--tolerance": "FLOAT", "--lrs": "LIST", "--weight-decays": "LIST",
-    "--seeds": "LIST", "--devices": "INT",
+    "--seeds": "LIST", "--devices": "INT", "--remats": "LIST", "--tokens": "COUNT",
+    "--max-batch": "INT", "--device-memory": "GIB", "--bandwidth": "FLOAT", "--mesh": "MESH",
 }
 # Where one command's value is another kind of thing under the same name.
 EXCEPTIONS = {
