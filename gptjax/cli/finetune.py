@@ -41,10 +41,13 @@ TUNING_HELP = {
                 "everything --train allows trains from the start",
     "layer_lr_decay": "discriminative learning rates: block i of L trains at this^(L-i) times "
                       "--base-lr (the embeddings at this^L); in (0, 1], 1 = the same everywhere",
+    "log_to": "where metrics go besides metrics.jsonl: comma-separated jsonl, tensorboard, wandb, "
+              "mlflow, as for gptjax train; may change on resume",
 }
 
 
-TUNING_METAVARS = {"train": "all|head|last-N", "lora_targets": "TARGETS", "unfreeze": "gradual:EPOCHS"}
+TUNING_METAVARS = {"train": "all|head|last-N", "lora_targets": "TARGETS", "unfreeze": "gradual:EPOCHS",
+                   "log_to": "SINKS"}
 
 
 def _flag(name: str) -> str:

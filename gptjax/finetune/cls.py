@@ -163,7 +163,8 @@ def train_and_test(base: Base, data: ClsData, tuning: Tuning, p: Prepared, out: 
     if len(p.train) < tuning.batch_size:
         raise GptjaxError(f"the training split has {len(p.train)} texts, fewer than --batch-size "
                           f"{tuning.batch_size}")
-    settings = {"data": {**asdict(data), "path": str(Path(data.path).absolute())}, "tuning": asdict(tuning)}
+    settings = {"data": {**asdict(data), "path": str(Path(data.path).absolute())},
+                "tuning": tuning.settings()}
     if fold is not None:
         settings["fold"] = fold
     if recipe is not None:

@@ -145,7 +145,8 @@ def distill_lm(teacher: Teacher, base: Base, data_dir: str, kd: DistillLoss, tun
     check_same_tokenizer(base.tokenizer.spec(), teacher.tokenizer.spec(), "model", teacher.path)
     d = lm.lm_data(base, data_dir, tuning)
     s = session.setup(base, tuning, "distill", settings={
-        "data": str(Path(data_dir).absolute()), "tuning": asdict(tuning), "distill": _settings(teacher, kd)})
+        "data": str(Path(data_dir).absolute()), "tuning": tuning.settings(),
+        "distill": _settings(teacher, kd)})
     t_cfg = dataclasses.replace(teacher.config.model, dropout=0.0)
     s.frozen["teacher"] = teacher.params
     n_vocab = base.tokenizer.vocab_size

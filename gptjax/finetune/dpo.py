@@ -176,7 +176,7 @@ def finetune_dpo(base: Base, data: DpoData, tuning: Tuning, out: str | Path, *,
         raise GptjaxError(f"the training split has {len(train)} comparable records, fewer than "
                           f"--batch-size {tuning.batch_size}")
     s = session.setup(base, tuning, "dpo", settings={
-        "data": {**asdict(data), "path": str(Path(data.path).absolute())}, "tuning": asdict(tuning)})
+        "data": {**asdict(data), "path": str(Path(data.path).absolute())}, "tuning": tuning.settings()})
     loss_sum, metric_sums = make_losses(s.spec.model, data, s.spec.lora)
     size, T, eot = tuning.batch_size, m.context_length, tokenizer.eot_id
     # The reference: the starting parameters, before any update (adapters start at zero).

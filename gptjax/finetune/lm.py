@@ -3,7 +3,7 @@ data, fully or through LoRA adapters (the base frozen, only adapters saved)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -67,7 +67,7 @@ def finetune_lm(base: Base, data_dir: str, tuning: Tuning, out: str | Path, *,
     tuning.check()
     d = lm_data(base, data_dir, tuning)
     s = session.setup(base, tuning, "lm", settings={"data": str(Path(data_dir).absolute()),
-                                                    "tuning": asdict(tuning)})
+                                                    "tuning": tuning.settings()})
     loss_sum = make_loss_sum(s.spec.model, s.spec.lora)
     eval_fn = jax.jit(make_eval(loss_sum))
 

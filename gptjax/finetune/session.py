@@ -23,7 +23,7 @@ from gptjax.model.lora import LoRAConfig, count, parse_targets
 from gptjax.model.parts import parse_trainable
 from gptjax.runs import finetuned
 from gptjax.runs.load import Base
-from gptjax.training import run_lock
+from gptjax.training import run_lock, trackers
 from gptjax.training.checkpoint import Checkpoints
 from gptjax.training.metrics import JsonlLog
 
@@ -106,7 +106,8 @@ def _fit(out: Path, s: Setup, tuning: Tuning, fresh_state, step, schedule: Sched
          epoch_batches, evaluate, progress: bool, say) -> FitResult:
     ckpts = Checkpoints(out / "checkpoints", keep=1)
     saved = resume.ResumeState(out)
-    log = JsonlLog(out / "metrics.jsonl")
+    log = trackers.tracked(JsonlLog(out / "metrics.jsonl"), trackers.parse_log_to(tuning.log_to), out,
+                           out.absolute().name, _flat({"task": s.spec.task, **s.spec.settings}))
 
     def on_best(best, at, metrics):
         ckpts.save_params(at, best, {"metrics": _jsonable(metrics)})
@@ -134,6 +135,19 @@ def _fit(out: Path, s: Setup, tuning: Tuning, fresh_state, step, schedule: Sched
     finally:
         saved.close()
         ckpts.close()  # waits for the asynchronous save of the best checkpoint
+        if isinstance(log, trackers.Tracked):
+            log.close()  # sends what is queued
+
+
+def _flat(settings: dict, prefix: str = "") -> dict:
+    """{"tuning.lr": 1e-3, ...}: a tracker's parameters are flat."""
+    out = {}
+    for k, v in settings.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _jsonable(metrics: dict) -> dict:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from gptjax.errors import GptjaxError
+from gptjax.training import trackers
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,12 @@ class Tuning:
     seed: int = 0
     unfreeze: str = ""  # "" = what --train says from the start; gradual:EPOCHS = one layer per stage
     layer_lr_decay: float = 1.0  # block i trains at layer_lr_decay^(L-i) x base_lr; 1 = off
+    log_to: str = "jsonl"  # trackers besides metrics.jsonl; not a setting of the run (settings())
+
+    def settings(self) -> dict:
+        """What the run records and a resume compares: every field but where the metrics
+        go, which may change from one part of a run to the next."""
+        return {k: v for k, v in asdict(self).items() if k != "log_to"}
 
     def check(self) -> "Tuning":
         for name in ("epochs", "batch_size"):
@@ -50,6 +57,7 @@ class Tuning:
         _require(math.isfinite(self.layer_lr_decay) and 0 < self.layer_lr_decay <= 1,
                  f"--layer-lr-decay must be in (0, 1], got {self.layer_lr_decay}")
         parse_unfreeze(self.unfreeze)
+        trackers.parse_log_to(self.log_to)  # a missing tracker package: refused before any work
         if self.lora_rank and (self.unfreeze or self.layer_lr_decay != 1):
             raise GptjaxError(f"--{'unfreeze' if self.unfreeze else 'layer-lr-decay'} schedules the "
                               "pretrained layers, which LoRA freezes; drop it or --lora-rank")

@@ -88,7 +88,7 @@ def finetune_sft(base: Base, data: SftData, tuning: Tuning, out: str | Path, *,
         raise GptjaxError(f"the training split has {len(train)} records, fewer than --batch-size "
                           f"{tuning.batch_size}")
     s = session.setup(base, tuning, "sft", settings={
-        "data": {**asdict(data), "path": str(Path(data.path).absolute())}, "tuning": asdict(tuning)})
+        "data": {**asdict(data), "path": str(Path(data.path).absolute())}, "tuning": tuning.settings()})
     loss_sum = make_loss_sum(s.spec.model, s.spec.lora)
     eval_fn = jax.jit(make_eval(loss_sum))
     size, T, eot = tuning.batch_size, m.context_length, tokenizer.eot_id

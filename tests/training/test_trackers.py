@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import TINY_RUN, fails_cleanly, run_cli
+from conftest import TINY_RUN, byte_base, fails_cleanly, run_cli
 
 from gptjax.errors import GptjaxError
 from gptjax.training import trackers
@@ -68,6 +68,26 @@ def test_train_sends_every_record_to_tensorboard_and_mlflow_and_a_resume_continu
     assert {m.step for m in client.get_metric_history(run_id, "eval/val_loss")} == {4, 8}
     got = client.get_run(run_id)
     assert got.data.params["model.n_layer"] == "2" and got.info.status == "FINISHED"
+
+
+def test_fine_tuning_sends_its_records_to_tensorboard_and_may_change_trackers_on_resume(
+        tmp_path, corpus_file, capsys):
+    base = byte_base(tmp_path, corpus_file)
+    argv = ["finetune-lm", "--base", base / "base", "--data", base / "data", "--max-steps", "20",
+            "--batch-size", "2", "--eval-every", "10", "--no-progress", "--out", tmp_path / "lm"]
+    code, _, err = run_cli(capsys, *argv, "--log-to", "jsonl,tensorboard")
+    assert code == 0, err
+    train_loss, val_loss = _jsonl(tmp_path / "lm", "train", "loss"), _jsonl(tmp_path / "lm", "eval", "val_loss")
+    assert sorted(train_loss) == [10, 20] and sorted(val_loss) == [10, 20]
+    board = _tensorboard_scalars(tmp_path / "lm" / "tensorboard")
+    assert board["train/loss"] == pytest.approx(train_loss, rel=1e-6)
+    assert board["eval/val_loss"] == pytest.approx(val_loss, rel=1e-6)
+    assert "log_to" not in json.loads((tmp_path / "lm" / "finetune.json").read_text())["settings"]["tuning"]
+    code, out, err = run_cli(capsys, *argv)  # the same run: where metrics go is not a setting
+    assert code == 0 and "it had finished" in out, err
+    fails_cleanly(capsys, *argv[:-1], tmp_path / "other", "--log-to", "neptune",
+                  match="--log-to must be a comma-separated list")
+    assert not (tmp_path / "other").exists()
 
 
 def test_an_unknown_tracker_is_refused_before_anything_is_written(tmp_path, char_data, capsys):
