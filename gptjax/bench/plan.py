@@ -139,7 +139,10 @@ def fit(model_cfg: ModelConfig, mesh: str, remat: str, dev: Device, max_rows: in
     def plan(rows):
         b = build_train_step(cfg, TrainConfig(batch_size=rows, mesh=mesh, max_steps=1000, warmup_steps=1))
         compiles.append(rows)
-        return b, memory_stats(b.step).get("total", 0)
+        planned = memory_stats(b.step)
+        if not planned:
+            raise GptjaxError(f"XLA on {jax.default_backend()} reports no memory plan to fit against")
+        return b, planned["total"]
 
     one, m1 = plan(replicas)
     if m1 > limit:
@@ -148,8 +151,8 @@ def fit(model_cfg: ModelConfig, mesh: str, remat: str, dev: Device, max_rows: in
     lo, lo_mem, best = 1, m1, one  # the largest that fits so far
     hi, hi_mem = None, None  # the smallest that does not
     if cap > 1:
-        _, m2 = plan(2 * replicas)
-        lo, lo_mem = (2, m2) if m2 <= limit else (lo, lo_mem)
+        b2, m2 = plan(2 * replicas)
+        lo, lo_mem, best = (2, m2, b2) if m2 <= limit else (lo, lo_mem, best)
         hi, hi_mem = (None, None) if m2 <= limit else (2, m2)
         slope = max(m2 - m1, 1)
         while len(compiles) < MAX_COMPILES and (hi is None or hi - lo > 1) and lo < cap:

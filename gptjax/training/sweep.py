@@ -34,7 +34,6 @@ def grid(cfg: RunConfig, *, lrs=(), weight_decays=(), seeds=()) -> list[TrainCon
     """Every combination of the given values (an empty list keeps cfg.train's value), as
     one TrainConfig per member, learning rate varying slowest; each member's run config is
     validated as a single run's would be."""
-    validate(cfg)  # what all members share: its errors name no member
     train_cfg = cfg.train
     values = {"lr": list(lrs) or [train_cfg.lr],
               "weight_decay": list(weight_decays) or [train_cfg.weight_decay],
@@ -44,6 +43,7 @@ def grid(cfg: RunConfig, *, lrs=(), weight_decays=(), seeds=()) -> list[TrainCon
             raise GptjaxError(f"the swept {name} values repeat: {vals}")
     members = [dataclasses.replace(train_cfg, lr=lr, weight_decay=wd, seed=seed)
                for lr, wd, seed in itertools.product(*values.values())]
+    validate(dataclasses.replace(cfg, train=members[0]))  # what all share: no member named
     for m in members:
         try:
             validate(dataclasses.replace(cfg, train=m))

@@ -27,7 +27,8 @@ def test_the_batch_is_the_largest_that_fits_and_one_more_row_does_not():
     limit = 2.5e6  # bytes: between the tiny step's plans at 8 and 9 rows
     dev = P.Device("cpu", 1, limit / P.HEADROOM, 1e11, 1e10, {})
     c = P.fit(TINY, "data=1", "none", dev, 1024)
-    assert c.largest and c.memory_bytes <= limit and _planned_bytes(c.rows + 1) > limit
+    assert c.largest and c.memory_bytes == _planned_bytes(c.rows) <= limit
+    assert _planned_bytes(c.rows + 1) > limit
     # the roofline from the numbers it reports
     assert c.step_seconds == pytest.approx(max(c.flops / dev.peak_flops, c.bytes_accessed / dev.bandwidth))
     assert c.tokens_per_s == pytest.approx(c.rows * TINY.context_length / c.step_seconds)

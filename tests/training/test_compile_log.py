@@ -33,7 +33,8 @@ def test_a_new_shape_is_a_retrace_naming_both_shapes():
 
 
 def _train(out, cache):
-    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PLATFORMS": "cpu",
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # cached however fast it compiles
     done = subprocess.run([sys.executable, "-m", "gptjax", "train", "--out", str(out), *TINY_RUN,
                            "--max-steps", "4", "--max-new-tokens", "0"],
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -33,6 +33,9 @@ def test_grid_is_the_product_and_each_member_is_validated():
     assert {m.weight_decay for m in members} == {TRAIN.weight_decay}
     with pytest.raises(GptjaxError, match="lr=1e-06.*min_lr"):
         sweep.grid(RUN, lrs=[1e-3, 1e-6])
+    # the base's own lr (1e-3, below this min_lr) is no member's: only the members' count
+    high = dataclasses.replace(RUN, train=dataclasses.replace(TRAIN, min_lr=2e-3))
+    assert [m.lr for m in sweep.grid(high, lrs=[3e-3, 1e-2])] == [3e-3, 1e-2]
     with pytest.raises(GptjaxError, match="seed values repeat"):
         sweep.grid(RUN, seeds=[1, 1])
 
