@@ -29,12 +29,14 @@ from gptjax.bench.train_step import build_train_step, memory_stats
 from gptjax.config import ModelConfig, TrainConfig
 from gptjax.errors import GptjaxError
 from gptjax.parallel.mesh import AXES, BATCH_AXES, parse_mesh, resolve_sizes
-from gptjax.training.metrics import PEAK_BF16, flops_per_token
+from gptjax.training.metrics import PEAK_BF16, data_sheet_chip, flops_per_token
 from gptjax.training.metrics import peak_flops as job_peak
 
 REMATS = ("none", "dots_no_batch", "full")
 # Data-sheet HBM bandwidth, bytes/s, for the chips metrics.PEAK_BF16 knows.
-BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12, "L4": 0.3e12}
+BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12, "L4": 0.3e12,
+             "TPU v6": 1.64e12, "TPU v5p": 2.765e12, "TPU v5 lite": 0.819e12, "TPU v5e": 0.819e12,
+             "TPU v4": 1.2e12}
 MAX_COMPILES = 6  # per mesh and remat: the search stops there, with the largest found
 HEADROOM = 0.9  # of a device's memory the plan may fill: allocators fragment, runtimes keep some
 
@@ -97,7 +99,7 @@ def device(memory_gib: float = 0, peak_flops: float = 0, bandwidth: float = 0) -
     else:
         memory = _host_ram() / n
         sources["memory"] = f"host RAM / {n} device(s)"
-    sheet = next((name for name in PEAK_BF16 if name.lower() in d.device_kind.lower()), None)
+    sheet = data_sheet_chip(d.device_kind)
     if peak_flops > 0:
         peak, sources["peak"] = peak_flops, "given"
     elif sheet:
@@ -136,7 +138,7 @@ def fit(model_cfg: ModelConfig, mesh: str, remat: str, dev: Device, max_rows: in
     cfg = dataclasses.replace(model_cfg, remat=remat)
     compiles, started = [], time.perf_counter()
 
-    def plan(rows):
+    def compile_at(rows):
         b = build_train_step(cfg, TrainConfig(batch_size=rows, mesh=mesh, max_steps=1000, warmup_steps=1))
         compiles.append(rows)
         planned = memory_stats(b.step)
@@ -144,14 +146,17 @@ def fit(model_cfg: ModelConfig, mesh: str, remat: str, dev: Device, max_rows: in
             raise GptjaxError(f"XLA on {jax.default_backend()} reports no memory plan to fit against")
         return b, planned["total"]
 
-    one, m1 = plan(replicas)
+    if max_rows < replicas:
+        raise GptjaxError(f"a largest batch of {max_rows} is fewer rows than the {replicas} data "
+                          f"replicas of mesh {mesh}: each needs at least one")
+    one, m1 = compile_at(replicas)
     if m1 > limit:
         return None
     cap = max(max_rows // replicas, 1)  # in rows per replica from here on
     lo, lo_mem, best = 1, m1, one  # the largest that fits so far
     hi, hi_mem = None, None  # the smallest that does not
     if cap > 1:
-        b2, m2 = plan(2 * replicas)
+        b2, m2 = compile_at(2 * replicas)
         lo, lo_mem, best = (2, m2, b2) if m2 <= limit else (lo, lo_mem, best)
         hi, hi_mem = (None, None) if m2 <= limit else (2, m2)
         slope = max(m2 - m1, 1)
@@ -163,7 +168,7 @@ def fit(model_cfg: ModelConfig, mesh: str, remat: str, dev: Device, max_rows: in
             guess = lo + int((limit - lo_mem) // slope)
             guess = min(guess, cap, hi - 1 if hi is not None else cap)
             guess = max(guess, lo + 1)
-            b, m = plan(guess * replicas)
+            b, m = compile_at(guess * replicas)
             if m <= limit:
                 lo, lo_mem, best = guess, m, b
             else:

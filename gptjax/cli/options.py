@@ -60,7 +60,10 @@ def add_old_spellings(parser: argparse.ArgumentParser) -> None:
                                 choices=a.choices, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
-def add_config_flags(parser: argparse.ArgumentParser, sections=("model", "train", "data")) -> None:
+def add_config_flags(parser: argparse.ArgumentParser, sections=("model", "train", "data"),
+                     hidden=()) -> None:
+    """A flag per config field of `sections`; those named in `hidden` work but stay out of
+    --help (a command that refuses them says why when they are given)."""
     shown = C.RunConfig(model=C.preset(C.DEFAULT_PRESET))  # what a new run gets
     for section in sections:
         cls = C.SECTIONS[section]
@@ -69,7 +72,8 @@ def add_config_flags(parser: argparse.ArgumentParser, sections=("model", "train"
             value = getattr(getattr(shown, section), f.name)
             # Empty strings mean "decided elsewhere", which each field's help explains.
             help_text = f"{f.metadata['help']} (default: {'empty' if value == '' else repr(value)})"
-            kwargs = dict(dest=f"{section}.{f.name}", default=None, help=help_text)
+            kwargs = dict(dest=f"{section}.{f.name}", default=None,
+                          help=argparse.SUPPRESS if f.name in hidden else help_text)
             if f.type in ("bool", bool):
                 group.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
                 continue

@@ -85,8 +85,9 @@ def run(args) -> int:
     print(_table(found, best, tokens, dev.count))
     if best:
         top = max(best.values(), key=lambda c: c.tokens_per_s)
-        print(f"best: --mesh {top.mesh} --remat {top.remat} --batch-size {top.rows} (or fewer "
-              f"rows with --grad-accum): {_hours(top.eta_seconds(tokens))} for {args.tokens} tokens")
+        print(f"best: --mesh {top.mesh} --remat {top.remat} --batch-size {top.rows} (a larger "
+              f"batch keeps this micro-batch as --batch-size {top.rows}k --grad-accum k): "
+              f"{_hours(top.eta_seconds(tokens))} for {args.tokens} tokens")
     else:
         print("nothing fits: even one sequence per replica exceeds the memory under every remat")
     if args.json:

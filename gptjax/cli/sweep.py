@@ -10,6 +10,7 @@ from gptjax import config as C
 from gptjax.cli.options import add_config_flags, apply_overrides
 from gptjax.cli.train import add_run_config_source
 from gptjax.errors import GptjaxError
+from gptjax.training.sweep_limits import REFUSED
 
 
 def add_parser(sub) -> None:
@@ -36,7 +37,7 @@ def add_parser(sub) -> None:
     sw.add_argument("--devices", type=int, default=1, metavar="INT", help="spread the members "
                     "over this many devices (it must divide their number; default: 1)")
     sw.add_argument("--no-progress", action="store_true", help="no progress bars")
-    add_config_flags(sw)
+    add_config_flags(sw, hidden=REFUSED)
 
 
 def run(args) -> int:

@@ -129,6 +129,13 @@ def summary(records: list[dict]) -> str:
     if len(compiled) > 4:
         parts.append(f"{len(compiled) - 4} more in {sum(map(seconds, compiled[4:])):.1f}s")
     hits, misses = (sum(r[k] for r in records) for k in ("cache_hits", "cache_misses"))
-    cache = (f"persistent cache: {hits} hit(s), {misses} miss(es)" if hits or misses
-             else "persistent cache: not used (set JAX_COMPILATION_CACHE_DIR to keep compiles)")
+    if hits or misses:
+        cache = f"persistent cache: {hits} hit(s), {misses} miss(es)"
+        if misses:  # a miss is written back only if it took long enough to be worth keeping
+            cache += (f" (a compile under {jax.config.jax_persistent_cache_min_compile_time_secs:g}s "
+                      "is not kept: JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS)")
+    elif jax.config.jax_compilation_cache_dir:
+        cache = "persistent cache: set, but no compile here consulted it"
+    else:
+        cache = "persistent cache: not used (set JAX_COMPILATION_CACHE_DIR to keep compiles)"
     return f"traced and compiled: {', '.join(parts) or 'nothing'}; {cache}"

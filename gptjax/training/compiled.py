@@ -66,8 +66,7 @@ class CompiledSteps:
                 self.init_state = jax.jit(named("init_state", lambda: init_state(m, t, self.tx)),
                                           out_shardings=self.state_sharding)
         except Exception as e:  # XLA reports unsupported dtype/attention choices variously
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise GptjaxError(f"this config does not compile on {jax.default_backend()}: {first}") from None
+            raise compile_error(e) from None
         self.compile_seconds = time.perf_counter() - started
         # The step's temporaries are known now: stop keeping freed memory if it would not fit.
         self.host_memory_note = host_memory.fit_to_compiled(self.train_step)
@@ -78,3 +77,9 @@ class CompiledSteps:
         local = rows_of(local_rows(self.batch_sharding, (global_rows,)))
         return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
             self.batch_sharding, x, (global_rows, *x.shape[1:])), local)
+
+
+def compile_error(e: Exception) -> GptjaxError:
+    """One line for a step XLA would not compile (its messages run to pages)."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return GptjaxError(f"this config does not compile on {jax.default_backend()}: {first}")

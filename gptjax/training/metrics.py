@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import jax
@@ -13,12 +14,18 @@ from gptjax.errors import RunFailed
 
 MFU_FORMULA = "PaLM: 6N + 12*L*d*T FLOPs per token (N excludes position embeddings)"
 
-# Dense bf16 peaks per chip from vendor data sheets, matched by device_kind substring.
+# Dense bf16 peaks per chip from vendor data sheets, matched by whole words of device_kind.
 PEAK_BF16 = {
     "H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12,
     "TPU v6": 918e12, "TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
     "TPU v4": 275e12,
 }
+
+
+def data_sheet_chip(device_kind: str) -> str | None:
+    """The PEAK_BF16 chip named in a device_kind, as whole words ("L4" is not "L40S")."""
+    return next((name for name in PEAK_BF16
+                 if re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", device_kind, re.I)), None)
 
 
 def flops_per_token(cfg: ModelConfig, n_params_no_pos: int) -> float:
@@ -36,11 +43,10 @@ def peak_flops(dtype: str = "float32") -> Peak:
     """The job's peak FLOP/s for MFU: the data sheet of a known accelerator (all devices),
     else this CPU's recorded matmul rate for `dtype` (times the job's processes; simulated
     devices share one machine's cores)."""
-    kind = jax.devices()[0].device_kind
-    for name, peak in PEAK_BF16.items():
-        if name.lower() in kind.lower():
-            return Peak(peak * jax.device_count(),
-                        f"data sheet: {name} dense bf16 x {jax.device_count()} device(s)")
+    name = data_sheet_chip(jax.devices()[0].device_kind)
+    if name:
+        return Peak(PEAK_BF16[name] * jax.device_count(),
+                    f"data sheet: {name} dense bf16 x {jax.device_count()} device(s)")
     cpu = cpu_peak(dtype)
     processes = jax.process_count()
     return Peak(cpu.flops * processes, cpu.source + (f"; x {processes} processes" if processes > 1 else ""))

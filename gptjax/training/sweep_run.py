@@ -26,7 +26,8 @@ from gptjax.data.prepare import prepare_embedded
 from gptjax.data.prepared import load_prepared
 from gptjax.data.windows import WindowSampler, eval_batches, gather
 from gptjax.errors import GptjaxError, RunFailed
-from gptjax.training import run_dir, sweep, sweep_report
+from gptjax.training import run_dir, sweep, sweep_limits, sweep_report
+from gptjax.training.compiled import compile_error
 from gptjax.training.metrics import JsonlLog
 
 AXIS = "member"  # the mesh axis the members are spread over
@@ -55,9 +56,15 @@ def run_sweep(cfg: C.RunConfig, members: list[C.TrainConfig], out: str | Path, *
         log = JsonlLog(out / "metrics.jsonl")
         try:
             tokens_per_s = runner.run(log)
-        finally:  # interrupted or not, what was learned so far is reported
-            rows = sweep_report.summarize(members, log.read())
-            files = sweep_report.write(out, cfg, rows, runner.summary(), echo)
+        except BaseException:  # interrupted or failed: report what was learned, then re-raise
+            try:
+                sweep_report.write(out, cfg, sweep_report.summarize(members, log.read()),
+                                   runner.summary(), echo)
+            except Exception as e:  # never in place of the error that stopped the sweep
+                echo(f"the sweep's report could not be written: {e}")
+            raise
+        rows = sweep_report.summarize(members, log.read())
+        files = sweep_report.write(out, cfg, rows, runner.summary(), echo)
     result = SweepResult(out, rows, tokens_per_s, files)
     if all(r["diverged_at"] is not None for r in rows):
         raise RunFailed(f"every member of the sweep diverged (see {files['table']})")
@@ -65,15 +72,7 @@ def run_sweep(cfg: C.RunConfig, members: list[C.TrainConfig], out: str | Path, *
 
 
 def _check(cfg: C.RunConfig, members: list[C.TrainConfig], out: Path, devices: int) -> None:
-    t = cfg.train
-    refused = {"mesh": (t.mesh, "spread members with --devices instead"),
-               "stats_every": (t.stats_every, "train the chosen member with gptjax train"),
-               "spike_policy": (t.spike_policy != "none", "a rollback would stop every member"),
-               "lr_tails": (t.lr_tails, "tails extend a run's schedule: gptjax train --extend-to"),
-               "log_to": (t.log_to not in ("", "jsonl"), "a sweep writes metrics.jsonl only")}
-    for name, (given, hint) in refused.items():
-        if given:
-            raise GptjaxError(f"gptjax sweep does not take train.{name} ({hint})")
+    sweep_limits.check(cfg.train)
     if jax.process_count() > 1:
         raise GptjaxError("gptjax sweep runs in one process")
     if not members:
@@ -106,12 +105,15 @@ class _Runner:
         self.val = [jax.device_put(b, replicated) for b in
                     eval_batches(data.val, T, eval_rows, t.eval_batches * t.grad_accum)]
         started = time.perf_counter()
-        self.step = jax.jit(sweep.make_sweep_step(m, t), donate_argnums=0,
-                            in_shardings=(state_sharding, self.spread, self.spread),
-                            out_shardings=(state_sharding, self.spread)).lower(
-            abstract, batch, jax.eval_shape(lambda: sweep.hparams(members))).compile()
-        self.eval = jax.jit(sweep.make_sweep_eval(m), in_shardings=(state_sharding.params, replicated),
-                            out_shardings=self.spread).lower(abstract.params, self.val[0]).compile()
+        try:
+            self.step = jax.jit(sweep.make_sweep_step(m, t), donate_argnums=0,
+                                in_shardings=(state_sharding, self.spread, self.spread),
+                                out_shardings=(state_sharding, self.spread)).lower(
+                abstract, batch, jax.eval_shape(lambda: sweep.hparams(members))).compile()
+            self.eval = jax.jit(sweep.make_sweep_eval(m), in_shardings=(state_sharding.params, replicated),
+                                out_shardings=self.spread).lower(abstract.params, self.val[0]).compile()
+        except Exception as e:
+            raise compile_error(e) from None
         self.init = jax.jit(lambda: sweep.init_states(m, t, members), out_shardings=state_sharding)
         self.compile_seconds = time.perf_counter() - started
         self.hparams = jax.device_put(sweep.hparams(members), self.spread)
@@ -148,10 +150,12 @@ class _Runner:
         diverged = [False] * len(self.members)
         clock, timed_steps, timed_seconds, pending_timed = time.perf_counter(), 0, 0.0, 0
         bar = tqdm(total=end, desc="sweep", unit="step", dynamic_ncols=True, disable=not self.progress)
+        taken = 0
         try:
             for step in range(1, end + 1):
                 state, metrics = self.step(state, self.batch(step - 1), self.hparams)
                 pending.append(metrics)
+                taken = step
                 if step == 1:  # keep the first (warm-up) step out of tokens/s
                     jax.block_until_ready(metrics)
                     clock = time.perf_counter()
@@ -187,6 +191,12 @@ class _Runner:
                 if all(diverged):
                     break
                 clock = time.perf_counter()  # logging and evaluation stay out of tokens/s
+        except KeyboardInterrupt:  # the steps taken since the last record still get theirs
+            if pending:
+                self._log_train(log, taken - len(pending) + 1,
+                                [jax.tree.map(np.asarray, m_) for m_ in pending], diverged)
+                self.steps_done = taken
+            raise
         finally:
             bar.close()
         return self.tokens_per_s
@@ -200,12 +210,13 @@ class _Runner:
             if bad.any() and not diverged[i]:
                 diverged[i] = True
                 log.write({"kind": "diverged", "step": first + int(np.argmax(bad)), "member": i})
-            last = fetched[-1]
+            last, loss = fetched[-1], float(losses[:, i].mean())
+            share = self.tokens_per_s / len(self.members) if self.tokens_per_s else None
             log.write({"kind": "train", "step": first + len(fetched) - 1, "member": i,
-                       "loss": _finite(float(losses[:, i].mean())),
+                       "loss": _finite(loss), "ppl": _finite(math.exp(min(loss, 50))),
                        "loss_last": _finite(float(losses[-1, i])), "lr": float(last["lr"][i]),
                        "grad_norm": _finite(float(last["grad_norm"][i])),
-                       "tokens_per_s": self.tokens_per_s})
+                       "tokens_per_s": share})  # this member's share of the sweep's rate
 
 
 def _finite(x: float) -> float | None:

@@ -14,6 +14,7 @@ from gptjax.bench import plan as P
 from gptjax.bench.train_step import build_train_step, memory_stats
 from gptjax.config import TrainConfig, preset
 from gptjax.errors import GptjaxError
+from gptjax.training.metrics import PEAK_BF16, data_sheet_chip
 
 TINY = preset("tiny", vocab_size=65)
 
@@ -86,3 +87,21 @@ def test_a_model_that_never_fits_says_so_and_exits_1(capsys):
 def test_parse_tokens_refuses_zero():
     with pytest.raises(GptjaxError):
         P.parse_tokens("0")
+
+
+@pytest.mark.parametrize("kind, chip", [("NVIDIA H100 80GB HBM3", "H100"), ("NVIDIA L4", "L4"),
+                                        ("NVIDIA L40S", None), ("TPU v5 lite", "TPU v5 lite"),
+                                        ("TPU v6 lite", "TPU v6"), ("TPU v5p", "TPU v5p"),
+                                        ("cpu", None)])
+def test_a_data_sheet_chip_is_a_whole_word_of_the_device_kind(kind, chip):
+    assert data_sheet_chip(kind) == chip
+
+
+def test_every_chip_with_a_peak_has_a_bandwidth():
+    assert set(P.BANDWIDTH) == set(PEAK_BF16)
+
+
+def test_a_largest_batch_below_the_replicas_is_refused():
+    dev = P.Device("cpu", 4, 1e9, 1e11, 1e10, {})
+    with pytest.raises(GptjaxError, match="a largest batch of 2 is fewer rows than the 4 data replicas"):
+        P.fit(TINY, "data=4", "none", dev, 2)

@@ -80,6 +80,7 @@ def test_a_diverging_member_is_reported_and_the_rest_train_on(char_data, tmp_pat
     (["--lrs", "1e-3,2e-3,3e-3", "--devices", "2"], "--devices 2: needs 1..1 devices"),
     (["--mesh", "data=1"], "does not take train.mesh"),
     (["--stats-every", "2"], "does not take train.stats_every"),
+    (["--on-nonfinite", "skip"], "does not take train.on_nonfinite (a member with a non-finite"),
 ])
 def test_bad_sweeps_are_refused_before_anything_is_written(char_data, tmp_path, capsys, flags, match):
     fails_cleanly(capsys, "sweep", "--data", char_data, "--out", tmp_path / "s", *SWEEP, *flags,
@@ -93,3 +94,30 @@ def test_a_sweep_never_writes_into_a_folder_with_files(char_data, tmp_path, caps
     fails_cleanly(capsys, "sweep", "--data", char_data, "--out", tmp_path / "s", *SWEEP,
                   match="exists and is not empty")
     assert [p.name for p in (tmp_path / "s").iterdir()] == ["notes.txt"]
+
+
+def test_help_leaves_out_the_settings_a_sweep_refuses(capsys):
+    from gptjax.cli.app import main
+    with pytest.raises(SystemExit):
+        main(["sweep", "--help"])
+    shown = capsys.readouterr().out
+    assert "--lrs" in shown and "--weight-decay " in shown
+    assert not any(f"--{flag} " in shown for flag in ("mesh", "stats-every", "on-nonfinite", "log-to"))
+
+
+def test_an_interrupted_sweep_logs_the_steps_it_took_and_reports_them(char_data, tmp_path, capsys,
+                                                                      monkeypatch):
+    from gptjax.training import sweep_run
+    batch = sweep_run._Runner.batch
+
+    def interrupted_at_4(self, step):
+        if step == 3:  # the batch of step 4: steps 1-3 are taken, logged every 5
+            raise KeyboardInterrupt
+        return batch(self, step)
+    monkeypatch.setattr(sweep_run._Runner, "batch", interrupted_at_4)
+    code, _, err = run_cli(capsys, "sweep", "--data", char_data, "--out", tmp_path / "s", *SWEEP,
+                           *GRID, "--log-every", "5")
+    assert code == 130 and "interrupted" in err
+    assert [r["step"] for r in _records(tmp_path / "s" / "metrics.jsonl", "train", 2)] == [3]
+    assert json.loads((tmp_path / "s" / "sweep.json").read_text())["steps"] == 3
+    assert "| 2 |" in (tmp_path / "s" / "sweep.md").read_text()
