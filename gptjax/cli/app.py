@@ -21,6 +21,7 @@ from gptjax.cli import finetune as cli_finetune
 from gptjax.cli import generate as cli_generate
 from gptjax.cli import inspection as cli_inspection
 from gptjax.cli import plan as cli_plan
+from gptjax.cli import serve as cli_serve
 from gptjax.cli import sweep as cli_sweep
 from gptjax.cli import train as cli_train
 from gptjax.errors import GptjaxError, Preempted, RunFailed
@@ -50,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     cli_inspection.add_parser(sub)
     cli_sweep.add_parser(sub)
     cli_plan.add_parser(sub)
+    cli_serve.add_parser(sub)
     return p
 
 
@@ -61,7 +63,7 @@ COMMANDS = {**cli_train.COMMANDS, "generate": cli_generate.run, "eval": cli_eval
             "convert": cli_convert.run, "bench": cli_bench.run,
             "check": cli_check.run, **cli_finetune.COMMANDS,
             "distill": cli_distill.run, "inspect": cli_inspection.run, **cli_sweep.COMMANDS,
-            **cli_plan.COMMANDS}
+            **cli_plan.COMMANDS, **cli_serve.COMMANDS}
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):

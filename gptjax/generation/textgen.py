@@ -21,7 +21,10 @@ MAX_CHUNK = 16
 INCOMPLETE = "\ufffd"  # what a decoder shows for a UTF-8 sequence cut mid-character
 
 
-class _Row:
+class TextRow:
+    """One row's text so far: cut at the first stop string, streamed without a tail that
+    could still become one."""
+
     def __init__(self, stops: Sequence[str]):
         self.ids: list[int] = []
         self.text = ""
@@ -67,7 +70,7 @@ def generate_text(params, config: ModelConfig, tokenizer: Tokenizer,
     decoder = Decoder(params, config, ids, max_new_tokens, sampling,
                       valid_vocab=tokenizer.vocab_size, eot_id=tokenizer.eot_id,
                       stop_at_eot=stop_at_eot)
-    rows = [_Row(stops) for _ in prompts]
+    rows = [TextRow(stops) for _ in prompts]
     eot = tokenizer.eot_id if stop_at_eot else None
 
     def decode(ids):

@@ -24,11 +24,14 @@ class KVCache(NamedTuple):
     (measured: (batch, length, head, head_dim) made XLA transpose every layer's cache on
     every step, and two batch axes made it copy). Rows are left-padded, so every row
     writes its next token at the same column `index`; `valid` is False on padding.
+
+    A serving cache (gptjax.serve) holds unrelated requests in its rows instead, each
+    started at column 0: there `index` is per row, (batch,), each row's next column.
     """
 
     k: tuple  # per layer: (batch * head, length, head_dim)
     v: tuple  # per layer: (batch * head, length, head_dim)
-    index: jax.Array  # int32 scalar: the column the next token is written to
+    index: jax.Array  # int32: the column the next token is written to, shared () or per row (batch,)
     valid: jax.Array  # (batch, length) bool
 
 
@@ -50,16 +53,16 @@ def cached_attention(q_bthd, k_bthd, v_bthd, cache: KVCache, layer: int):
     def rows(x_bthd):  # (batch * head, time, head_dim): one batch axis, as XLA's dot wants
         return x_bthd.transpose(0, 2, 1, 3).reshape(b * h, t, hd)
 
-    k_rsd = jax.lax.dynamic_update_slice(cache.k[layer], rows(k_bthd).astype(cache.k[layer].dtype),
-                                         (0, cache.index, 0))
-    v_rsd = jax.lax.dynamic_update_slice(cache.v[layer], rows(v_bthd).astype(cache.v[layer].dtype),
-                                         (0, cache.index, 0))
+    per_row = cache.index.ndim == 1
+    k_rsd, v_rsd = (_write(c[layer], rows(x).astype(c[layer].dtype), cache.index, h)
+                    for c, x in ((cache.k, k_bthd), (cache.v, v_bthd)))
     s = k_rsd.shape[1]
-    query_col_t = cache.index + jnp.arange(t)
+    index_b1 = cache.index[:, None] if per_row else jnp.broadcast_to(cache.index, (b, 1))
+    query_col_bt = index_b1 + jnp.arange(t)[None, :]
     key_col_s = jnp.arange(s)
-    causal_ts = key_col_s[None, :] <= query_col_t[:, None]
+    causal_bts = key_col_s[None, None, :] <= query_col_bt[:, :, None]
     # A padding query may see itself only, so no softmax row is empty (its output is unused).
-    visible_bts = (cache.valid[:, None, :] | (key_col_s == query_col_t[:, None])[None]) & causal_ts
+    visible_bts = (cache.valid[:, None, :] | (key_col_s == query_col_bt[:, :, None])) & causal_bts
     scores_rts = jnp.einsum("rtd,rsd->rts", rows(q_bthd), k_rsd.astype(q_bthd.dtype),
                             preferred_element_type=jnp.float32) / math.sqrt(hd)
     scores_bhts = jnp.where(visible_bts[:, None], scores_rts.reshape(b, h, t, s), -jnp.inf)
@@ -69,3 +72,13 @@ def cached_attention(q_bthd, k_bthd, v_bthd, cache: KVCache, layer: int):
     k = cache.k[:layer] + (k_rsd,) + cache.k[layer + 1:]
     v = cache.v[:layer] + (v_rsd,) + cache.v[layer + 1:]
     return y_bthd, cache._replace(k=k, v=v)
+
+
+def _write(cache_rsd, new_rtd, index, heads: int):
+    """The cache with `new_rtd` written from column `index`: one column for all rows (a
+    shared index, a slice update in place), or each row's own (a per-row index)."""
+    if index.ndim == 0:
+        return jax.lax.dynamic_update_slice(cache_rsd, new_rtd, (0, index, 0))
+    index_r = jnp.repeat(index, heads)  # rows are (batch, head) flattened, batch-major
+    return jax.vmap(lambda c_sd, x_td, i: jax.lax.dynamic_update_slice(c_sd, x_td, (i, 0)))(
+        cache_rsd, new_rtd, index_r)

@@ -39,6 +39,8 @@ TABLE = {
     "--eps": "FLOAT", "--tolerance": "FLOAT", "--lrs": "LIST", "--weight-decays": "LIST",
     "--seeds": "LIST", "--devices": "INT", "--remats": "LIST", "--tokens": "COUNT",
     "--max-batch": "INT", "--device-memory": "GIB", "--bandwidth": "FLOAT", "--mesh": "MESH",
+    "--host": "HOST", "--port": "INT", "--model-name": "NAME", "--max-queue": "INT",
+    "--max-body-bytes": "INT", "--input": "FILE", "--output": "FILE",
 }
 # Where one command's value is another kind of thing under the same name.
 EXCEPTIONS = {

@@ -11,7 +11,7 @@ from gptjax.data.tokenizer import ByteTokenizer
 from gptjax.errors import GptjaxError
 from gptjax.generation.decoder import Decoder, generate, generate_batch
 from gptjax.generation.sampling import Sampling, sample_logits
-from gptjax.generation.textgen import _Row, generate_text
+from gptjax.generation.textgen import TextRow, generate_text
 
 CFG = preset("tiny", vocab_size=40, context_length=16)
 
@@ -238,7 +238,7 @@ def test_numpy_scalars_are_accepted_as_sampling_settings(params):
 def test_streaming_never_shows_the_start_of_a_multibyte_stop_string():
     """The stop string's last character arrives byte by byte after its first one."""
     tok = ByteTokenizer()
-    row = _Row(["答："])
+    row = TextRow(["答："])
     shown = ""
     for b in "问答：x".encode():
         row.extend([b], tok.decode)
