@@ -3,11 +3,12 @@ the official openai client over loopback HTTP, against one request at a time, in
 
 The model is a preset with random weights (GPT-2 124M by default: `gpt2`) and the GPT-2
 tokenizer (GPTJAX_GPT2_RANKS or --gpt2-ranks), served by a child process with as many
-slots as clients (the clients' threads stay in this one, off the server's GIL). Every
-request asks for --max-tokens tokens at temperature 1 with its own seed (random weights
-rarely draw end-of-text, and the usage counts what was generated). Reported: errors,
-p50/p99 time to first token and request latency, and aggregate generated tokens/s; the
-concurrent rate over the sequential one is the speed-up.
+slots as clients (the clients' threads stay in this one, off the server's GIL); one
+request at a time is measured on a one-slot server of its own. Every request asks for
+--max-tokens tokens at temperature 1 with its own seed (random weights rarely draw
+end-of-text, and the usage counts what was generated). Reported: errors, p50/p99 time to
+first token and request latency, and aggregate generated tokens/s; the concurrent rate
+over the sequential one is the speed-up.
 
     python benchmarks/serve_load.py --clients 16 --requests 4 --max-tokens 32
 """
@@ -82,14 +83,14 @@ def _quantile(xs: list[float], q: int) -> float | None:
     return statistics.quantiles(xs, n=100, method="inclusive")[q - 1]
 
 
-def serve_random(preset: str, slots: int, ranks: str | None) -> None:
+def serve_random(preset: str, slots: int, max_len: int, ranks: str | None) -> None:
     """The server process: a preset with random weights, warmed up, on a free port (its URL
     and warm-up seconds printed as one JSON line), serving until killed. Its own process,
     so the clients' Python does not share a GIL (or the cores' time) with the scheduler's."""
     tokenizer = GPT2Tokenizer(ranks)
     cfg = C.preset(preset, vocab_size=tokenizer.vocab_size)
     served = Served("load", cfg, tokenizer, model.init(cfg, jax.random.PRNGKey(0)), "transcript")
-    engine = Engine(served.params, cfg, slots, tokenizer.vocab_size)
+    engine = Engine(served.params, cfg, slots, tokenizer.vocab_size, max_len)
     t0 = time.perf_counter()
     engine.warm_up()
     metrics = Metrics()
@@ -99,6 +100,26 @@ def serve_random(preset: str, slots: int, ranks: str | None) -> None:
     server.wait()
 
 
+def measured(args, slots: int, clients: int, requests: int) -> tuple[dict, float]:
+    """`load` against a fresh server process with `slots` slots; (results, its warm-up s)."""
+    child = [sys.executable, __file__, "--server-child", "--preset", args.preset, "--clients",
+             str(slots), "--max-model-len", str(args.max_model_len),
+             *(["--gpt2-ranks", args.gpt2_ranks] if args.gpt2_ranks else [])]
+    server = subprocess.Popen(child, stdout=subprocess.PIPE, text=True)
+    try:
+        line = server.stdout.readline()
+        if not line:
+            raise SystemExit(f"the server process exited ({server.wait()})")
+        started = json.loads(line)
+        client = openai.OpenAI(base_url=f"{started['url']}/v1", api_key="none", max_retries=0,
+                               timeout=600)
+        one_request(client, 0, 2)  # the HTTP path's first use, out of the timings
+        return load(client, clients, requests, args.max_tokens), started["warm_up_s"]
+    finally:
+        server.kill()
+        server.wait(10)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="gpt2", choices=list(C.PRESETS))
@@ -106,38 +127,28 @@ def main(argv=None) -> None:
     p.add_argument("--requests", type=int, default=4, help="per client")
     p.add_argument("--sequential", type=int, default=4, help="requests sent one at a time")
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--max-model-len", type=int, default=128, help="the servers' --max-model-len: "
+                   "every step attends over this many columns (the prompt is 30 tokens)")
     p.add_argument("--gpt2-ranks", default=None)
     p.add_argument("--json", default=None)
     p.add_argument("--results", default=None, help="append the table to this file")
     p.add_argument("--server-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.server_child:
-        return serve_random(args.preset, args.clients, args.gpt2_ranks)
-
-    child = [sys.executable, __file__, "--server-child", "--preset", args.preset, "--clients",
-             str(args.clients), *(["--gpt2-ranks", args.gpt2_ranks] if args.gpt2_ranks else [])]
-    server = subprocess.Popen(child, stdout=subprocess.PIPE, text=True)
-    try:
-        line = server.stdout.readline()
-        if not line:
-            raise SystemExit(f"the server process exited ({server.wait()})")
-        started = json.loads(line)
-        url, warm = started["url"], started["warm_up_s"]
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
-        one_request(client, 0, 2)  # the HTTP path's first use, out of the timings
-        single = load(client, 1, args.sequential, args.max_tokens)
-        many = load(client, args.clients, args.requests, args.max_tokens)
-    finally:
-        server.kill()
-        server.wait(10)
+        return serve_random(args.preset, args.clients, args.max_model_len, args.gpt2_ranks)
+    # One request at a time on a one-slot server (what serving them one by one costs at
+    # best: a wider server's step is wider), then the clients on a server with a slot each.
+    single, warm = measured(args, 1, 1, args.sequential)
+    many, _ = measured(args, args.clients, args.clients, args.requests)
     speedup = many["tokens_per_s"] / single["tokens_per_s"]
 
     def ms(x):
         return f"{1000 * x:,.0f}" if x is not None else "-"
     info = provenance.machine_info()
-    lines = [f"### serve load: {args.preset} (random weights), {args.clients} slots, {args.max_tokens} "
-             f"new tokens per request, prompt 30 tokens ({info['date']}, {info['cpu']}, "
-             f"{info['cores']} cores, jax {info['jax']}; warm-up compiles {warm:.0f} s)", "",
+    lines = [f"### serve load: {args.preset} (random weights), 1 slot then {args.clients}, "
+             f"--max-model-len {args.max_model_len}, {args.max_tokens} new tokens per request, "
+             f"prompt 30 tokens ({info['date']}, {info['cpu']}, "
+             f"{info['cores']} cores, jax {info['jax']}; one-slot warm-up compiles {warm:.0f} s)", "",
              "| clients | requests | errors | TTFT p50 ms | TTFT p99 ms | latency p50 ms | "
              "latency p99 ms | tokens/s |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in (single, many):

@@ -45,6 +45,16 @@ def add_parser(sub) -> None:
                     "auto = the native CPU kernel where it builds, xla = XLA's (default: the "
                     "run's config, normally auto)")
     ge.add_argument("--no-stream", action="store_true", help="print only when finished")
+    batch = ge.add_argument_group("batch inference", "prompts from a JSONL file, answered "
+                                  "through the serving scheduler (continuous batching)")
+    batch.add_argument("--input", metavar="FILE", help="JSONL of {\"id\": ..., \"prompt\": "
+                       "\"...\"} records (an id defaults to the line number)")
+    batch.add_argument("--output", metavar="FILE", help="JSONL the answers are appended to as "
+                       "they finish; the same command again continues with the first id that "
+                       "has none")
+    batch.add_argument("--max-batch", type=int, default=8, metavar="INT",
+                       help="prompts decoded together (default: 8)")
+    batch.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_checkpoint(ge, when="with --run: ", default=None)
     add_gpt2_ranks(ge)
 
@@ -57,6 +67,15 @@ def run(args) -> int:
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed).check()
     check_max_new_tokens(args.max_new_tokens)
+    if (args.input is None) != (args.output is None):
+        raise GptjaxError("batch inference takes both --input FILE and --output FILE")
+    if args.input and args.prompt:
+        raise GptjaxError("give prompts as --prompt or in an --input file, not both")
+    if args.max_batch < 1:
+        raise GptjaxError("--max-batch must be positive")
+    if args.input:
+        from gptjax.serve.batch import read_prompts
+        read_prompts(args.input)  # a bad file fails before the model loads
     prompts = args.prompt or [""]
     for text in prompts + args.stop:
         try:
@@ -74,6 +93,8 @@ def run(args) -> int:
         params, model_cfg = cast(params, model_cfg, args.dtype)
     if args.decode_matmul:
         model_cfg = dataclasses.replace(model_cfg, decode_matmul=args.decode_matmul)
+    if args.input:
+        return _batch(args, loaded, params, model_cfg, sampling)
     params = decode_params(params)  # the decode layout, once (see gptjax.generation.decoder)
     loaded.params = None  # let the stacked copy go
     for text in prompts:  # text the tokenizer refuses fails here, before any is echoed
@@ -96,4 +117,18 @@ def run(args) -> int:
         if len(prompts) > 1:
             print(f"--- {i + 1} ---")
         print(prompt + text)
+    return 0
+
+
+def _batch(args, loaded, params, model_cfg, sampling) -> int:
+    from gptjax.serve.batch import BatchSettings, run_batch
+    from gptjax.serve.served import Served
+
+    served = Served(str(args.run or args.hf), model_cfg, loaded.tokenizer, params, "transcript")
+    settings = BatchSettings(args.max_new_tokens, sampling.temperature, sampling.top_k or 0,
+                             sampling.top_p or 1.0, sampling.seed, tuple(s for s in args.stop if s),
+                             not args.ignore_eot)
+    answered = run_batch(served, args.input, args.output, settings, args.max_batch,
+                         progress=not args.no_progress)
+    print(f"answered {answered} prompt(s) into {args.output}")
     return 0

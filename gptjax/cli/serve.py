@@ -37,6 +37,10 @@ def add_parser(sub) -> None:
                     "the run folder's name)")
     sv.add_argument("--max-batch", type=int, default=8, metavar="INT",
                     help="requests decoded together: slots of the KV cache (default: 8)")
+    sv.add_argument("--max-model-len", type=int, metavar="INT", help="most tokens a request "
+                    "may hold, prompt and answer (default: the model's context). Every decode "
+                    "step attends over this many cache columns of every slot, so short requests "
+                    "decode faster under a smaller value")
     sv.add_argument("--max-queue", type=int, default=64, metavar="INT",
                     help="requests that may wait for a slot before the server answers 429 (default: 64)")
     sv.add_argument("--truncate", action="store_true", help="keep the end of a prompt too "
@@ -79,10 +83,11 @@ def run(args) -> int:
 
     served = load_served(args.run, args.hf, args.checkpoint or "latest", args.gpt2_ranks, args.dtype,
                          args.model_name)
-    engine = Engine(served.params, served.config, args.max_batch, served.tokenizer.vocab_size)
+    engine = Engine(served.params, served.config, args.max_batch, served.tokenizer.vocab_size,
+                    args.max_model_len)
     served.params = None  # the engine holds the decode layout; let the stacked copy go
-    print(f"gptjax serve: compiling for {args.max_batch} slots of {served.config.context_length} "
-          "tokens ...", file=sys.stderr, flush=True)
+    print(f"gptjax serve: compiling for {args.max_batch} slots of {engine.max_len} tokens ...",
+          file=sys.stderr, flush=True)
     engine.warm_up()
     metrics = Metrics()
     scheduler = Scheduler(engine, served.tokenizer, max_queue=args.max_queue, metrics=metrics).start()

@@ -58,7 +58,7 @@ def create_app(served: Served, scheduler: Scheduler, metrics: Metrics,
     app = FastAPI(title="gptjax", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(_CountRequests, metrics=metrics)
     started = int(time.time())
-    ctx, tok = served.config.context_length, served.tokenizer
+    ctx, tok = scheduler.engine.max_len, served.tokenizer  # the tokens a request may hold
 
     @app.exception_handler(ApiError)
     async def api_error(_, e: ApiError):
@@ -112,13 +112,13 @@ def create_app(served: Served, scheduler: Scheduler, metrics: Metrics,
         if max_tokens is None:  # chat: what the context leaves (a quarter of it, truncating)
             max_tokens = ctx - len(ids) if len(ids) < ctx or not options.truncate else ctx // 4
             if max_tokens < 1:
-                raise ApiError(400, f"this model's context is {ctx} tokens and the prompt fills "
+                raise ApiError(400, f"this server's context is {ctx} tokens and the prompt fills "
                                     "it", "messages", code="context_length_exceeded")
         if max_tokens >= ctx:
             raise ApiError(400, f"max_tokens must be below the context length ({ctx})", "max_tokens")
         if len(ids) + max_tokens > ctx:
             if not options.truncate:
-                raise ApiError(400, f"this model's context is {ctx} tokens; the prompt has "
+                raise ApiError(400, f"this server's context is {ctx} tokens; the prompt has "
                                     f"{len(ids)} and max_tokens asks for {max_tokens}", "prompt",
                                code="context_length_exceeded")
             ids = ids[len(ids) + max_tokens - ctx:]

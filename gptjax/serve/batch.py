@@ -90,6 +90,8 @@ def run_batch(served: Served, inputs: str | Path, output: str | Path, settings: 
     done = answered(output)
     todo = [(i, rid, text) for i, (rid, text) in enumerate(prompts) if rid not in done]
     ctx, tok = served.config.context_length, served.tokenizer
+    if settings.max_tokens < 1:
+        raise GptjaxError("batch inference needs --max-new-tokens of at least 1")
     if settings.max_tokens >= ctx:
         raise GptjaxError(f"--max-new-tokens {settings.max_tokens} leaves no room for a prompt in "
                           f"the context of {ctx}")
@@ -101,7 +103,10 @@ def run_batch(served: Served, inputs: str | Path, output: str | Path, settings: 
                       f"--max-new-tokens {settings.max_tokens}; they keep their last {room} tokens")
     if not encoded:
         return 0
-    engine = Engine(served.params, served.config, min(slots, len(encoded)), tok.vocab_size)
+    # The cache only as long as the longest request needs: every step reads all of it.
+    longest = max(min(len(ids), room) for _, _, ids in encoded) + settings.max_tokens
+    engine = Engine(served.params, served.config, min(slots, len(encoded)), tok.vocab_size,
+                    min(longest, ctx))
     scheduler = Scheduler(engine, tok, max_queue=len(encoded)).start()
     finished = threading.Semaphore(0)
     lock = threading.Lock()

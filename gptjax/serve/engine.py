@@ -6,7 +6,7 @@ handful of shapes cover every prompt) into a fresh one-row cache, which `insert`
 into a free slot's rows. Every slot starts at column 0 and keeps its own next column (the
 cache's per-row `index`), so requests of different lengths share every step, and a slot's
 stale columns from an earlier request sit past its index where the causal mask hides them.
-Every shape is fixed by (slots, context, bucket), so after `warm_up` nothing recompiles.
+Every shape is fixed by (slots, max_len, bucket), so after `warm_up` nothing recompiles.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np
 
 from gptjax import model
 from gptjax.config import ModelConfig
+from gptjax.errors import GptjaxError
 from gptjax.model.kv_cache import KVCache
 from gptjax.serve.row_sampling import row_keys, sample_rows
 
@@ -86,9 +87,9 @@ def _insert(slots: KVCache, one: KVCache, slot, length, heads: int) -> KVCache:
          donate_argnames="cache")
 def _decode(params, cache: KVCache, last_s, active_s, settings, config, valid_vocab, truncate,
             top_logprobs):
-    # The scheduler keeps every request inside the context; the clip only keeps a free
-    # slot's column in range, where a position past the table would be NaN.
-    positions_s1 = jnp.minimum(cache.index, config.context_length - 1)[:, None]
+    # The scheduler keeps every request inside max_len; the clip only keeps a free slot's
+    # column in range, where a position past the table would be NaN.
+    positions_s1 = jnp.minimum(cache.index, cache.valid.shape[1] - 1)[:, None]
     logits_sv, cache = model.apply_cached(params, last_s[:, None], positions_s1, cache, config)
     keys = row_keys(settings.seed, settings.count)
     sampled = sample_rows(logits_sv, keys, settings.temperature, settings.top_k, settings.top_p,
@@ -101,11 +102,19 @@ class Engine:
     """`slots` requests' KV caches, advanced together. Not thread-safe: one caller (the
     scheduler's thread) drives it."""
 
-    def __init__(self, params, config: ModelConfig, slots: int, valid_vocab: int):
+    def __init__(self, params, config: ModelConfig, slots: int, valid_vocab: int,
+                 max_len: int | None = None):
+        """`max_len` (default: the context) is the most tokens a request may hold, prompt
+        and answer: every step attends over that many columns of every slot, so a server
+        whose requests are short runs faster with a shorter one."""
+        if max_len is not None and not 1 < max_len <= config.context_length:
+            raise GptjaxError(f"a served length of {max_len} must be in 2..{config.context_length} "
+                              "(the model's context)")
         self.params = model.decode_params(params)
         self.config, self.slots, self.valid_vocab = config, slots, valid_vocab
-        ctx = config.context_length
-        self.cache = model.init_cache(config, slots, ctx)._replace(index=jnp.zeros(slots, jnp.int32))
+        self.max_len = max_len or config.context_length
+        self.cache = model.init_cache(config, slots, self.max_len)._replace(
+            index=jnp.zeros(slots, jnp.int32))
         self.last = np.zeros(slots, np.int32)  # the id each slot feeds next
         self.active = np.zeros(slots, bool)
         self.lengths = np.zeros(slots, np.int32)  # columns each slot has written
@@ -121,9 +130,8 @@ class Engine:
     def start(self, slot: int, prompt: list[int], temperature: float, top_k: int, top_p: float,
               seed: int, logprobs: bool = False) -> Sampled:
         """Prefill `prompt` into `slot` and draw its first id."""
-        ctx = self.config.context_length
         n = len(prompt)
-        tokens = np.zeros((1, bucket_for(n, ctx)), np.int32)
+        tokens = np.zeros((1, bucket_for(n, self.max_len)), np.int32)
         tokens[0, :n] = prompt
         one = Settings(*(np.asarray([v], a.dtype) for v, a in
                          zip((temperature, top_k, top_p, seed, 0), self.settings)))
@@ -157,7 +165,7 @@ class Engine:
     def warm_up(self) -> None:
         """Compile every prefill bucket and sampling variant now, so that no request waits
         for a compile."""
-        for b in prompt_buckets(self.config.context_length):
+        for b in prompt_buckets(self.max_len):
             self.start(0, [0] * b, 1.0, 0, 1.0, 0)
         for top_k, logprobs in ((0, False), (1, False), (0, True), (1, True)):
             self.start(0, [0], 1.0, top_k, 1.0, 0, logprobs)

@@ -84,7 +84,7 @@ class Scheduler:
     def __init__(self, engine: Engine, tokenizer: Tokenizer, *, max_queue: int = 256,
                  prefill_budget: int | None = None, metrics=None):
         self.engine, self.tokenizer, self.max_queue = engine, tokenizer, max_queue
-        self.prefill_budget = prefill_budget or engine.config.context_length
+        self.prefill_budget = prefill_budget or engine.max_len
         self.metrics = metrics or NullMetrics()
         self._waiting: collections.deque[Request] = collections.deque()
         self._slots: list[_Live | None] = [None] * engine.slots

@@ -130,7 +130,7 @@ BAD = [
     ({"prompt": "hi", "top_p": 0}, 400, "top_p must be in (0, 1]"),
     ({"prompt": "hi", "top_p": 1.5}, 400, "top_p must be in (0, 1]"),
     ({"prompt": "hi", "model": "gpt-9"}, 404, "the model 'gpt-9' does not exist"),
-    ({"prompt": "x" * 180, "max_tokens": 10}, 400, "this model's context is 184 tokens"),
+    ({"prompt": "x" * 180, "max_tokens": 10}, 400, "this server's context is 184 tokens"),
     ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop must be a string or a list"),
     ({"prompt": [1, 2, 300]}, 400, "token ids outside the vocabulary of 257"),
 ]
