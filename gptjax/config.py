@@ -77,6 +77,13 @@ class ModelConfig:
         "kernel and XLA's dot this machine measured faster (timed once, recorded); xla = "
         "XLA's dot always",
         choices=("auto", "native", "xla"), resume_safe=True)
+    quantize: str = _f(
+        "none", "decoding's weights (generate, serve): none, int8 (per output channel, "
+        "symmetric; gptjax's CPU kernel reads them where it runs) or int4 (group-wise, "
+        "quant_group inputs per scale); training keeps float weights; may change on resume",
+        choices=("none", "int8", "int4"), resume_safe=True)
+    quant_group: int = _f(64, "with quantize int4: inputs that share one scale (even, and "
+                              "dividing d_model and the MLP width)", resume_safe=True)
 
     @property
     def head_dim(self) -> int:
@@ -203,6 +210,14 @@ def preset(name: str, **overrides) -> ModelConfig:
     return dataclasses.replace(ModelConfig(), **{**PRESETS[name], **overrides})
 
 
+def check_quantize(m: ModelConfig) -> None:
+    """int4's groups must tile every product's inputs: d_model, heads x head_dim, the MLP."""
+    if m.quantize == "int4" and (m.quant_group < 2 or m.quant_group % 2 or m.d_model % m.quant_group
+                                 or m.d_mlp % m.quant_group):
+        raise GptjaxError(f"model.quant_group {m.quant_group} must be even and divide d_model "
+                          f"({m.d_model}) and the MLP width ({m.d_mlp})")
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     """Raise GptjaxError for the first inconsistent or out-of-range field."""
     m, t, d = cfg.model, cfg.train, cfg.data
@@ -221,6 +236,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise GptjaxError(f"model.d_model ({m.d_model}) must be divisible by model.n_head ({m.n_head})")
     if not 0.0 <= m.dropout < 1.0:
         raise GptjaxError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    check_quantize(m)
     if not 0 <= t.seed < 2**31:
         raise GptjaxError(f"train.seed must be in [0, 2**31), got {t.seed}")
     if t.spike_factor <= 1.0:

@@ -35,7 +35,7 @@ def run_decode_bench(model_cfg: ModelConfig, batch: int, prompt_len: int, new_to
         raise ValueError("decode timing needs at least 2 new tokens")
     if params is None:
         params = model.init(model_cfg, jax.random.PRNGKey(seed))
-    params = model.decode_params(params)  # the decode layout once, as callers that decode do
+    params = model.decode_params(params, model_cfg)  # the decode layout once, as callers do
     rng = np.random.default_rng(seed)
     prompts = rng.integers(0, model_cfg.vocab_size, (batch, prompt_len)).tolist()
 

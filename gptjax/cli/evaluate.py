@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gptjax.cli.options import add_checkpoint, add_gpt2_ranks
+from gptjax.cli.options import add_checkpoint, add_gpt2_ranks, add_quantize
 
 
 def add_parser(sub) -> None:
@@ -17,6 +17,7 @@ def add_parser(sub) -> None:
     which.add_argument("--batches", type=int, metavar="INT",
                        help="score only the first INT validation batches, as training does "
                             "(default for a large split: the run's eval_batches)")
+    add_quantize(ev, "score the loss a quantized decode has:")
     add_gpt2_ranks(ev)
 
 
@@ -24,7 +25,8 @@ def run(args) -> int:
     from gptjax.eval.loss import evaluate
 
     result = evaluate(args.run, args.data, args.checkpoint, args.batches, args.gpt2_ranks,
-                      full=args.full)
-    print(f"step {result.step}: val loss {result.loss:.4f}, perplexity {result.perplexity:.3f} "
+                      full=args.full, quantize=args.quantize or "none", quant_group=args.quant_group)
+    weights = f" ({args.quantize} weights)" if args.quantize else ""
+    print(f"step {result.step}{weights}: val loss {result.loss:.4f}, perplexity {result.perplexity:.3f} "
           f"over {result.describe()}")
     return 0

@@ -6,7 +6,7 @@ import dataclasses
 import sys
 
 from gptjax import config as C
-from gptjax.cli.options import add_checkpoint, add_gpt2_ranks
+from gptjax.cli.options import add_checkpoint, add_gpt2_ranks, add_quantize
 from gptjax.errors import GptjaxError
 
 
@@ -44,6 +44,7 @@ def add_parser(sub) -> None:
                     help="decode steps' products: "
                     "auto = the native CPU kernel where it builds, xla = XLA's (default: the "
                     "run's config, normally auto)")
+    add_quantize(ge)
     ge.add_argument("--no-stream", action="store_true", help="print only when finished")
     batch = ge.add_argument_group("batch inference", "prompts from a JSONL file, answered "
                                   "through the serving scheduler (continuous batching)")
@@ -93,9 +94,12 @@ def run(args) -> int:
         params, model_cfg = cast(params, model_cfg, args.dtype)
     if args.decode_matmul:
         model_cfg = dataclasses.replace(model_cfg, decode_matmul=args.decode_matmul)
+    if args.quantize:
+        from gptjax.model.quantize import quantized_config
+        model_cfg = quantized_config(model_cfg, args.quantize, args.quant_group)
     if args.input:
-        return _batch(args, loaded, params, model_cfg, sampling)
-    params = decode_params(params)  # the decode layout, once (see gptjax.generation.decoder)
+        return _batch(args, loaded, decode_params(params, model_cfg), model_cfg, sampling)
+    params = decode_params(params, model_cfg)  # the decode layout, once (see gptjax.generation.decoder)
     loaded.params = None  # let the stacked copy go
     for text in prompts:  # text the tokenizer refuses fails here, before any is echoed
         loaded.tokenizer.encode(text)

@@ -35,6 +35,15 @@ def add_checkpoint(parser, flag: str = "--checkpoint", when: str = "", default: 
                         help=f"{when}{CHECKPOINT_HELP}")
 
 
+def add_quantize(parser, what: str = "decode with") -> None:
+    """--quantize and --quant-group: weight-only quantization (gptjax.model.quantize)."""
+    parser.add_argument("--quantize", choices=("int8", "int4"), help=f"{what} int8 weights "
+                        "(one scale per output channel) or int4 (one scale per --quant-group "
+                        "inputs), quantized at load (default: the weights as stored)")
+    parser.add_argument("--quant-group", type=int, default=64, metavar="INT",
+                        help="with --quantize int4: inputs per scale (default: 64)")
+
+
 def add_gpt2_ranks(parser) -> None:
     parser.add_argument("--gpt2-ranks", metavar="FILE",
                         help="local GPT-2 BPE ranks file (else $GPTJAX_GPT2_RANKS, else download)")

@@ -9,7 +9,7 @@ import os
 import socket
 import sys
 
-from gptjax.cli.options import add_checkpoint, add_gpt2_ranks
+from gptjax.cli.options import add_checkpoint, add_gpt2_ranks, add_quantize
 from gptjax.errors import GptjaxError
 
 
@@ -53,6 +53,7 @@ def add_parser(sub) -> None:
                     help="largest request body (default: 1 MiB; beyond it: 413)")
     sv.add_argument("--dtype", choices=("float32", "bfloat16"), help="cast weights and compute "
                     "(default: as stored)")
+    add_quantize(sv, "serve")
 
 
 def run(args) -> int:
@@ -82,7 +83,7 @@ def run(args) -> int:
     from gptjax.serve.served import load_served
 
     served = load_served(args.run, args.hf, args.checkpoint or "latest", args.gpt2_ranks, args.dtype,
-                         args.model_name)
+                         args.model_name, args.quantize, args.quant_group)
     engine = Engine(served.params, served.config, args.max_batch, served.tokenizer.vocab_size,
                     args.max_model_len)
     served.params = None  # the engine holds the decode layout; let the stacked copy go

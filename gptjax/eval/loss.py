@@ -13,6 +13,7 @@ import jax
 from gptjax import model
 from gptjax.data.windows import eval_batches, window_count
 from gptjax.errors import GptjaxError
+from gptjax.model.quantize import fake_quantize, quantized_config
 from gptjax.runs.load import load, run_data
 from gptjax.training.step import make_eval_step, mean_loss
 
@@ -45,8 +46,11 @@ class EvalResult:
 
 def evaluate(run_dir: str | Path, data_dir: str | None = None, checkpoint: str = "latest",
              batches: int | None = None, gpt2_ranks: str | None = None,
-             full: bool | None = None) -> EvalResult:
+             full: bool | None = None, quantize: str = "none", quant_group: int = 64) -> EvalResult:
     """Mean validation loss of a run's checkpoint on its own data (or `data_dir`).
+
+    `quantize` int8 or int4 scores the weights a quantized decode would use: rounded
+    through the quantization grid and back (gptjax.model.quantize.fake_quantize).
 
     `full=True` scores every window of the split; `batches` (default: the run's
     eval_batches) the first ones only. Unset, the whole split is scored when it is small
@@ -67,7 +71,10 @@ def evaluate(run_dir: str | Path, data_dir: str | None = None, checkpoint: str =
         full = batches is None and 2 * model.param_count(m) * len(data.val) <= FULL_BY_DEFAULT_FLOPS
     wanted = -(-windows // rows) if full else (batches or t.eval_batches) * t.grad_accum
     val = eval_batches(data.val, m.context_length, rows, wanted)
-    loss = mean_loss(jax.jit(make_eval_step(m)), loaded.params, val)
+    params = loaded.params
+    if quantize != "none":
+        params = fake_quantize(params, quantized_config(m, quantize, quant_group))
+    loss = mean_loss(jax.jit(make_eval_step(m)), params, val)
     tokens = int(sum(b["weights"].sum() for b in val))
     full = full or len(val) * rows >= windows  # asked-for batches may cover the split
     return EvalResult(loaded.step, loss, tokens, len(data.val), full, len(val), data.path)

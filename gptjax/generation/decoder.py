@@ -175,7 +175,7 @@ class Decoder:
         self.max_new_tokens = max_new_tokens
         self._seen = np.zeros(len(rows), np.int64)
         self._state = None
-        params = model.decode_params(params)  # once, not in every chunk's call
+        params = model.decode_params(params, config)  # once, not in every chunk's call
         if max_new_tokens:
             self._state = _start(params, jnp.asarray(tokens), self._pad,
                                  jax.random.PRNGKey(sampling.seed), *self._dynamic, s=self._static)

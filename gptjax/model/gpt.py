@@ -33,6 +33,12 @@ from gptjax.config import FULL_UNROLL_MAX_LAYERS, ModelConfig
 from gptjax.cpu.products import dense_dot, out_major_product
 from gptjax.model.attention import attention_probs, causal_attention_packed
 from gptjax.model.kv_cache import KVCache, cached_attention, init_cache
+from gptjax.model.quantize import (
+    KERNEL_INPUT_AXES,
+    dequantize_rows,
+    quantize_decode_params,
+    quantized_product,
+)
 from gptjax.parallel.mesh import constrain_rows
 
 __all__ = ["GPT", "KVCache", "LoRA", "apply", "apply_cached", "apply_observed", "cast", "ce_sum",
@@ -56,16 +62,51 @@ class OutMajorDense(nn.Module):
         c = self.cfg
         in_shape = x.shape[x.ndim - self.in_ndim:]
         # Values come from decode_params(); the initialiser only fixes the shape.
-        kernel = self.param("kernel", nn.initializers.zeros, (*self.out_shape, *in_shape),
-                            c.param_dtype)
-        kernel_oi = kernel.reshape(math.prod(self.out_shape), -1)
-        x_ri = x.reshape(-1, math.prod(in_shape)).astype(c.dtype)
-        y = out_major_product(kernel_oi, x_ri, c, c.dtype).reshape(
-            *x.shape[:x.ndim - self.in_ndim], *self.out_shape)
+        n_out, n_in = math.prod(self.out_shape), math.prod(in_shape)
+        x_ri = x.reshape(-1, n_in).astype(c.dtype)
+        if c.quantize == "none":
+            kernel = self.param("kernel", nn.initializers.zeros, (*self.out_shape, *in_shape),
+                                c.param_dtype)
+            y = out_major_product(kernel.reshape(n_out, -1), x_ri, c, c.dtype)
+        else:  # gptjax.model.quantize's layout: (out, in) rows, flattened
+            q, scale = _quantized_param(self, "kernel", n_out, n_in, c)
+            y = quantized_product(q, scale, x_ri, c, c.dtype)
+        y = y.reshape(*x.shape[:x.ndim - self.in_ndim], *self.out_shape)
         if c.bias:
             y = y + self.param("bias", nn.initializers.zeros, self.out_shape,
                                c.param_dtype).astype(c.dtype)
         return y
+
+
+def _quantized_param(module: nn.Module, name: str, n_out: int, n_in: int, c: ModelConfig):
+    """The (q, scale) pair gptjax.model.quantize stores for an (n_out, n_in) matrix."""
+    if c.quantize == "int8":
+        q = module.param(name, nn.initializers.zeros, (n_out, n_in), jnp.int8)
+        return q, module.param("scale", nn.initializers.zeros, (n_out,), jnp.float32)
+    q = module.param(name, nn.initializers.zeros, (n_out, n_in // 2), jnp.uint8)
+    return q, module.param("scale", nn.initializers.zeros, (n_out, n_in // c.quant_group),
+                           jnp.float32)
+
+
+class QuantizedEmbed(nn.Module):
+    """The tied token embedding of the quantized decode layout: vocabulary rows quantized
+    like kernels' output channels, dequantized per looked-up row, and read as the head."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        c = self.cfg
+        self.q, self.scale = _quantized_param(self, "embedding", c.vocab_size, c.d_model, c)
+
+    def __call__(self, ids):
+        c = self.cfg
+        rows = dequantize_rows(self.q[ids.reshape(-1)], self.scale[ids.reshape(-1)], c.quantize,
+                               c.quant_group, c.dtype)
+        return rows.reshape(*ids.shape, c.d_model)
+
+    def head(self, x_bd):
+        return quantized_product(self.q, self.scale, x_bd.astype(self.cfg.dtype), self.cfg,
+                                 jnp.float32)
 
 
 class LoRA(nn.Module):
@@ -213,7 +254,8 @@ class GPT(nn.Module):
             raise ValueError(f"{tokens_bt.shape[1]} tokens exceed context_length {c.context_length}")
         embed = partial(nn.Embed, features=c.d_model, dtype=c.dtype, param_dtype=c.param_dtype,
                         embedding_init=nn.initializers.normal(INIT_STD))
-        wte = embed(c.vocab_size, name="wte")
+        wte = (QuantizedEmbed(c, name="wte") if self.decode_layout and c.quantize != "none"
+               else embed(c.vocab_size, name="wte"))
         if positions_bt is None:
             positions_bt = jnp.arange(tokens_bt.shape[1])[None, :]
         x_btd = wte(tokens_bt) + embed(c.context_length, name="wpe")(positions_bt)
@@ -286,6 +328,8 @@ def _decode_head(x_bd, wte: nn.Embed, cfg: ModelConfig) -> jax.Array:
     plain product made XLA copy the whole table transposed, and GPT-2 124M's first token
     took 41 ms instead of 28-31 with XLA's products; per token the two forms ran alike
     (benchmarks/NOTES.md, decode 16)."""
+    if isinstance(wte, QuantizedEmbed):
+        return wte.head(x_bd)
     return out_major_product(wte.embedding, x_bd, cfg, jnp.float32)
 
 
@@ -338,16 +382,19 @@ def _apply(params, tokens_bt, config, positions_bt, deterministic, rng, lora, ad
 
 
 # Kernels of each block and how many of their leading axes are inputs.
-_KERNEL_INPUT_AXES = {("attn", "qkv"): 1, ("attn", "out"): 2, ("mlp", "fc"): 1, ("mlp", "proj"): 1}
+_KERNEL_INPUT_AXES = KERNEL_INPUT_AXES
 
 
-def decode_params(params: dict) -> dict:
-    """Parameters in the decode layout: "blocks_0", "blocks_1", ... with output-major kernels.
+def decode_params(params: dict, config: ModelConfig | None = None) -> dict:
+    """Parameters in the decode layout: "blocks_0", "blocks_1", ... with output-major kernels,
+    quantized too when `config.quantize` asks for it (gptjax.model.quantize).
 
     A copy of the weights (one-off; on CPU ~0.2 s for GPT-2 124M). Decoding from stacked
     parameters converts them on every call instead, so callers that decode repeatedly
     convert once and keep the result.
     """
+    if config is not None and config.quantize != "none" and "scale" not in params["wte"]:
+        return quantize_decode_params(decode_params(params), config)
     if "blocks" not in params:
         return params  # already converted
     out = {k: v for k, v in params.items() if k != "blocks"}
@@ -373,7 +420,7 @@ def apply_cached(params: dict, tokens_bt: jax.Array, positions_bt: jax.Array, ca
     """
     logits_at = logits_at % tokens_bt.shape[1] if isinstance(logits_at, int) else logits_at
     return GPT(config, decode_layout=True).apply(
-        {"params": decode_params(params)}, tokens_bt, positions_bt, cache=cache,
+        {"params": decode_params(params, config)}, tokens_bt, positions_bt, cache=cache,
         logits_at=logits_at)
 
 

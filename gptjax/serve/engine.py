@@ -110,7 +110,7 @@ class Engine:
         if max_len is not None and not 1 < max_len <= config.context_length:
             raise GptjaxError(f"a served length of {max_len} must be in 2..{config.context_length} "
                               "(the model's context)")
-        self.params = model.decode_params(params)
+        self.params = model.decode_params(params, config)
         self.config, self.slots, self.valid_vocab = config, slots, valid_vocab
         self.max_len = max_len or config.context_length
         self.cache = model.init_cache(config, slots, self.max_len)._replace(

@@ -44,8 +44,11 @@ class Served:
 
 def load_served(run: str | None = None, hf: str | None = None, checkpoint: str = "latest",
                 gpt2_ranks: str | None = None, dtype: str | None = None,
-                name: str | None = None) -> Served:
-    from gptjax.model.gpt import cast
+                name: str | None = None, quantize: str | None = None,
+                quant_group: int = 64) -> Served:
+    """The model, in the decode layout (quantized with `quantize`), ready for an Engine."""
+    from gptjax.model.gpt import cast, decode_params
+    from gptjax.model.quantize import quantized_config
     from gptjax.runs.load import load, load_pretrained
 
     if (run is None) == (hf is None):
@@ -59,6 +62,9 @@ def load_served(run: str | None = None, hf: str | None = None, checkpoint: str =
     params, cfg = loaded.params, loaded.config.model
     if dtype:
         params, cfg = cast(params, cfg, dtype)
+    if quantize:
+        cfg = quantized_config(cfg, quantize, quant_group)
+    params = decode_params(params, cfg)
     default_name = Path(run or hf).resolve().name if Path(run or hf).exists() else str(hf)
     return Served(name or default_name, dataclasses.replace(cfg, dropout=0.0), loaded.tokenizer,
                   params, template)

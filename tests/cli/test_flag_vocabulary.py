@@ -40,7 +40,8 @@ TABLE = {
     "--seeds": "LIST", "--devices": "INT", "--remats": "LIST", "--tokens": "COUNT",
     "--max-batch": "INT", "--device-memory": "GIB", "--bandwidth": "FLOAT", "--mesh": "MESH",
     "--host": "HOST", "--port": "INT", "--model-name": "NAME", "--max-queue": "INT",
-    "--max-body-bytes": "INT", "--max-model-len": "INT", "--input": "FILE", "--output": "FILE",
+    "--max-body-bytes": "INT", "--max-model-len": "INT", "--quant-group": "INT", "--input": "FILE",
+    "--output": "FILE",
 }
 # Where one command's value is another kind of thing under the same name.
 EXCEPTIONS = {

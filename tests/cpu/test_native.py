@@ -63,6 +63,19 @@ def test_products_equal_float64_products_of_the_same_weights(dtype, rows, n_out,
     np.testing.assert_allclose(np.asarray(got), expected, rtol=0, atol=1e-5 * np.sqrt(n_in) * 4)
 
 
+@needs_kernel
+@pytest.mark.parametrize("rows,n_out,n_in", [(1, 7, 5), (2, 130, 37), (8, 200, 768), (13, 133, 770),
+                                             (3, 2, 16)])
+def test_int8_products_equal_float64_products_of_the_dequantized_weights(rows, n_out, n_in):
+    rng = np.random.default_rng(rows * n_out + n_in)
+    x = jnp.asarray(rng.standard_normal((rows, n_in), dtype=np.float32))
+    q = jnp.asarray(rng.integers(-127, 128, (n_out, n_in)), jnp.int8)
+    scale = jnp.asarray(rng.uniform(0.001, 0.1, n_out), jnp.float32)
+    expected = np.asarray(x, np.float64) @ (np.asarray(q, np.float64) * np.asarray(scale)[:, None]).T
+    got = jax.jit(native.skinny_matmul_int8)(x, q, scale)
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-4 * np.abs(expected).max())
+
+
 def test_the_kernel_takes_up_to_the_measured_row_limits():
     """Beyond NATIVE_MAX_ROWS (8 float32 rows, 32 bfloat16) XLA's products were as fast."""
     cfg = preset("tiny", vocab_size=50, context_length=16, decode_matmul="native")

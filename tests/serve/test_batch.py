@@ -9,7 +9,9 @@ from conftest import byte_base, fails_cleanly, run_cli
 
 from gptjax.generation.sampling import Sampling
 from gptjax.generation.textgen import generate_text
+from gptjax.model.quantize import quantized_config
 from gptjax.runs.load import load_run
+from gptjax.serve.served import load_served
 
 PROMPTS = ["Every effort", "moves me", "x", "the picture was", "a", "Gisburn", "it was no great surprise"]
 
@@ -80,3 +82,17 @@ def test_a_bad_prompt_file_is_one_line_and_writes_nothing(capsys, base, tmp_path
 def test_an_input_needs_an_output(capsys, base, prompts):
     fails_cleanly(capsys, "generate", "--run", base, "--input", prompts,
                   match="batch inference takes both --input FILE and --output FILE")
+
+
+def test_quantized_batch_answers_are_the_quantized_decoders(capsys, base, prompts, tmp_path):
+    code, _, err = run_cli(capsys, "generate", "--run", base, "--input", prompts, "--output",
+                           tmp_path / "q.jsonl", "--temperature", "0", "--max-new-tokens", "12",
+                           "--quantize", "int4", "--quant-group", "8", "--no-progress")
+    assert code == 0, err
+    run = load_run(base)
+    cfg = quantized_config(run.config.model, "int4", 8)
+    want = generate_text(run.params, cfg, run.tokenizer, PROMPTS, 12, Sampling(temperature=0))
+    got = _answers(tmp_path / "q.jsonl")
+    assert [got[f"p{i}"]["text"] for i in range(7)] == want
+    served = load_served(run=str(base), quantize="int4", quant_group=8)
+    assert served.config.quantize == "int4" and served.params["wte"]["embedding"].dtype == "uint8"

@@ -46,8 +46,10 @@ FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 TARGETS = {jnp.dtype(jnp.float32): "gptjax_skinny_matmul_f32",
            jnp.dtype(jnp.bfloat16): "gptjax_skinny_matmul_bf16"}
 ATTENTION_TARGETS = ("gptjax_causal_attention_fwd", "gptjax_causal_attention_bwd")
+INT8_TARGET = "gptjax_skinny_matmul_i8"
 _SYMBOLS = {"gptjax_skinny_matmul_f32": "GptjaxSkinnyMatmulF32",
             "gptjax_skinny_matmul_bf16": "GptjaxSkinnyMatmulBF16",
+            INT8_TARGET: "GptjaxSkinnyMatmulI8",
             "gptjax_causal_attention_fwd": "GptjaxCausalAttentionForward",
             "gptjax_causal_attention_bwd": "GptjaxCausalAttentionBackward"}
 
@@ -154,6 +156,16 @@ def skinny_matmul(x_ri: jax.Array, w_oi: jax.Array) -> jax.Array:
     target = TARGETS[jnp.dtype(w_oi.dtype)]
     out = jax.ShapeDtypeStruct((x_ri.shape[0], w_oi.shape[0]), jnp.float32)
     return jax.ffi.ffi_call(target, out)(x_ri.astype(jnp.float32), w_oi)
+
+
+def skinny_matmul_int8(x_ri: jax.Array, q_oi: jax.Array, scale_o: jax.Array) -> jax.Array:
+    """x (rows, in) times int8 output-major q (out, in) with a float32 scale per output:
+    weight-only int8, widened in registers, so a decode step reads a quarter of float32's
+    bytes. CPU only; a RuntimeError where the kernels are not `available()`."""
+    _require("decode")
+    out = jax.ShapeDtypeStruct((x_ri.shape[0], q_oi.shape[0]), jnp.float32)
+    return jax.ffi.ffi_call(INT8_TARGET, out)(x_ri.astype(jnp.float32), q_oi,
+                                              scale_o.astype(jnp.float32))
 
 
 def _require(kernel: str) -> None:
