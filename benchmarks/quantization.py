@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from gptjax import config as C
 from gptjax import model
 from gptjax.bench import provenance
 from gptjax.bench.decode import run_decode_bench
+from gptjax.bench.trained import train_small_run
 from gptjax.eval.loss import evaluate
 from gptjax.model.gpt import cast
 from gptjax.model.quantize import quantized_config, weight_bytes
@@ -39,13 +38,7 @@ SETTINGS = {"float32": ("float32", "none"), "bfloat16": ("bfloat16", "none"),
 def perplexities(steps: int, groups: list[int]) -> tuple[list[dict], str]:
     with tempfile.TemporaryDirectory() as scratch:
         run = Path(scratch) / "baby"
-        done = subprocess.run([sys.executable, "-m", "gptjax", "train", "--preset", "baby",
-                               "--max-steps", str(steps), "--warmup-steps", str(max(1, steps // 10)),
-                               "--eval-every", str(steps), "--max-new-tokens", "0", "--no-progress",
-                               "--out", str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              text=True)
-        if done.returncode:
-            raise SystemExit(f"training the baby run failed: {done.stderr.strip()[-300:]}")
+        train_small_run(run, steps)
         cases = [("float32", "none", 64), ("int8", "int8", 64),
                  *((f"int4 (group {g})", "int4", g) for g in groups)]
         rows = []

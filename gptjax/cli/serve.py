@@ -86,7 +86,6 @@ def run(args) -> int:
                          args.model_name, args.quantize, args.quant_group)
     engine = Engine(served.params, served.config, args.max_batch, served.tokenizer.vocab_size,
                     args.max_model_len)
-    served.params = None  # the engine holds the decode layout; let the stacked copy go
     print(f"gptjax serve: compiling for {args.max_batch} slots of {engine.max_len} tokens ...",
           file=sys.stderr, flush=True)
     engine.warm_up()

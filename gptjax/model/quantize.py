@@ -60,7 +60,8 @@ def dequantize_rows(q, scale, mode: str, group: int = 64, dtype=jnp.float32):
 
 
 def quantized_config(config: ModelConfig, mode: str, group: int | None = None) -> ModelConfig:
-    cfg = dataclasses.replace(config, quantize=mode, quant_group=group or config.quant_group)
+    cfg = dataclasses.replace(config, quantize=mode,
+                              quant_group=config.quant_group if group is None else group)
     check_quantize(cfg)
     return cfg
 

@@ -4,8 +4,8 @@ streaming as server-sent events), /v1/models, /health and /metrics.
 Handlers only parse, submit to the scheduler and relay its events; the scheduler's thread
 does all device work. A client that goes away (a closed stream, or a dropped connection
 while waiting for a whole answer) cancels its requests, which frees their slots before the
-next decode step. Every error is OpenAI's {"error": {...}} body with a 4xx status, and the
-server goes on serving.
+next decode step. Every error is OpenAI's {"error": {...}} body, a 4xx for the client's
+mistakes (a 500 only when generation itself fails), and the server goes on serving.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from gptjax.errors import GptjaxError
 from gptjax.serve import protocol
 from gptjax.serve.metrics import Metrics
 from gptjax.serve.protocol import ApiError
@@ -101,6 +102,12 @@ def create_app(served: Served, scheduler: Scheduler, metrics: Metrics,
                                 f"serves {served.name!r}", "model", code="model_not_found")
         return body
 
+    def encode(text: str) -> list[int]:
+        try:
+            return tok.encode(text)
+        except GptjaxError as e:  # a character-level vocabulary without the character
+            raise ApiError(400, f"the prompt cannot be tokenized: {e}", "prompt") from None
+
     def fit(ids: list[int], max_tokens: int | None) -> tuple[list[int], int]:
         """The prompt and token count inside the context, or a 400 (or the prompt's end, with
         --truncate)."""
@@ -127,16 +134,18 @@ def create_app(served: Served, scheduler: Scheduler, metrics: Metrics,
     def submit(ids, max_tokens, s: protocol.Sampling, stops, logprobs, choices: _Choices) -> list[Request]:
         seed = s.seed if s.seed is not None else secrets.randbits(31)
         requests = [Request(ids, max_tokens, choices.sink(i), temperature=s.temperature,
-                            top_k=s.top_k, top_p=s.top_p, seed=(seed + i) % 2**31, stop=stops,
+                            top_k=s.top_k, top_p=s.top_p, seed=(seed + i) % 2**32, stop=stops,
                             logprobs=logprobs is not None) for i in range(s.n)]
         submitted = []
         try:
             for r in requests:
                 scheduler.submit(r)
                 submitted.append(r)
-        except QueueFull as e:
+        except (QueueFull, ValueError) as e:
             for r in submitted:
                 scheduler.cancel(r)
+            if isinstance(e, ValueError):
+                raise ApiError(400, str(e), "prompt") from None
             raise ApiError(429, f"the server is busy ({e}); retry later", kind="rate_limit_error",
                            code="queue_full") from None
         metrics.prompt_tokens.inc(len(ids) * len(requests))
@@ -196,14 +205,18 @@ def create_app(served: Served, scheduler: Scheduler, metrics: Metrics,
     async def _whole(http, choices: _Choices, requests, render, record, s):
         texts, tokens = [""] * len(requests), [[] for _ in requests]
         reasons, ended = [None] * len(requests), 0
+        checked = time.monotonic()
         try:
             while ended < len(requests):
-                try:
-                    i, kind, data = await asyncio.wait_for(choices.queue.get(), DISCONNECT_POLL_S)
-                except TimeoutError:
+                # On a clock, not only when idle: tokens may arrive faster than the poll.
+                if time.monotonic() - checked >= DISCONNECT_POLL_S:
+                    checked = time.monotonic()
                     if await http.is_disconnected():
                         finish_log(record, requests, 499, reasons)
                         return Response(status_code=499)
+                try:
+                    i, kind, data = await asyncio.wait_for(choices.queue.get(), DISCONNECT_POLL_S)
+                except TimeoutError:
                     continue
                 if kind == "text":
                     texts[i] += data[0]
@@ -230,7 +243,7 @@ def create_app(served: Served, scheduler: Scheduler, metrics: Metrics,
         s = protocol.sampling(body)
         prompt = protocol.completion_prompt(body)
         n_logprobs = protocol.logprobs(body)
-        ids = tok.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        ids = encode(prompt) if isinstance(prompt, str) else list(prompt)
         render = _CompletionShape(served.name, started, tok, n_logprobs)
         return await generate(http, "/v1/completions", body, prompt if isinstance(prompt, str) else None,
                               ids, s, s.stop, n_logprobs, render)
@@ -245,8 +258,8 @@ def create_app(served: Served, scheduler: Scheduler, metrics: Metrics,
             text, template_stops = served.chat_prompt(messages)
         except ValueError as e:
             raise ApiError(400, str(e), "messages") from None
-        return await generate(http, "/v1/chat/completions", body, text, tok.encode(text), s,
-                              s.stop + template_stops, None, _ChatShape(served.name, started))
+        return await generate(http, "/v1/chat/completions", body, text, encode(text), s,
+                              s.stop + template_stops, None, _ChatShape(served.name, started, s.n))
 
     @app.get("/v1/models")
     async def models(http: HttpRequest):
@@ -256,6 +269,9 @@ def create_app(served: Served, scheduler: Scheduler, metrics: Metrics,
 
     @app.get("/health")
     async def health():
+        if not scheduler.alive:  # the decode loop died: nothing would ever be answered
+            return JSONResponse({"status": "down", "live": 0, "waiting": scheduler.waiting},
+                                status_code=503)
         return {"status": "ok", "live": scheduler.live, "waiting": scheduler.waiting}
 
     @app.get("/metrics")
@@ -274,12 +290,15 @@ class _CompletionShape:
 
     def __init__(self, model: str, created: int, tokenizer, logprobs: int | None):
         self.model, self.created, self.tok, self.logprobs = model, created, tokenizer, logprobs
+        self._offsets: dict[int, int] = {}  # choice -> characters before its next token
 
-    def _logprobs(self, tokens, offset: int = 0):
+    def _logprobs(self, tokens, index: int = 0):
         if self.logprobs is None:
             return None
         texts = [self.tok.decode([t.id]) for t in tokens]
+        offset = self._offsets.get(index, 0)  # a stream's offsets go on from its last chunk
         offsets = [offset + sum(map(len, texts[:i])) for i in range(len(texts))]
+        self._offsets[index] = offset + sum(map(len, texts))
         top = [{self.tok.decode([i]): lp for i, lp in list(t.top.items())[:self.logprobs]}
                if self.logprobs and t.top else None for t in tokens]
         return {"tokens": texts, "token_logprobs": [t.logprob for t in tokens],
@@ -292,31 +311,32 @@ class _CompletionShape:
         if first:  # completions stream no opening chunk
             return None
         return {**self._head(rid), "choices": [{"index": index, "text": text, "finish_reason": reason,
-                                                 "logprobs": self._logprobs(tokens)}]}
+                                                 "logprobs": self._logprobs(tokens, index)}]}
 
     def usage_chunk(self, rid, usage):
         return {**self._head(rid), "choices": [], "usage": usage}
 
     def whole(self, rid, texts, tokens, reasons, usage):
         return {**self._head(rid), "choices": [
-            {"index": i, "text": t, "finish_reason": r, "logprobs": self._logprobs(k)}
+            {"index": i, "text": t, "finish_reason": r, "logprobs": self._logprobs(k, i)}
             for i, (t, k, r) in enumerate(zip(texts, tokens, reasons))], "usage": usage}
 
 
 class _ChatShape:
     """/v1/chat/completions' response objects."""
 
-    def __init__(self, model: str, created: int):
-        self.model, self.created = model, created
+    def __init__(self, model: str, created: int, n: int = 1):
+        self.model, self.created, self.n = model, created, n
 
     def _head(self, rid: str, chunk: bool) -> dict:
         return {"id": rid, "object": "chat.completion.chunk" if chunk else "chat.completion",
                 "created": self.created, "model": self.model}
 
     def chunk(self, rid, index, text, tokens, reason, first=False):
-        if first:  # the role comes first, as OpenAI streams it
+        if first:  # each choice's role comes first, as OpenAI streams it
             return {**self._head(rid, True), "choices": [
-                {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+                {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                for i in range(self.n)]}
         delta = {"content": text} if text else {}
         return {**self._head(rid, True), "choices": [{"index": index, "delta": delta,
                                                        "finish_reason": reason}]}

@@ -97,15 +97,17 @@ def run_batch(served: Served, inputs: str | Path, output: str | Path, settings: 
                           f"the context of {ctx}")
     encoded = [(i, rid, tok.encode(text) or [tok.eot_id]) for i, rid, text in todo]
     room = ctx - settings.max_tokens
+    # The cache as long as the longest request of the whole file needs (every step reads
+    # all of it), the same on a resume: the same shapes give the same numbers.
+    longest = max(min(len(tok.encode(text) or [0]), room) for _, text in prompts)
+    longest += settings.max_tokens
     cut = sum(len(ids) > room for _, _, ids in encoded)
     if cut:
         warnings.warn(f"{cut} prompt(s) are longer than the context leaves beside "
                       f"--max-new-tokens {settings.max_tokens}; they keep their last {room} tokens")
     if not encoded:
         return 0
-    # The cache only as long as the longest request needs: every step reads all of it.
-    longest = max(min(len(ids), room) for _, _, ids in encoded) + settings.max_tokens
-    engine = Engine(served.params, served.config, min(slots, len(encoded)), tok.vocab_size,
+    engine = Engine(served.params, served.config, min(slots, len(prompts)), tok.vocab_size,
                     min(longest, ctx))
     scheduler = Scheduler(engine, tok, max_queue=len(encoded)).start()
     finished = threading.Semaphore(0)
@@ -123,17 +125,21 @@ def run_batch(served: Served, inputs: str | Path, output: str | Path, settings: 
                 if kind == "text":
                     text.append(data[0])
                     return
-                with lock:
-                    if kind == "error":
-                        failures.append(data)
-                    else:
-                        out.write(json.dumps({"id": rid, "text": "".join(text), "finish_reason": data,
-                                              "prompt_tokens": prompt_tokens,
-                                              "completion_tokens": request_of[rid].completion_tokens})
-                                  + "\n")
-                        out.flush()
-                        bar.update()
-                finished.release()
+                try:
+                    with lock:
+                        if kind == "error":
+                            failures.append(data)
+                        else:
+                            out.write(json.dumps({"id": rid, "text": "".join(text),
+                                                  "finish_reason": data, "prompt_tokens": prompt_tokens,
+                                                  "completion_tokens": request_of[rid].completion_tokens})
+                                      + "\n")
+                            out.flush()
+                            bar.update()
+                except OSError as e:  # a full disk: this answer is lost, the run stops
+                    failures.append(f"cannot write {output}: {e.strerror or e}")
+                finally:
+                    finished.release()  # whatever happened, the waiting loop hears of it
             return on_event
 
         request_of = {}
@@ -142,7 +148,7 @@ def run_batch(served: Served, inputs: str | Path, output: str | Path, settings: 
                 ids = ids[-room:]
                 request_of[rid] = Request(ids, settings.max_tokens, sink_for(rid, len(ids)),
                                           temperature=settings.temperature, top_k=settings.top_k,
-                                          top_p=settings.top_p, seed=(settings.seed + i) % 2**31,
+                                          top_p=settings.top_p, seed=(settings.seed + i) % 2**32,
                                           stop=settings.stop, stop_at_eot=settings.stop_at_eot)
                 scheduler.submit(request_of[rid])
             for _ in encoded:

@@ -46,7 +46,7 @@ def _number(body: dict, name: str, default, low=None, high=None, *, integer=Fals
         return default
     ok_type = (isinstance(value, int) if integer else isinstance(value, (int, float))) \
         and not isinstance(value, bool)
-    if not ok_type or (not integer and not math.isfinite(value)):
+    if not ok_type or (not integer and not _finite(value)):
         raise ApiError(400, f"{name} must be {'an integer' if integer else 'a number'}, got "
                             f"{value!r}", name)
     if (low is not None and (value <= low if low_open else value < low)) or \
@@ -54,6 +54,13 @@ def _number(body: dict, name: str, default, low=None, high=None, *, integer=Fals
         span = f"in {'(' if low_open else '['}{low}, {high}]" if high is not None else f">= {low}"
         raise ApiError(400, f"{name} must be {span}, got {value}", name)
     return value
+
+
+def _finite(value) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
 
 
 def sampling(body: dict, max_tokens_field: str = "max_tokens", default_max_tokens=16) -> Sampling:

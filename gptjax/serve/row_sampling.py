@@ -11,21 +11,24 @@ import jax
 import jax.numpy as jnp
 
 TOP_LOGPROBS = 5  # alternatives the completions API may ask for per token (OpenAI's limit)
+MIN_TEMPERATURE = 1e-4
 
 
 def sample_rows(logits_sv, keys_s, temperature_s, top_k_s, top_p_s, valid_vocab: int, *,
                 truncate: bool, top_logprobs: bool):
     """(ids (rows,), their log-probabilities, top ids and log-probabilities (rows, 5) or None).
 
-    temperature 0 is greedy; top_k 0 and top_p 1 truncate nothing. Log-probabilities are
-    the model's own (before temperature and truncation), as OpenAI reports them.
+    temperature 0 (or below MIN_TEMPERATURE) is greedy; top_k 0 and top_p 1 truncate
+    nothing. Log-probabilities are the model's own (before temperature and truncation), as
+    OpenAI reports them.
     """
     vocab = logits_sv.shape[-1]
     if valid_vocab < vocab:  # padded vocabularies: the extra rows are not tokens
         logits_sv = jnp.where(jnp.arange(vocab) < valid_vocab, logits_sv, -jnp.inf)
     logprobs_sv = jax.nn.log_softmax(logits_sv, axis=-1)
     greedy_s = jnp.argmax(logits_sv, axis=-1).astype(jnp.int32)
-    hot = temperature_s > 0
+    # Below MIN_TEMPERATURE a division would push logits to infinity: that is greedy anyway.
+    hot = temperature_s >= MIN_TEMPERATURE
     scaled_sv = logits_sv / jnp.where(hot, temperature_s, 1.0)[:, None]
     if truncate:
         sorted_sv = -jnp.sort(-scaled_sv, axis=-1)

@@ -104,19 +104,42 @@ class Scheduler:
         self._thread.join(timeout=30)
 
     def submit(self, request: Request) -> None:
+        """Queue `request`; QueueFull when more than max_queue would wait beyond the free
+        slots, ValueError for a request the engine cannot hold."""
+        self._check(request)
         with self._wake:
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} requests are already waiting")
+            free = sum(s is None for s in self._slots)
+            if len(self._waiting) - free >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting) - free} requests are already waiting")
             self._waiting.append(request)
             self.metrics.queue_depth(len(self._waiting))
             self._wake.notify()
 
+    def _check(self, r: Request) -> None:
+        n, limit = len(r.prompt), self.engine.max_len
+        if not r.prompt or r.max_tokens < 1 or n + r.max_tokens > limit:
+            raise ValueError(f"a request needs a prompt and 1 or more new tokens within {limit} "
+                             f"tokens; got {n} + {r.max_tokens}")
+        if not all(0 <= i < self.engine.valid_vocab for i in r.prompt):
+            raise ValueError(f"prompt ids must be in [0, {self.engine.valid_vocab})")
+        r.top_k = min(max(int(r.top_k), 0), self.engine.valid_vocab)  # k >= vocabulary: all of it
+
     def cancel(self, request: Request) -> None:
-        """Stop generating for `request` (its client went away): its slot frees before the
-        next decode step; it gets no more events."""
+        """Stop generating for `request` (its client went away): it leaves the queue, or its
+        slot frees before the next decode step; it gets no more events."""
         with self._wake:
             request.cancelled = True
+            try:
+                self._waiting.remove(request)
+                self.metrics.queue_depth(len(self._waiting))
+            except ValueError:
+                pass  # running, finished, or never queued
             self._wake.notify()
+
+    @property
+    def alive(self) -> bool:
+        """Whether the decode loop is running (False before start and after a crash)."""
+        return self._thread.is_alive()
 
     @property
     def live(self) -> int:
@@ -161,8 +184,15 @@ class Scheduler:
                 continue
             budget -= len(request.prompt)
             live = self._slots[free] = _Live(request)
-            sampled = self.engine.start(free, request.prompt, request.temperature, request.top_k,
-                                        request.top_p, request.seed, request.logprobs)
+            try:
+                sampled = self.engine.start(free, request.prompt, request.temperature,
+                                            request.top_k, request.top_p, request.seed,
+                                            request.logprobs)
+            except Exception as e:  # this request's fault or not, the others go on
+                log.exception("a prefill failed")
+                self._free(free)
+                _tell(request, "error", f"generation failed: {type(e).__name__}: {e}")
+                continue
             self._accept(free, live, sampled, 0)
         self.metrics.occupancy(self.live, self.engine.slots)
 
@@ -200,11 +230,13 @@ class Scheduler:
                   else "length" if r.completion_tokens >= r.max_tokens else None)
         piece = live.text.unshown(final=reason is not None)
         if piece or (reason and live.tokens):
-            r.on_event("text", (piece, live.tokens))
+            if not _tell(r, "text", (piece, live.tokens)):
+                reason = "cancelled"
             live.tokens = []
         if reason:
             self._free(slot)
-            r.on_event("done", reason)
+            if reason != "cancelled":
+                _tell(r, "done", reason)
 
     def _free(self, slot: int) -> None:
         self.engine.free(slot)
@@ -220,4 +252,16 @@ class Scheduler:
                 waiting.append(live.request)
         for r in waiting:
             if not r.cancelled:
-                r.on_event("error", message)
+                _tell(r, "error", message)
+
+
+def _tell(r: Request, kind: str, data) -> bool:
+    """Give `r` an event; a callback that raises cancels its own request, and only that
+    (False then), never the loop."""
+    try:
+        r.on_event(kind, data)
+        return True
+    except Exception:
+        log.exception("a request's event handler failed; the request is cancelled")
+        r.cancelled = True
+        return False

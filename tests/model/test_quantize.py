@@ -11,6 +11,7 @@ import pytest
 
 from gptjax import model
 from gptjax.config import RunConfig, preset, validate
+from gptjax.cpu import native
 from gptjax.errors import GptjaxError
 from gptjax.generation.decoder import generate
 from gptjax.model.quantize import (
@@ -65,6 +66,15 @@ def test_a_quantized_decode_computes_the_fake_quantized_model(params, mode, matm
     np.testing.assert_allclose(logits(quantized, cfg), fake, atol=2e-5)
     assert not np.allclose(fake, logits(model.decode_params(params), CFG), atol=1e-4)  # it did round
     assert weight_bytes(quantized) < weight_bytes(model.decode_params(params)) / (3 if mode == "int8" else 5)
+
+
+def test_int8_decode_steps_use_the_native_kernel_where_it_runs(params):
+    cfg = quantized_config(CFG, "int8")
+    quantized = quantize_decode_params(model.decode_params(params), cfg)
+    one = jnp.ones((1, 1), jnp.int32)
+    text = jax.jit(lambda p, c: model.apply_cached(p, one, one, c, cfg)).lower(
+        quantized, model.init_cache(cfg, 1, 8)).as_text()
+    assert (native.INT8_TARGET in text) == (native.available() and jax.default_backend() == "cpu")
 
 
 def test_the_decoder_and_the_serving_engine_take_a_quantized_config(params):

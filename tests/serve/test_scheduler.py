@@ -4,6 +4,7 @@ cancelled requests free their slots, a full queue is refused, and stop strings c
 
 import dataclasses
 import threading
+import time
 
 import jax
 import pytest
@@ -70,7 +71,8 @@ def test_greedy_outputs_under_concurrency_are_the_single_request_ones(scheduler,
     alone = [_run(scheduler, [a])[0] for a in asks]
     steps = scheduler.steps
     together = _run(scheduler, asks)  # six requests, four slots: two wait, then join
-    assert scheduler.steps - steps < sum(a["max_tokens"] for a in asks) - 1  # steps were shared
+    # one request at a time would take sum(n - 1) = 91 steps; four slots share them
+    assert scheduler.steps - steps < 0.6 * sum(a["max_tokens"] - 1 for a in asks)
     for a, one, many in zip(asks, alone, together):
         assert [t.id for t in many.tokens] == [t.id for t in one.tokens] and many.text == one.text
         reference = generate(params, CONFIG, a["prompt"], a["max_tokens"], temperature=0,
@@ -133,15 +135,41 @@ def test_a_cancelled_request_frees_its_slot_and_hears_no_more(scheduler):
     scheduler.submit(request)
     assert first.wait(60)
     scheduler.cancel(request)
+    at_cancel = len(heard)
     after = _run(scheduler, [_greedy(b"next", 3)])[0]  # served after the slot was freed
     assert after.reason and scheduler.live == 0
-    assert "done" not in heard and len(heard) < 55
+    assert "done" not in heard and len(heard) <= at_cancel + 1  # one may be on its way
+    assert request.completion_tokens < 55
 
 
-def test_a_full_queue_refuses_the_next_request(params):
-    engine = Engine(params, CONFIG, 1, TOKENIZER.vocab_size)
+def test_a_request_the_engine_cannot_hold_is_refused_at_submit(scheduler):
+    for bad in (Request([], 4, print), Request([1], 0, print), Request([1] * 60, 5, print),
+                Request([300], 4, print)):
+        with pytest.raises(ValueError):
+            scheduler.submit(bad)
+    huge = _run(scheduler, [{**_greedy(b"k", 4), "temperature": 1.0, "top_k": 2**40, "seed": 1}])[0]
+    assert huge.reason  # a top-k past the vocabulary is all of it
+
+
+def test_a_failing_event_handler_cancels_only_its_own_request(scheduler):
+    def broken(kind, data):
+        raise RuntimeError("the client's handler broke")
+    scheduler.submit(Request(list(b"doomed"), 20, broken, temperature=0.0))
+    fine = _run(scheduler, [_greedy(b"fine", 20)])[0]
+    assert fine.reason and len(fine.tokens) >= 1 and scheduler.alive
+    deadline = time.time() + 10
+    while scheduler.live and time.time() < deadline:
+        time.sleep(0.01)
+    assert scheduler.live == 0
+
+
+def test_a_full_queue_counts_only_requests_beyond_the_free_slots(params):
+    engine = Engine(params, CONFIG, 2, TOKENIZER.vocab_size)
     s = Scheduler(engine, TOKENIZER, max_queue=2)  # not started: nothing leaves the queue
-    for _ in range(2):
-        s.submit(Request([1], 1, lambda *_: None))
+    queued = [Request([1], 1, lambda *_: None) for _ in range(4)]  # 2 for the slots, 2 waiting
+    for r in queued:
+        s.submit(r)
     with pytest.raises(QueueFull, match="2 requests are already waiting"):
         s.submit(Request([1], 1, lambda *_: None))
+    s.cancel(queued[0])  # a cancelled request leaves the queue at once
+    s.submit(Request([1], 1, lambda *_: None))

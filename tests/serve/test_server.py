@@ -19,7 +19,7 @@ from gptjax.serve.app import Options, create_app
 from gptjax.serve.background import BackgroundServer
 from gptjax.serve.engine import Engine
 from gptjax.serve.metrics import Metrics
-from gptjax.serve.scheduler import Scheduler
+from gptjax.serve.scheduler import Request, Scheduler
 from gptjax.serve.served import load_served
 
 KEY = "sk-test-key"
@@ -118,6 +118,11 @@ def test_logprobs_and_n_choices(client):
     again = client.completions.create(model="tiny-bytes", prompt="abc", max_tokens=8, n=3, seed=5)
     assert [c.index for c in seeded.choices] == [0, 1, 2]
     assert [c.text for c in seeded.choices] == [c.text for c in again.choices]
+    assert len({c.text for c in seeded.choices}) > 1  # each choice draws with its own seed
+    pieces = list(client.completions.create(model="tiny-bytes", prompt="abc", max_tokens=6,
+                                            temperature=0, logprobs=1, stream=True))
+    offsets = [o for p in pieces for o in p.choices[0].logprobs.text_offset]
+    assert offsets == sorted(offsets) and len(set(offsets)) == len(offsets) == 6  # across chunks
 
 
 def test_models_lists_the_served_model(client):
@@ -188,13 +193,46 @@ def test_a_full_queue_answers_429(stack, client):
     served, _, _ = stack
     metrics = Metrics()
     engine = Engine(served.params, served.config, 1, served.tokenizer.vocab_size)
-    idle = Scheduler(engine, served.tokenizer, max_queue=0, metrics=metrics)  # admits nothing
+    idle = Scheduler(engine, served.tokenizer, max_queue=0, metrics=metrics)  # never started
+    idle.submit(Request([1], 1, lambda *_: None))  # holds the one slot's place
     s = Server(served, idle, metrics, Options())
     try:
         answer = httpx.post(f"{s.url}/v1/completions", json={"prompt": "hi"})
         assert answer.status_code == 429 and answer.json()["error"]["code"] == "queue_full"
     finally:
         s.close()
+
+
+class SlowEngine(Engine):
+    """10 ms a step: a long answer outlasts the client's patience on any machine."""
+
+    def step(self, logprobs=False):
+        time.sleep(0.01)
+        return super().step(logprobs)
+
+
+def test_a_client_that_stops_waiting_for_a_whole_answer_frees_its_slot(stack, caplog):
+    served, _, _ = stack
+    caplog.set_level(logging.INFO, logger="gptjax.serve.requests")
+    engine = SlowEngine(served.params, served.config, 2, served.tokenizer.vocab_size)
+    metrics = Metrics()
+    scheduler = Scheduler(engine, served.tokenizer, metrics=metrics).start()
+    s = Server(served, scheduler, metrics, Options())
+    try:
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"{s.url}/v1/completions", timeout=0.5,
+                       json={"prompt": "go", "max_tokens": 170, "temperature": 0, "stop": []})
+        deadline = time.time() + 10
+        while not caplog.records and time.time() < deadline:
+            time.sleep(0.01)
+        record = json.loads(caplog.records[-1].getMessage())
+        assert record["status"] == 499 and record["completion_tokens"] < 150
+        while scheduler.live and time.time() < deadline:
+            time.sleep(0.001)
+        assert scheduler.live == 0
+    finally:
+        s.close()
+        scheduler.stop()
 
 
 def test_truncation_keeps_the_end_of_a_long_prompt(stack, served):
@@ -214,8 +252,11 @@ def test_metrics_count_requests_tokens_and_latencies(server, client):
     text = httpx.get(f"{server.url}/metrics").text
     assert 'gptjax_requests_total{endpoint="/v1/completions",status="200"}' in text
     assert 'gptjax_requests_total{endpoint="/v1/completions",status="400"}' in text
-    for name in ("gptjax_prompt_tokens_total", "gptjax_completion_tokens_total", "gptjax_queue_depth",
-                 "gptjax_batch_occupancy", "gptjax_time_to_first_token_seconds_count",
-                 "gptjax_inter_token_latency_seconds_count"):
-        value = next(line for line in text.splitlines() if line.startswith(name)).split()[-1]
-        assert float(value) >= (1 if name.endswith(("total", "count")) else 0), name
+    def value(name):
+        return float(next(line for line in text.splitlines() if line.startswith(name)).split()[-1])
+    for name in ("gptjax_prompt_tokens_total", "gptjax_completion_tokens_total",
+                 "gptjax_time_to_first_token_seconds_count", "gptjax_inter_token_latency_seconds_count",
+                 "gptjax_decode_steps_total"):
+        assert value(name) >= 1, name
+    assert value("gptjax_completion_tokens_total") >= value("gptjax_time_to_first_token_seconds_count")
+    assert value("gptjax_queue_depth") == 0 and value("gptjax_batch_occupancy") == 0  # all done
