@@ -90,7 +90,7 @@ def serve_random(preset: str, slots: int, max_len: int, ranks: str | None) -> No
     tokenizer = GPT2Tokenizer(ranks)
     cfg = C.preset(preset, vocab_size=tokenizer.vocab_size)
     served = Served("load", cfg, tokenizer, model.init(cfg, jax.random.PRNGKey(0)), "transcript")
-    engine = Engine(served.params, cfg, slots, tokenizer.vocab_size, max_len)
+    engine = Engine(served.params, cfg, slots, tokenizer.vocab_size, min(max_len, cfg.context_length))
     t0 = time.perf_counter()
     engine.warm_up()
     metrics = Metrics()
@@ -127,8 +127,9 @@ def main(argv=None) -> None:
     p.add_argument("--requests", type=int, default=4, help="per client")
     p.add_argument("--sequential", type=int, default=4, help="requests sent one at a time")
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--max-model-len", type=int, default=128, help="the servers' --max-model-len: "
-                   "every step attends over this many columns (the prompt is 30 tokens)")
+    p.add_argument("--max-model-len", type=int, default=128, help="the servers' --max-model-len "
+                   "(at most the preset's context): every step attends over this many columns "
+                   "(the prompt is 30 tokens)")
     p.add_argument("--gpt2-ranks", default=None)
     p.add_argument("--json", default=None)
     p.add_argument("--results", default=None, help="append the table to this file")

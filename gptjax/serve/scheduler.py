@@ -39,7 +39,7 @@ class Token:
     top: dict[int, float] | None  # the 5 most likely ids' log-probabilities, when asked
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself: the queue finds and removes it by identity
 class Request:
     """What to generate, and where its events go: on_event("text", (piece, [Token])) as
     text becomes safe to show, then on_event("done", finish_reason) ("stop" or "length"),
